@@ -1,0 +1,446 @@
+"""Typed configuration: one dataclass per section, YAML files, ``section.key=value`` overrides.
+
+Every key is checked before any work starts. A bad key, type or combination raises
+:class:`~trgl_pipe.errors.ConfigError` whose one-line message names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from trgl_pipe.errors import ConfigError
+
+DatasetName = Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "stl10", "image_folder", "synthetic"]
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Which images, how many, and how they are batched."""
+
+    name: DatasetName = "fashion_mnist"
+    # auto: data.root if set, else Debian's dataset-fashion-mnist files, else the embedded subset.
+    source: Literal["auto", "root", "debian", "embedded", "download"] = "auto"
+    root: str | None = None
+    train_size: int | None = None  # use only the first N training images (after a seeded shuffle)
+    val_size: int = 5000  # held out from the training set, picks the best module
+    test_size: int | None = None  # use only the first N test images
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    num_workers: int = 0  # threads preparing batches ahead of the training loop
+    augment: bool = False  # random crop (padding 4, or 2 for 28x28) and horizontal flip
+    image_size: int = 32  # synthetic: side length; image_folder: images are resized to this
+    channels: int = 3  # synthetic only
+    num_classes: int = 10  # synthetic only
+
+    def __post_init__(self) -> None:
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.eval_batch_size", self.eval_batch_size)
+        _positive("data.image_size", self.image_size)
+        _positive("data.num_classes", self.num_classes, minimum=2)
+        _non_negative("data.val_size", self.val_size)
+        _non_negative("data.num_workers", self.num_workers)
+        if self.channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
+        for key in ("train_size", "test_size"):
+            value = getattr(self, key)
+            if value is not None:
+                _positive(f"data.{key}", value)
+        if self.source == "root" and not self.root:
+            raise ConfigError("data.source=root needs data.root (the folder that holds the dataset)")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """The backbone and how its residual blocks are cut into modules."""
+
+    arch: Literal["resnet"] = "resnet"
+    depth: int = 20  # 6n+2: 8, 14, 20, 32, 56, 110, ...
+    width: int = 16  # channels of the first stage; the stages use width, 2*width, 4*width
+    block: Literal["preact", "postact"] = "preact"
+    num_modules: int = 4  # K
+    # depth: equal numbers of blocks; balanced: equal measured cost; or the K-1 indices of the
+    # blocks where modules 2..K start.
+    split: Literal["depth", "balanced"] | list[int] = "depth"
+    balance_by: Literal["time", "memory"] = "time"
+
+    @property
+    def num_blocks(self) -> int:
+        return 3 * ((self.depth - 2) // 6)
+
+    def __post_init__(self) -> None:
+        if self.depth < 8 or (self.depth - 2) % 6 != 0:
+            raise ConfigError(
+                f"model.depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, 110, ...), got {self.depth}"
+            )
+        _positive("model.width", self.width)
+        _positive("model.num_modules", self.num_modules)
+        if self.num_modules > self.num_blocks:
+            raise ConfigError(
+                f"model.num_modules={self.num_modules} is larger than the {self.num_blocks} "
+                f"residual blocks of a ResNet-{self.depth}; use at most {self.num_blocks} "
+                "modules or a deeper model.depth"
+            )
+        if isinstance(self.split, list):
+            cuts = self.split
+            if len(cuts) != self.num_modules - 1:
+                raise ConfigError(
+                    f"model.split lists {len(cuts)} block indices; with model.num_modules="
+                    f"{self.num_modules} it needs {self.num_modules - 1} (where modules 2..K start)"
+                )
+            if any(b <= a for a, b in zip([0, *cuts], [*cuts, self.num_blocks], strict=True)):
+                raise ConfigError(
+                    f"model.split={cuts} must be strictly increasing block indices between 1 and "
+                    f"{self.num_blocks - 1}"
+                )
+
+
+@dataclass(kw_only=True, slots=True)
+class AuxConfig:
+    """The auxiliary classifier F_k of every module but the last (DGL style)."""
+
+    pool_size: int = 2  # p: the feature map is average-pooled to p x p
+    channels: int | None = None  # of the 3x3 conv; None = the module's output channels
+    hidden: int = 0  # 0: one linear layer; >0: linear -> ReLU -> linear with this width
+
+    def __post_init__(self) -> None:
+        _positive("aux.pool_size", self.pool_size)
+        _non_negative("aux.hidden", self.hidden)
+        if self.channels is not None:
+            _positive("aux.channels", self.channels)
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """The training regime and its length."""
+
+    regime: Literal["e2e", "parallel", "sequential", "multilap"] = "parallel"
+    epochs: int = 10  # per module (sequential, multilap) or for the whole network (e2e, parallel)
+    laps: int = 1  # multilap: R laps of epochs/R epochs per module
+    eval_every_epochs: int = 1  # 0: evaluate only at the end
+    max_steps: int | None = None  # stop each module after this many steps (quick tests, benchmarks)
+    deterministic: bool = False
+    num_threads: int | None = None  # torch intra-op threads per process; None: cores / ranks
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CUDA and CPU
+    channels_last: bool = False
+    compile: bool = False  # torch.compile each module and head
+
+    def __post_init__(self) -> None:
+        _positive("train.epochs", self.epochs)
+        _positive("train.laps", self.laps)
+        _non_negative("train.eval_every_epochs", self.eval_every_epochs)
+        if self.num_threads is not None:
+            _positive("train.num_threads", self.num_threads)
+        if self.max_steps is not None:
+            _positive("train.max_steps", self.max_steps)
+        if self.regime == "multilap":
+            if self.epochs % self.laps:
+                raise ConfigError(
+                    f"train.epochs={self.epochs} must be a multiple of train.laps={self.laps} "
+                    "(each lap trains every module for epochs/laps epochs)"
+                )
+        elif self.laps != 1:
+            raise ConfigError(
+                f"train.laps={self.laps} applies to train.regime=multilap only "
+                f"(regime is {self.regime}); remove it or set train.regime=multilap"
+            )
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """One optimizer and LR schedule per module (same settings for all)."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: Literal["constant", "cosine", "step"] = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of training
+    gamma: float = 0.1  # step: LR factor at each milestone
+    warmup_epochs: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("optim.lr", self.lr)
+        _non_negative("optim.momentum", self.momentum)
+        _non_negative("optim.weight_decay", self.weight_decay)
+        _non_negative("optim.warmup_epochs", self.warmup_epochs)
+        if not all(0 < m < 1 for m in self.milestones):
+            raise ConfigError(
+                f"optim.milestones must be fractions of training in (0, 1), got {self.milestones}"
+            )
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ConfigError("optim.nesterov=true needs optim.name=sgd and optim.momentum > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrglConfig:
+    """The transport (kinetic energy) term; enabled=false is vanilla greedy training (VanGL)."""
+
+    enabled: bool = True
+    tau: float = 1.0  # L = CE + C / (2 tau)
+    # C = sum over blocks of the batch mean of ||r||^2; sum: over all features (the paper's
+    # Euclidean norm); mean: divided by the feature count C*H*W (one tau fits every resolution)
+    reduction: Literal["sum", "mean"] = "sum"
+    tau_schedule: Literal["constant", "halves", "adaptive"] = "constant"
+    lambda_init: float = 2.0  # adaptive: L = CE + C / lambda, lambda starts here (lambda = 2 tau)
+    h: float = 0.1  # adaptive: lambda <- lambda + h * CE ...
+    s: int = 50  # adaptive: ... every s steps
+
+    def __post_init__(self) -> None:
+        _positive("trgl.tau", self.tau)
+        _positive("trgl.lambda_init", self.lambda_init)
+        _non_negative("trgl.h", self.h)
+        _positive("trgl.s", self.s)
+
+
+@dataclass(kw_only=True, slots=True)
+class PipelineConfig:
+    """How the modules of the parallel regime are spread over workers."""
+
+    # auto: torch.distributed when started by torchrun with several ranks, else one process
+    # that passes each batch through all modules in turn. sim: one thread per module with
+    # in-process bounded buffers. dist: torch.distributed (needs torchrun).
+    transport: Literal["auto", "dist", "sim"] = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    buffer_size: int = 2  # batches a module may run ahead of the next one
+    timeout_s: float = 60.0  # a wait this long for a peer means the peer failed
+
+    def __post_init__(self) -> None:
+        _positive("pipeline.buffer_size", self.buffer_size)
+        _positive("pipeline.timeout_s", self.timeout_s)
+
+
+@dataclass(kw_only=True, slots=True)
+class LogConfig:
+    """What is written to metrics.jsonl and shown while training."""
+
+    every_steps: int = 50  # training-step averages per module (1 = every step)
+    live: Literal["auto", "rich", "plain", "off"] = "auto"  # auto: rich on a terminal
+    live_interval_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        _positive("log.every_steps", self.every_steps)
+        _positive("log.live_interval_s", self.live_interval_s)
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """When each module's shard is written and how many checkpoints are kept."""
+
+    every_epochs: int = 1  # 0: never at epoch ends
+    every_steps: int = 0  # 0: never mid-epoch
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _non_negative("checkpoint.every_epochs", self.every_epochs)
+        _non_negative("checkpoint.every_steps", self.every_steps)
+        _positive("checkpoint.keep", self.keep)
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    """The whole run. Sections are validated on their own, cross-section rules here."""
+
+    seed: int = 0
+    out_dir: str = "runs/default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resume: str | None = None  # auto: newest complete checkpoint in out_dir; or a path
+    overwrite: bool = False  # allow a fresh run into an out_dir that holds an earlier run
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trgl: TrglConfig = field(default_factory=TrglConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.pipeline.transport != "auto" and self.train.regime != "parallel":
+            raise ConfigError(
+                f"pipeline.transport={self.pipeline.transport} runs the parallel regime only "
+                f"(train.regime is {self.train.regime}); set train.regime=parallel or "
+                "pipeline.transport=auto"
+            )
+        if self.resume is not None and self.overwrite:
+            raise ConfigError("resume and overwrite=true contradict each other; choose one")
+
+    @property
+    def num_modules(self) -> int:
+        """K as trained: end-to-end training is one module holding every block."""
+        return 1 if self.train.regime == "e2e" else self.model.num_modules
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (optional), apply ``section.key=value`` overrides, validate everything."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml_mapping(Path(path))
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(Config, raw, "")
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Parse a YAML file that must hold a mapping, with one-line errors."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from error
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from error
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``section.key=value`` in a raw config mapping; the value is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.epochs=5)")
+    try:
+        value = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML") from error
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and type."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping of keys, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; the keys of {where} are: {', '.join(names)}"
+        )
+    kwargs = {name: _coerce(raw[name], hints[name], f"{prefix}{name}") for name in names if name in raw}
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a type hint; return it (ints widened to float where a float is due)."""
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, {} if value is None else value, f"{key}.")
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in get_args(hint):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(error)
+        raise ConfigError(f"{key} must be {_describe_hint(hint)}, got {_describe(value)}")
+    if origin is Literal:
+        allowed = get_args(hint)
+        if isinstance(value, bool) and isinstance(allowed[0], str):
+            # YAML 1.1 reads off/on/no/yes as booleans; map them back to the words allowed here
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((w for w in words if w in allowed), value)
+        if value in allowed and type(value) is type(allowed[0]):
+            return value
+        raise ConfigError(f"{key} must be one of {' | '.join(map(str, allowed))}, got {_describe(value)}")
+    if origin is list:
+        (item_hint,) = get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be {_describe_hint(hint)}, got {_describe(value)}")
+        return [_coerce(item, item_hint, f"{key}[{i}]") for i, item in enumerate(value)]
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key} must be null, got {_describe(value)}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a hint this loader does not know is a bug here, not user input
+        raise TypeError(f"config loader cannot check type {hint!r} of {key}")
+    raise ConfigError(f"{key} must be {_describe_hint(hint)}, got {_describe(value)}")
+
+
+def _describe_hint(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_hint(h) for h in get_args(hint))
+    if origin is Literal:
+        return "one of " + " | ".join(map(str, get_args(hint)))
+    if origin is list:
+        return f"a list of {_describe_hint(get_args(hint)[0])}"
+    if hint is type(None):
+        return "null"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _positive(key: str, value: float, minimum: float = 1) -> None:
+    if isinstance(value, int) and value < minimum:
+        raise ConfigError(f"{key} must be at least {minimum}, got {value}")
+    if isinstance(value, float) and not value > 0:
+        raise ConfigError(f"{key} must be greater than 0, got {value}")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{key} must be 0 or more, got {value}")
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the resolved config as YAML (atomically, so a crash never leaves half a file)."""
+    from trgl_pipe.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,190 @@
+"""Everything a run builds before training, shared by single-process runs and pipeline ranks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trgl_pipe.config import Config
+from trgl_pipe.cost import aux_head_factory, measure_costs
+from trgl_pipe.data import Batches, DataSplits, load_data
+from trgl_pipe.errors import ConfigError
+from trgl_pipe.models import ResNetParts
+from trgl_pipe.partition import Partition, split_at, split_balanced, split_by_depth
+from trgl_pipe.schedule import total_steps
+from trgl_pipe.stage import Stage, build_parts, build_stage
+
+RUN_FILES = ("summary.json", "metrics.jsonl", "config.yaml")
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """``auto``: the GPU of this local rank when there is one, else the CPU."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but torch sees no CUDA GPU here; use device=cpu or device=auto")
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def configure_torch(cfg: Config, ranks_on_host: int = 1) -> None:
+    """Threads and determinism, before any tensor work."""
+    threads = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // ranks_on_host)
+    torch.set_num_threads(threads)
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def prepare_out_dir(cfg: Config) -> Path:
+    """Create ``out_dir``; refuse to mix a fresh run into an earlier one unless asked to.
+
+    Checked before any work, so a refused run leaves the earlier outputs untouched.
+    """
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir={out} exists and is not a folder; choose another out_dir")
+    earlier = [name for name in (*RUN_FILES, "checkpoints") if (out / name).exists()]
+    if earlier and cfg.resume is None:
+        if not cfg.overwrite:
+            raise ConfigError(
+                f"out_dir={out} already holds a run ({', '.join(earlier)}); pass resume=auto to "
+                "continue it, overwrite=true to replace it, or choose another out_dir"
+            )
+        for name in earlier:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"out_dir={out} cannot be written ({error.strerror or error}); choose a writable out_dir"
+        ) from error
+    return out
+
+
+def resolve_partition(
+    cfg: Config, parts: ResNetParts, batches: Batches, num_classes: int, device: torch.device
+) -> Partition:
+    """The K block ranges of the run: all blocks in one module for e2e."""
+    n = parts.num_blocks
+    if cfg.train.regime == "e2e":
+        return [(0, n)]
+    split = cfg.model.split
+    if isinstance(split, list):
+        return split_at(n, split)
+    if split == "depth":
+        return split_by_depth(n, cfg.model.num_modules)
+    heads = aux_head_factory(parts, num_classes, cfg.aux.pool_size, cfg.aux.channels, cfg.aux.hidden)
+    block_costs, end_costs = measure_costs(
+        parts,
+        batches.input_shape,
+        cfg.data.batch_size,
+        num_classes,
+        heads,
+        cfg.model.balance_by,
+        device,
+    )
+    return split_balanced(block_costs, cfg.model.num_modules, end_costs)
+
+
+@dataclass
+class RunContext:
+    """The pieces every regime and every pipeline rank start from.
+
+    ``data`` and ``batches`` exist only where data is read: in one process, or on rank 0.
+    """
+
+    cfg: Config
+    device: torch.device
+    parts: ResNetParts
+    partition: Partition
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    steps_per_epoch: int
+    start_time: float
+    data: DataSplits | None = None
+    batches: Batches | None = None
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.partition)
+
+    @property
+    def total_steps(self) -> int:
+        return total_steps(self.cfg, self.steps_per_epoch)
+
+    @property
+    def max_batch(self) -> int:
+        return max(self.cfg.data.batch_size, self.cfg.data.eval_batch_size)
+
+    def build_stage(self, index: int) -> Stage:
+        return build_stage(
+            self.cfg,
+            self.parts,
+            self.partition,
+            index,
+            self.num_classes,
+            self.total_steps,
+            self.steps_per_epoch,
+            self.device,
+        )
+
+    def shape_info(self) -> dict:
+        """What ranks without data need to build their module (sent by rank 0)."""
+        return {
+            "partition": [list(r) for r in self.partition],
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "steps_per_epoch": self.steps_per_epoch,
+        }
+
+
+def build_context(cfg: Config, device: torch.device, data: DataSplits | None = None) -> RunContext:
+    """Load data, build the network's parts, resolve the partition."""
+    start = time.time()
+    if data is None:
+        data = load_data(cfg.data, cfg.seed)
+    batches = Batches(data, cfg.data, cfg.seed)
+    parts = build_parts(cfg, data.channels, data.num_classes)
+    partition = resolve_partition(cfg, parts, batches, data.num_classes, device)
+    return RunContext(
+        cfg,
+        device,
+        parts,
+        partition,
+        data.num_classes,
+        batches.input_shape,
+        batches.steps_per_epoch,
+        start,
+        data,
+        batches,
+    )
+
+
+def context_from_shape_info(cfg: Config, device: torch.device, info: dict) -> RunContext:
+    """A context for a rank that reads no data, from rank 0's :meth:`RunContext.shape_info`."""
+    input_shape = tuple(info["input_shape"])
+    parts = build_parts(cfg, input_shape[0], info["num_classes"])
+    return RunContext(
+        cfg,
+        device,
+        parts,
+        [tuple(r) for r in info["partition"]],
+        info["num_classes"],
+        input_shape,
+        info["steps_per_epoch"],
+        time.time(),
+    )

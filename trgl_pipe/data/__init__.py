@@ -1,0 +1,241 @@
+"""Datasets held in memory as uint8 tensors, split into train/val/test, batched deterministically.
+
+Batches depend only on (seed, epoch, batch index): the shuffle of each epoch and the augmentation
+of each batch come from generators seeded by those numbers. The same run therefore sees the same
+batches in every regime, in the pipeline, and after a resume from the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trgl_pipe.config import DataConfig
+from trgl_pipe.data import readers
+from trgl_pipe.data.readers import ImageSet, RawDataset
+from trgl_pipe.errors import DataError
+
+__all__ = ["Batches", "DataSplits", "ImageSet", "load_data", "resolve_source"]
+
+SPLITS = ("val", "test")
+
+
+@dataclass(slots=True)
+class DataSplits:
+    """Train, validation (held out from train) and test sets, plus what the model needs to know."""
+
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    num_classes: int
+    channels: int
+    image_size: int
+    mean: torch.Tensor  # per channel, in [0, 1], from the training images
+    std: torch.Tensor
+    origin: str
+
+    def describe(self) -> str:
+        return (
+            f"{len(self.train)} train / {len(self.val)} val / {len(self.test)} test images of "
+            f"{self.channels}x{self.image_size}x{self.image_size}, {self.num_classes} classes, "
+            f"from {self.origin}"
+        )
+
+
+def resolve_source(cfg: DataConfig) -> str:
+    """Which source ``data.source=auto`` means on this machine."""
+    if cfg.source != "auto":
+        return cfg.source
+    if cfg.name == "synthetic":
+        return "synthetic"
+    if cfg.root:
+        return "root"
+    if cfg.name == "fashion_mnist":
+        if (readers.DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+            return "debian"
+        return "embedded"
+    raise DataError(
+        f"data.name={cfg.name} needs data.root (the folder that holds it in torchvision's layout)"
+    )
+
+
+def _read_raw(cfg: DataConfig, seed: int) -> RawDataset:
+    if cfg.name == "synthetic":
+        return readers.make_synthetic(
+            cfg.train_size or 2048,
+            cfg.test_size or 512,
+            cfg.channels,
+            cfg.image_size,
+            cfg.num_classes,
+            seed,
+        )
+    source = resolve_source(cfg)
+    if source == "embedded":
+        if cfg.name != "fashion_mnist":
+            raise DataError(f"data.source=embedded holds Fashion-MNIST only, not data.name={cfg.name}")
+        return readers.read_embedded_fashion_mnist()
+    if source == "debian":
+        if cfg.name != "fashion_mnist":
+            raise DataError(f"data.source=debian holds Fashion-MNIST only, not data.name={cfg.name}")
+        return readers.read_mnist_folder(readers.DEBIAN_FASHION_MNIST, "fashion_mnist")
+    root = Path(cfg.root or Path.home() / ".cache" / "trgl_pipe" / "data").expanduser()
+    if source == "download":
+        readers.download(cfg.name, root)
+    if not root.is_dir():
+        raise DataError(f"data.root={root} is not a folder; point it at the folder that holds {cfg.name}")
+    if cfg.name in ("fashion_mnist", "mnist"):
+        return readers.read_mnist_root(root, cfg.name)
+    if cfg.name in ("cifar10", "cifar100"):
+        return readers.read_cifar(root, cfg.name)
+    if cfg.name == "stl10":
+        return readers.read_stl10(root)
+    return readers.read_image_folder(root, cfg.image_size, cfg.num_workers)
+
+
+def load_data(cfg: DataConfig, seed: int) -> DataSplits:
+    """Read the dataset, hold out ``val_size`` training images, apply ``train_size``/``test_size``."""
+    raw = _read_raw(cfg, seed)
+    order = torch.randperm(len(raw.train), generator=torch.Generator().manual_seed(seed))
+    if cfg.val_size >= len(raw.train):
+        raise DataError(
+            f"data.val_size={cfg.val_size} leaves no training images out of {len(raw.train)}; lower it"
+        )
+    val = raw.train.subset(order[: cfg.val_size])
+    rest = order[cfg.val_size :]
+    if cfg.train_size is not None and cfg.name != "synthetic":
+        if cfg.train_size > len(rest):
+            raise DataError(
+                f"data.train_size={cfg.train_size} is more than the {len(rest)} training images left "
+                f"after data.val_size={cfg.val_size}; lower one of them"
+            )
+        rest = rest[: cfg.train_size]
+    train = raw.train.subset(rest)
+    test = raw.test
+    if cfg.test_size is not None and cfg.name != "synthetic":
+        test = test.subset(torch.arange(min(cfg.test_size, len(test))))
+    bad = int(((train.labels < 0) | (train.labels >= raw.num_classes)).sum())
+    if bad:
+        raise DataError(f"data.name={cfg.name}: {bad} training labels are outside 0..{raw.num_classes - 1}")
+    pixels = train.images.float().div_(255)
+    mean = pixels.mean(dim=(0, 2, 3))
+    std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    _, channels, height, width = train.images.shape
+    if height != width:
+        raise DataError(
+            f"data.name={cfg.name}: images are {height}x{width}; only square images are supported"
+        )
+    return DataSplits(train, val, test, raw.num_classes, channels, height, mean, std, raw.origin)
+
+
+class Batches:
+    """Deterministic float batches of a :class:`DataSplits` for training and evaluation."""
+
+    def __init__(self, data: DataSplits, cfg: DataConfig, seed: int) -> None:
+        self.data = data
+        self.batch_size = cfg.batch_size
+        self.eval_batch_size = cfg.eval_batch_size
+        self.augment = cfg.augment
+        self.prefetch = cfg.num_workers
+        self.seed = seed
+        self.padding = 2 if data.image_size <= 28 else 4
+        self._mean = (data.mean * 255).view(1, -1, 1, 1)
+        self._std = (data.std * 255).view(1, -1, 1, 1)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.data.train) // self.batch_size)
+
+    @property
+    def max_batch(self) -> int:
+        return max(self.batch_size, self.eval_batch_size)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.data.channels, self.data.image_size, self.data.image_size)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self._mean) / self._std
+
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``start..`` of ``epoch``; the last one may be smaller than batch_size."""
+        gen = torch.Generator().manual_seed(_mix(self.seed, 1, epoch))
+        order = torch.randperm(len(self.data.train), generator=gen)
+
+        def produce() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for b in range(start, self.steps_per_epoch):
+                index = order[b * self.batch_size : (b + 1) * self.batch_size]
+                images = self.data.train.images[index]
+                if self.augment:
+                    images = self._augment(images, _mix(self.seed, 2, epoch, b))
+                yield self.normalize(images), self.data.train.labels[index]
+
+        return _prefetched(produce(), self.prefetch) if self.prefetch else produce()
+
+    def eval_batches(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        images = getattr(self.data, split)
+        for i in range(0, len(images), self.eval_batch_size):
+            chunk = slice(i, i + self.eval_batch_size)
+            yield self.normalize(images.images[chunk]), images.labels[chunk]
+
+    def _augment(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        """Random crop after zero padding, and a random horizontal flip, per image."""
+        gen = torch.Generator().manual_seed(seed)
+        n, _, h, w = images.shape
+        p = self.padding
+        padded = torch.nn.functional.pad(images, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        flip = torch.rand(n, generator=gen) < 0.5
+        rows = dy[:, None] + torch.arange(h)[None, :]
+        cols = dx[:, None] + torch.arange(w)[None, :]
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+        batch = torch.arange(n)[:, None, None]
+        out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+        return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _mix(*numbers: int) -> int:
+    value = 0
+    for n in numbers:
+        value = (value * 1_000_003 + n + 1) & 0x7FFFFFFFFFFFFFFF
+    return value
+
+
+def _prefetched(items: Iterator, depth: int) -> Iterator:
+    """Run ``items`` in a background thread, ``depth`` items ahead (bounded)."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def fill() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(done)
+        except BaseException as error:  # hand the error to the consumer
+            slots.put(error)
+
+    thread = threading.Thread(target=fill, name="batch-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

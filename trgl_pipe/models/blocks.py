@@ -1,0 +1,90 @@
+"""Residual blocks that return their output *and* their residual branch r.
+
+Returning r lets the local objective add the kinetic energy ‖r‖² without forward hooks.
+For a block that changes shape (stride 2 or more channels) the output is
+``shortcut(x) + r`` and r is still the residual branch, not ``output - x``.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation block (He et al., 2016b): x_{m+1} = shortcut(x_m) + r(x_m), exactly.
+
+    Its output is the transported point itself, which matches the paper's φ_{m+1} = φ_m + r_m(φ_m).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pre = F.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(pre)
+        r = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        return skip + r, r
+
+
+class PostActBlock(nn.Module):
+    """Original CIFAR block (He et al., 2016a): out = relu(shortcut(x) + r(x)).
+
+    The ReLU after the sum means out - x is not r; the kinetic energy uses r, the residual branch.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        skip = x if self.shortcut is None else self.shortcut(x)
+        r = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(skip + r), r
+
+
+def kinetic_energy(r: Tensor, reduction: str = "sum") -> Tensor:
+    """Batch mean of the squared L2 norm of each sample's residual: mean_b Σ_{c,h,w} r².
+
+    ``sum`` (default) keeps ‖r‖² the squared Euclidean displacement of the paper; the mean over
+    the batch makes the term independent of the batch size, like the cross-entropy.
+    ``mean`` divides by the number of features C·H·W, so one τ suits every resolution and width.
+    """
+    per_sample = r.float().pow(2).flatten(1)
+    if reduction == "mean":
+        return per_sample.mean(1).mean()
+    return per_sample.sum(1).mean()
+
+
+def init_weights(module: nn.Module) -> None:
+    """Kaiming-normal convolutions and unit BatchNorm, as in the CIFAR ResNet papers."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            bound = 1.0 / m.in_features**0.5
+            nn.init.uniform_(m.weight, -bound, bound)
+            nn.init.zeros_(m.bias)

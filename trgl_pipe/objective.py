@@ -1,0 +1,72 @@
+"""The local objective of module k: cross-entropy plus the weighted kinetic energy of its blocks.
+
+    constant / halves:  L_k = CE + C_k / (2 τ_k)
+    adaptive:           L_k = CE + C_k / λ_k,   λ_k ← λ_k + h·CE every s steps   (λ = 2τ)
+    VanGL (disabled):   L_k = CE
+
+C_k = Σ_m mean_b ‖r_m‖² over the module's residual blocks m (see models.blocks.kinetic_energy).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trgl_pipe.config import TrglConfig
+
+
+def tau_for_module(index: int, num_modules: int, tau: float, schedule: str) -> float:
+    """τ_k of module ``index`` (0-based): ``halves`` doubles τ for modules k ≥ K/2.
+
+    For odd K the middle module belongs to the first half (k < K/2 with k counted from 0).
+    """
+    if schedule == "halves" and index >= num_modules / 2:
+        return 2.0 * tau
+    return tau
+
+
+class LocalObjective:
+    """Combines CE and kinetic energy for one module and keeps its λ state (adaptive schedule).
+
+    The λ update follows the method of multipliers of the paper: after step i with i mod s = 0,
+    λ_{i+1} = λ_i + h·L(θ_{i+1}, x_{i+1}); the CE of step i+1 is computed first, then λ is
+    updated, then the loss of step i+1 is formed with the new λ. λ stays on the device so the
+    update costs no host synchronisation.
+    """
+
+    def __init__(self, cfg: TrglConfig, index: int, num_modules: int, device: torch.device) -> None:
+        self.enabled = cfg.enabled
+        self.adaptive = cfg.enabled and cfg.tau_schedule == "adaptive"
+        self.tau = tau_for_module(index, num_modules, cfg.tau, cfg.tau_schedule)
+        self.h = cfg.h
+        self.s = cfg.s
+        self.lam = torch.tensor(float(cfg.lambda_init), device=device)
+        self.num_steps = 0
+
+    def __call__(self, ce: Tensor, kinetic: Tensor) -> Tensor:
+        """The loss to backpropagate at this training step."""
+        self.num_steps += 1
+        if not self.enabled:
+            return ce
+        if self.adaptive:
+            if self.num_steps > 1 and (self.num_steps - 1) % self.s == 0:
+                self.lam.add_(ce.detach().float(), alpha=self.h)
+            return ce + kinetic * self.lam.reciprocal()
+        return ce + kinetic * (0.5 / self.tau)
+
+    def describe(self) -> dict[str, float | None]:
+        """τ or λ for logs and the summary (one host sync for λ)."""
+        if not self.enabled:
+            return {"tau": None, "lambda": None}
+        if self.adaptive:
+            return {"tau": None, "lambda": float(self.lam)}
+        return {"tau": self.tau, "lambda": None}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lam": self.lam.detach().cpu(), "num_steps": self.num_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lam.copy_(state["lam"])
+        self.num_steps = int(state["num_steps"])

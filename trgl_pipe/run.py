@@ -1,0 +1,70 @@
+"""Train a network module-wise with TRGL.
+
+One process (any regime, CPU or one GPU):
+    python -m trgl_pipe.run configs/quickstart.yaml [section.key=value ...]
+
+Pipeline, one module per rank (train.regime=parallel; K = model.num_modules):
+    torchrun --nproc_per_node=K -m trgl_pipe.run configs/quickstart.yaml
+
+Pipeline across 2 nodes (K = 2 * ranks per node), run on each node:
+    torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d \\
+        --rdzv-endpoint=HOST:29500 --rdzv-id=JOB -m trgl_pipe.run CONFIG.yaml
+
+Pipeline simulated in one process, one thread per module:
+    python -m trgl_pipe.run CONFIG.yaml pipeline.transport=sim
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from trgl_pipe.config import load_config
+from trgl_pipe.errors import NonFiniteLossError, PipelineError, UserError
+
+
+def _launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trgl_pipe.run",
+        description="Module-wise training with TRGL.",
+        epilog="Overrides look like train.epochs=5 or model.split=[3,6,9].",
+    )
+    parser.add_argument("config", nargs="?", help="YAML config file (defaults apply without one)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    config_path = args.config
+    overrides = list(args.overrides)
+    if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
+        overrides.insert(0, config_path)
+        config_path = None
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = load_config(config_path, overrides)
+        if _launched_world_size() > 1 or cfg.pipeline.transport == "dist":
+            from trgl_pipe.pipeline import run_rank
+
+            run_rank(cfg)
+        else:
+            from trgl_pipe.single import run_single
+
+            run_single(cfg)
+    except UserError as error:
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return error.exit_code
+    except (PipelineError, NonFiniteLossError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The stream of messages that drives training: batches, evaluations, markers, in order.
+
+Only the first module's worker (rank 0 in the pipeline) reads data; the stream is the same for
+the single-process parallel regime and the pipeline, which is what makes them equivalent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from trgl_pipe.config import Config
+from trgl_pipe.data import Batches
+from trgl_pipe.messages import SPLITS, Kind, Message
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where training resumes: the next batch to train is batch ``batch`` of ``epoch``."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0  # training steps done so far
+
+
+def eval_due(cfg: Config, epoch: int, last_epoch: int) -> bool:
+    """Evaluate after ``epoch`` (0-based)? Always after the last one."""
+    every = cfg.train.eval_every_epochs
+    return epoch == last_epoch or (every > 0 and (epoch + 1) % every == 0)
+
+
+def eval_messages(batches: Batches, epoch: int, final: bool) -> Iterator[Message]:
+    """Every validation then test batch, then EVAL_DONE."""
+    for split_index, split in enumerate(SPLITS):
+        for x, y in batches.eval_batches(split):
+            yield Message(Kind.EVAL, x, y, epoch=epoch, split=split_index)
+    yield Message(Kind.EVAL_DONE, epoch=epoch, final=final)
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """Optimizer steps each module takes over the whole run (sets the LR schedule's length)."""
+    steps = cfg.train.epochs * steps_per_epoch
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+def parallel_stream(cfg: Config, batches: Batches, start: Position | None = None) -> Iterator[Message]:
+    """Messages of the parallel regime from ``start`` to the end of training."""
+    start = start or Position()
+    epochs = cfg.train.epochs
+    limit = total_steps(cfg, batches.steps_per_epoch)
+    step = start.step
+    every_steps = cfg.checkpoint.every_steps
+    every_epochs = cfg.checkpoint.every_epochs
+    for epoch in range(start.epoch, epochs):
+        first = start.batch if epoch == start.epoch else 0
+        for b, (x, y) in enumerate(batches.train_batches(epoch, first), start=first):
+            if step >= limit:
+                break
+            yield Message(Kind.TRAIN, x, y, epoch=epoch, batch=b, step=step)
+            step += 1
+            last_in_epoch = b + 1 == batches.steps_per_epoch
+            if every_steps and step % every_steps == 0 and not last_in_epoch and step < limit:
+                yield Message(Kind.CHECKPOINT, epoch=epoch, batch=b + 1, step=step)
+        done = step >= limit
+        last = epochs - 1 if not done else epoch
+        if eval_due(cfg, epoch, last):
+            yield from eval_messages(batches, epoch, final=epoch == last)
+        yield Message(Kind.EPOCH_END, epoch=epoch)
+        if epoch == last:
+            yield Message(Kind.CHECKPOINT, epoch=epoch + 1, batch=0, step=step, final=True)
+            break
+        if every_epochs and (epoch + 1) % every_epochs == 0:
+            yield Message(Kind.CHECKPOINT, epoch=epoch + 1, batch=0, step=step)
+    yield Message(Kind.STOP)

@@ -1,0 +1,92 @@
+"""One process: every regime on one device, and the pipeline simulated with one thread per module."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from trgl_pipe.config import Config, save_config
+from trgl_pipe.context import (
+    RunContext,
+    build_context,
+    configure_torch,
+    prepare_out_dir,
+    resolve_device,
+)
+from trgl_pipe.live import LiveView, LocalBoard, Publisher
+from trgl_pipe.metrics import MetricsLogger, describe_argv, peak_memory_bytes
+from trgl_pipe.regimes import run_regime
+from trgl_pipe.summary import build_summary, print_summary, write_summary
+from trgl_pipe.worker import StageWorker
+
+
+def _process_report(ctx: RunContext, workers: list[StageWorker]) -> dict[str, Any]:
+    clock = workers[0].clock.as_dict()
+    return {
+        "rank": 0,
+        "modules": [w.index for w in workers],
+        "device": str(ctx.device),
+        "host": __import__("socket").gethostname(),
+        "elapsed_s": clock["elapsed_s"],
+        "train_samples": clock["train_samples"],
+        "samples_per_s": clock["samples_per_s"],
+        "compute_s": round(sum(w.clock.compute_s for w in workers), 4),
+        "recv_wait_s": 0.0,
+        "send_wait_s": 0.0,
+        "mean_buffer_occupancy": None,
+        "peak_memory_bytes": peak_memory_bytes(ctx.device),
+    }
+
+
+def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
+    """Train in this process as ``cfg`` says; write and return the summary."""
+    configure_torch(cfg)
+    out = prepare_out_dir(cfg)
+    device = resolve_device(cfg.device)
+    ctx = build_context(cfg, device)
+    save_config(cfg, out / "config.yaml")
+    logger = MetricsLogger(out / "metrics.jsonl", start_time=ctx.start_time)
+    logger.log(
+        "start",
+        argv=describe_argv(),
+        regime=cfg.train.regime,
+        partition=ctx.partition,
+        data=ctx.data.describe(),
+        device=str(device),
+    )
+    print(f"data: {ctx.data.describe()}", flush=True)
+    print(
+        f"modules: {ctx.num_modules} · blocks per module {[b - a for a, b in ctx.partition]} · "
+        f"device {device}",
+        flush=True,
+    )
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+    stages = [ctx.build_stage(i) for i in range(ctx.num_modules)]
+    workers = [StageWorker(s, logger, cfg.log.every_steps) for s in stages]
+    t0 = time.time()
+    if cfg.pipeline.transport == "sim":
+        from trgl_pipe.runtime import run_simulated
+
+        ranks = run_simulated(ctx, workers)
+        transport = "sim"
+    else:
+        board = LocalBoard()
+        publishers = [Publisher(board, w.index, cfg.log.live_interval_s) for w in workers]
+        with LiveView(board, cfg.log.live, cfg.log.live_interval_s, f"trgl_pipe · {cfg.train.regime}"):
+            run_regime(ctx, workers, publishers)
+        ranks = [_process_report(ctx, workers)]
+        transport = "none"
+    wall = time.time() - t0
+    summary = build_summary(
+        cfg, [w.report() for w in workers], ranks, wall, ctx.data, ctx.partition, transport, 1
+    )
+    logger.log("end", wall_time_s=wall, best_module=summary["best_module"])
+    logger.close()
+    write_summary(Path(out), summary)
+    if console_summary:
+        print_summary(summary)
+    return summary

@@ -1,0 +1,295 @@
+"""A stage: one module T_k with its classifier F_k, optimizer, LR schedule and objective state.
+
+``train_step(x, y)`` runs forward, local loss, backward and optimizer step, and returns the
+module's output *detached*, so no gradient ever crosses to the module before it. A stage knows
+nothing about how its input arrives or where its output goes (see runtime and transport).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trgl_pipe.config import Config
+from trgl_pipe.errors import NonFiniteLossError
+from trgl_pipe.models import AuxHead, ResNetParts, kinetic_energy
+from trgl_pipe.models.resnet import seeded_generator_seed
+from trgl_pipe.objective import LocalObjective
+from trgl_pipe.optim import build_optimizer, build_scheduler
+from trgl_pipe.partition import Partition
+
+
+class ModuleBody(nn.Module):
+    """T_k: an optional stem followed by consecutive residual blocks.
+
+    ``forward`` returns the output and C_k, the summed kinetic energy of the blocks. With
+    ``kinetic_grad=False`` C_k is computed on detached residuals (for reporting only), so
+    VanGL keeps no residual alive for autograd.
+    """
+
+    def __init__(
+        self,
+        stem: nn.Module | None,
+        blocks: list[nn.Module],
+        first_block: int,
+        reduction: str = "sum",
+    ) -> None:
+        super().__init__()
+        self.stem = stem
+        self.blocks = nn.ModuleList(blocks)
+        self.first_block = first_block
+        self.reduction = reduction
+
+    def forward(self, x: Tensor, kinetic_grad: bool = True) -> tuple[Tensor, Tensor]:
+        if self.stem is not None:
+            x = self.stem(x)
+        total = torch.zeros((), device=x.device, dtype=torch.float32)
+        for block in self.blocks:
+            x, r = block(x)
+            total = total + kinetic_energy(r if kinetic_grad else r.detach(), self.reduction)
+        return x, total
+
+
+@dataclass(frozen=True, slots=True)
+class StagePlan:
+    """What module ``index`` of ``num_modules`` holds: blocks ``start..stop-1``."""
+
+    index: int
+    num_modules: int
+    start: int
+    stop: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_modules - 1
+
+
+class _Sums:
+    """Running sums kept on the device: reading them is the only host sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.values = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss, ce, kin, correct
+        self.samples = 0
+        self.steps = 0
+
+    def add(self, loss: Tensor, ce: Tensor, kinetic: Tensor, correct: Tensor, n: int) -> None:
+        parts = (loss.detach() * n, ce.detach() * n, kinetic.detach() * n, correct)
+        self.values += torch.stack([t.double() for t in parts])
+        self.samples += n
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        loss, ce, kinetic, correct = (self.values / max(1, self.samples)).tolist()
+        return {"loss": loss, "ce": ce, "kinetic": kinetic, "accuracy": correct}
+
+
+class Stage:
+    """Module k, its head, optimizer, schedule and objective; one per rank in the pipeline."""
+
+    def __init__(
+        self,
+        plan: StagePlan,
+        body: ModuleBody,
+        head: nn.Module,
+        cfg: Config,
+        total_steps: int,
+        steps_per_epoch: int,
+        device: torch.device,
+    ) -> None:
+        self.plan = plan
+        self.index = plan.index
+        self.device = device
+        self.body = body.to(device)
+        self.head = head.to(device)
+        self.channels_last = cfg.train.channels_last
+        if self.channels_last:
+            self.body.to(memory_format=torch.channels_last)
+            self.head.to(memory_format=torch.channels_last)
+        self.objective = LocalObjective(cfg.trgl, plan.index, plan.num_modules, device)
+        self.optimizer = build_optimizer(self.parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps, steps_per_epoch)
+        self.total_steps = total_steps
+        self.autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+        if cfg.train.compile:
+            self.body.compile()
+            self.head.compile()
+        self.num_steps = 0
+        self.train_sums = _Sums(device)
+        self.eval_sums: dict[str, _Sums] = {}
+        self._bad_step = torch.full((), -1, device=device, dtype=torch.int64)
+        self.last_loss: Tensor | None = None
+        self.last_kinetic: Tensor | None = None
+
+    # -- parameters -------------------------------------------------------------------------
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [*self.body.parameters(), *self.head.parameters()]
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # -- compute ----------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+    def train_step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One local update of T_k and F_k; returns T_k(x) detached from the graph."""
+        x, y = self._prepare(x, y)
+        self.body.train()
+        self.head.train()
+        with self._autocast():
+            out, kinetic = self.body(x, kinetic_grad=self.objective.enabled)
+            logits = self.head(out)
+        ce = F.cross_entropy(logits.float(), y)
+        loss = self.objective(ce, kinetic)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.num_steps += 1
+        correct = (logits.detach().argmax(1) == y).sum()
+        self.train_sums.add(loss, ce, kinetic, correct, int(y.shape[0]))
+        bad = ~torch.isfinite(loss.detach())
+        self._bad_step = torch.where(bad & (self._bad_step < 0), self.num_steps, self._bad_step)
+        self.last_loss = loss.detach()
+        self.last_kinetic = kinetic.detach()
+        return out.detach()
+
+    @torch.no_grad()
+    def forward_frozen(self, x: Tensor) -> Tensor:
+        """Output of a frozen module: eval mode (BatchNorm statistics do not move), no graph."""
+        x, _ = self._prepare(x, torch.empty(0))
+        self.body.eval()
+        with self._autocast():
+            out, _ = self.body(x, kinetic_grad=False)
+        return out
+
+    @torch.no_grad()
+    def eval_step(self, x: Tensor, y: Tensor, split: str) -> Tensor:
+        """Accumulate the accuracy of F_k∘G_k on ``split``; returns T_k(x) for the next module."""
+        x, y = self._prepare(x, y)
+        self.body.eval()
+        self.head.eval()
+        with self._autocast():
+            out, kinetic = self.body(x, kinetic_grad=False)
+            logits = self.head(out)
+        ce = F.cross_entropy(logits.float(), y)
+        correct = (logits.argmax(1) == y).sum()
+        sums = self.eval_sums.setdefault(split, _Sums(self.device))
+        sums.add(ce, ce, kinetic, correct, int(y.shape[0]))
+        return out
+
+    def pop_eval_results(self) -> dict[str, dict[str, float]]:
+        """Accuracy, CE and kinetic energy per split since the last call, then reset."""
+        results = {}
+        for split, sums in self.eval_sums.items():
+            means = sums.means()
+            results[split] = {
+                "accuracy": means["accuracy"],
+                "ce": means["ce"],
+                "kinetic_energy": means["kinetic"],
+                "count": sums.samples,
+            }
+        self.eval_sums = {}
+        return results
+
+    def pop_train_stats(self) -> dict[str, float]:
+        """Mean loss, CE, kinetic energy and accuracy since the last call, then reset."""
+        stats = self.train_sums.means()
+        stats["samples"] = self.train_sums.samples
+        self.train_sums.reset()
+        return stats
+
+    def check_finite(self) -> None:
+        """Raise if any local loss so far was NaN or infinite (one host sync)."""
+        bad_step = int(self._bad_step)
+        if bad_step >= 0:
+            raise NonFiniteLossError(
+                f"module {self.index}: the local loss became NaN or infinite at its step {bad_step}; "
+                "lower optim.lr or raise trgl.tau"
+            )
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "body": self.body.state_dict(),
+            "head": self.head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "objective": self.objective.state_dict(),
+            "num_steps": self.num_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.body.load_state_dict(state["body"])
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.objective.load_state_dict(state["objective"])
+        self.num_steps = int(state["num_steps"])
+
+
+def build_head(parts: ResNetParts, plan: StagePlan, num_classes: int, cfg: Config) -> nn.Module:
+    """F_k: the network's own head for the last module, an auxiliary head otherwise."""
+    from trgl_pipe.models.blocks import init_weights
+
+    if plan.is_last:
+        return parts.head
+    channels = parts.shapes[plan.stop - 1].out_channels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeded_generator_seed(cfg.seed, 3, plan.index, plan.stop))
+        head = AuxHead(channels, num_classes, cfg.aux.pool_size, cfg.aux.channels, cfg.aux.hidden)
+        init_weights(head)
+    return head
+
+
+def build_parts(cfg: Config, in_channels: int, num_classes: int) -> ResNetParts:
+    return ResNetParts(cfg.model.depth, cfg.model.width, in_channels, num_classes, cfg.model.block, cfg.seed)
+
+
+def build_stage(
+    cfg: Config,
+    parts: ResNetParts,
+    partition: Partition,
+    index: int,
+    num_classes: int,
+    total_steps: int,
+    steps_per_epoch: int,
+    device: torch.device,
+) -> Stage:
+    """Stage ``index`` of ``partition`` (the stem goes with module 0)."""
+    start, stop = partition[index]
+    plan = StagePlan(index, len(partition), start, stop)
+    body = ModuleBody(
+        parts.stem if plan.is_first else None, parts.blocks[start:stop], start, cfg.trgl.reduction
+    )
+    head = build_head(parts, plan, num_classes, cfg)
+    return Stage(plan, body, head, cfg, total_steps, steps_per_epoch, device)

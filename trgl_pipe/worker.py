@@ -1,0 +1,174 @@
+"""StageWorker: applies the message stream to one stage. The same code serves every regime,
+the in-process simulation and the torch.distributed ranks; only how messages arrive differs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from trgl_pipe.messages import SPLITS, Kind, Message
+from trgl_pipe.metrics import MetricsLogger
+from trgl_pipe.stage import Stage
+
+CheckpointHook = Callable[["StageWorker", Message], None]
+
+
+@dataclass(slots=True)
+class WorkerClock:
+    """Where a worker's time goes, in seconds, and how many training samples it processed."""
+
+    compute_s: float = 0.0  # training and evaluation compute (host-side wall time)
+    train_compute_s: float = 0.0
+    recv_wait_s: float = 0.0  # waiting for the previous module (or the data)
+    send_wait_s: float = 0.0  # waiting for room in the next module's buffer (backpressure)
+    train_samples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    stopped: float | None = None
+
+    def restart(self) -> None:
+        """Start counting now (training begins), not when the worker was built."""
+        self.started = time.perf_counter()
+
+    @property
+    def elapsed_s(self) -> float:
+        return (self.stopped or time.perf_counter()) - self.started
+
+    def as_dict(self) -> dict[str, float]:
+        elapsed = self.elapsed_s
+        return {
+            "elapsed_s": round(elapsed, 4),
+            "compute_s": round(self.compute_s, 4),
+            "train_compute_s": round(self.train_compute_s, 4),
+            "recv_wait_s": round(self.recv_wait_s, 4),
+            "send_wait_s": round(self.send_wait_s, 4),
+            "train_samples": self.train_samples,
+            "samples_per_s": round(self.train_samples / elapsed, 2) if elapsed > 0 else 0.0,
+        }
+
+
+class StageWorker:
+    """Turns each incoming message into the outgoing one for stage ``stage.index``."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        logger: MetricsLogger,
+        log_every_steps: int,
+        checkpoint_hook: CheckpointHook | None = None,
+    ) -> None:
+        self.stage = stage
+        self.logger = logger
+        self.log_every_steps = log_every_steps
+        self.checkpoint_hook = checkpoint_hook
+        self.clock = WorkerClock()
+        self.eval_history: list[dict[str, Any]] = []
+        self.last_eval: dict[str, dict[str, float]] = {}
+        self.epoch = 0
+        self.stopped = False
+
+    @property
+    def index(self) -> int:
+        return self.stage.index
+
+    def handle(self, msg: Message) -> Message:
+        """Apply ``msg`` to the stage and return what the next stage should receive."""
+        kind = msg.kind
+        if kind is Kind.TRAIN:
+            t0 = time.perf_counter()
+            out = self.stage.train_step(msg.x, msg.y)
+            dt = time.perf_counter() - t0
+            self.clock.compute_s += dt
+            self.clock.train_compute_s += dt
+            self.clock.train_samples += msg.num_samples
+            self.epoch = msg.epoch
+            if self.stage.num_steps % self.log_every_steps == 0:
+                self._log_train()
+            return msg.forward(out)
+        if kind is Kind.EVAL:
+            t0 = time.perf_counter()
+            out = self.stage.eval_step(msg.x, msg.y, SPLITS[msg.split])
+            self.clock.compute_s += time.perf_counter() - t0
+            return msg.forward(out)
+        if kind is Kind.EVAL_DONE:
+            self._finish_eval(msg.epoch)
+        elif kind is Kind.EPOCH_END:
+            self.stage.check_finite()
+            self.logger.log("epoch_end", module=self.index, epoch=msg.epoch, step=self.stage.num_steps)
+        elif kind is Kind.CHECKPOINT:
+            self.stage.check_finite()
+            if self.checkpoint_hook is not None:
+                self.checkpoint_hook(self, msg)
+        elif kind is Kind.STOP:
+            if self.stage.train_sums.steps:
+                self._log_train()
+            self.clock.stopped = time.perf_counter()
+            self.stopped = True
+        return msg
+
+    def _log_train(self) -> None:
+        self.stage.check_finite()
+        stats = self.stage.pop_train_stats()
+        self.logger.log(
+            "train",
+            module=self.index,
+            epoch=self.epoch,
+            step=self.stage.num_steps,
+            lr=self.stage.lr,
+            **stats,
+            **self.stage.objective.describe(),
+        )
+
+    def _finish_eval(self, epoch: int) -> None:
+        results = self.stage.pop_eval_results()
+        self.last_eval = results
+        record = {
+            "epoch": epoch,
+            **{f"{s}_{k}": v[k] for s, v in results.items() for k in ("accuracy", "kinetic_energy")},
+        }
+        self.eval_history.append(record)
+        for split, values in results.items():
+            self.logger.log("eval", module=self.index, epoch=epoch, split=split, **values)
+
+    def live_snapshot(self) -> dict[str, Any]:
+        """Progress for the live view (a few host syncs: call it at most every interval)."""
+        stage = self.stage
+        weight = stage.objective.describe()
+        if weight["tau"] is not None:
+            shown = f"τ={weight['tau']:g}"
+        elif weight["lambda"] is not None:
+            shown = f"λ={weight['lambda']:.4g}"
+        else:
+            shown = "VanGL"
+        clock = self.clock.as_dict()
+        return {
+            "module": self.index,
+            "epoch": self.epoch,
+            "step": stage.num_steps,
+            "samples_per_s": clock["samples_per_s"],
+            "loss": None if stage.last_loss is None else float(stage.last_loss),
+            "kinetic": None if stage.last_kinetic is None else float(stage.last_kinetic),
+            "weight": shown,
+            "recv_wait_s": clock["recv_wait_s"],
+            "send_wait_s": clock["send_wait_s"],
+        }
+
+    def report(self) -> dict[str, Any]:
+        """What the summary needs from this module (JSON-serialisable)."""
+        val = self.last_eval.get("val", {})
+        test = self.last_eval.get("test", {})
+        plan = self.stage.plan
+        return {
+            "index": self.index,
+            "blocks": [plan.start, plan.stop],
+            "val_accuracy": val.get("accuracy"),
+            "test_accuracy": test.get("accuracy"),
+            "kinetic_energy": val.get("kinetic_energy", test.get("kinetic_energy")),
+            **self.stage.objective.describe(),
+            "num_params": self.stage.num_params,
+            "num_steps": self.stage.num_steps,
+            "compute_s": round(self.clock.train_compute_s, 4),
+            "history": self.eval_history,
+        }
