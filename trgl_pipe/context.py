@@ -117,6 +117,7 @@ class RunContext:
     start_time: float
     data: DataSplits | None = None
     batches: Batches | None = None
+    resume_from: str | None = None  # the checkpoint folder to continue from
 
     @property
     def num_modules(self) -> int:

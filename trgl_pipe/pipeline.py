@@ -8,7 +8,6 @@ collects every rank's results through the store and writes summary.json.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,16 @@ from typing import Any
 
 import torch
 
+from trgl_pipe import preemption
 from trgl_pipe.buffer import Waiter
+from trgl_pipe.checkpoint import (
+    CheckpointWriter,
+    Progress,
+    check_compatible,
+    read_meta,
+    resolve_resume,
+    restore_workers,
+)
 from trgl_pipe.config import Config, save_config
 from trgl_pipe.context import (
     RunContext,
@@ -39,14 +47,6 @@ from trgl_pipe.worker import StageWorker
 STARTUP_TIMEOUT_S = 900.0  # rank 0 may spend minutes reading a large image folder
 
 
-class Terminated(Exception):
-    """SIGTERM arrived (torchrun stops the other ranks this way when one fails)."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated("received SIGTERM")
-
-
 def _setup(cfg: Config, session: DistSession, device: torch.device) -> RunContext:
     """Rank 0 reads the data and shares the shapes; the others build from those."""
     rank = session.env.rank
@@ -58,12 +58,26 @@ def _setup(cfg: Config, session: DistSession, device: torch.device) -> RunContex
         except UserError as error:
             session.publish_json("setup", {"error": str(error), "code": error.exit_code})
             raise
-        session.publish_json("setup", ctx.shape_info())
+        info = ctx.shape_info()
+        try:
+            folder = resolve_resume(cfg)
+            if folder is not None:
+                check_compatible(read_meta(folder), cfg, ctx.partition, "parallel", folder)
+        except UserError as error:
+            session.publish_json("setup", {"error": str(error), "code": error.exit_code})
+            raise
+        if folder is None and cfg.resume == "auto":
+            print("resume=auto: no complete checkpoint yet, starting from scratch", flush=True)
+        info["resume"] = None if folder is None else str(folder)
+        session.publish_json("setup", info)
+        ctx.resume_from = info["resume"]
         return ctx
     info = session.wait_json("setup", STARTUP_TIMEOUT_S, "rank 0 to read the data")
     if "error" in info:
         raise _QuietExit(info["code"])
-    return context_from_shape_info(cfg, device, info)
+    ctx = context_from_shape_info(cfg, device, info)
+    ctx.resume_from = info["resume"]
+    return ctx
 
 
 class _QuietExit(Exception):
@@ -87,7 +101,8 @@ def _merge_metrics(out_dir: Path, world_size: int) -> None:
                 path.unlink()
 
 
-def _train(cfg: Config, session: DistSession, ctx: RunContext) -> None:
+def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
+    """Train this rank's module; False if training stopped early on SIGTERM."""
     env = session.env
     rank, world = env.rank, env.world_size
     out_dir = Path(cfg.out_dir)
@@ -111,11 +126,19 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> None:
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
     stage = ctx.build_stage(rank)
-    worker = StageWorker(stage, logger, cfg.log.every_steps)
+    worker = StageWorker(stage, logger, cfg.log.every_steps, CheckpointWriter(cfg, ctx.partition, "parallel"))
+    start = Position()
+    if ctx.resume_from is not None:
+        progress: Progress = restore_workers(Path(ctx.resume_from), [worker])
+        start = Position(progress.epoch, progress.batch, progress.step)
+        logger.log("resume", checkpoint=ctx.resume_from, module=rank, **progress.as_dict())
+        if rank == 0:
+            print(f"resumed from {ctx.resume_from} ({progress.as_dict()})", flush=True)
+    should_stop = preemption.shared_flag(session.store, rank)
     capacity = cfg.pipeline.buffer_size
     inbox: Any
     if rank == 0:
-        inbox = StreamInbox(parallel_stream(cfg, ctx.batches, Position()))
+        inbox = StreamInbox(parallel_stream(cfg, ctx.batches, start, should_stop))
         in_shape, in_dtype = ctx.input_shape, torch.float32
     else:
         inbox = DistInbox(
@@ -144,7 +167,11 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> None:
         f"trgl_pipe · pipeline of {world} ranks",
     )
     with view:
-        run_worker(worker, inbox, outbox, waiter, publisher)
+        run_worker(worker, inbox, outbox, waiter, publisher, poll=None if rank == 0 else should_stop)
+    if should_stop():
+        logger.log("preempted", module=rank, wall_time_s=time.time() - t0)
+        logger.close()
+        return False
     logger.log("end", module=rank, wall_time_s=time.time() - t0)
     logger.close()
     session.publish_json(
@@ -174,6 +201,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> None:
         _merge_metrics(out_dir, world)
         write_summary(out_dir, summary)
         print_summary(summary)
+    return True
 
 
 def run_rank(cfg: Config) -> None:
@@ -187,13 +215,22 @@ def run_rank(cfg: Config) -> None:
     configure_torch(cfg, ranks_on_host=env.local_world_size)
     device = resolve_device(cfg.device, env.local_rank)
     session = init_distributed(cfg, env, device, STARTUP_TIMEOUT_S)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    preemption.install()
     code = 0
     try:
         ctx = _setup(cfg, session, device)
-        _train(cfg, session, ctx)
+        completed = _train(cfg, session, ctx)
         shutdown(session, cfg.pipeline.timeout_s)
-        return
+        if completed:
+            return
+        if env.rank == 0:
+            print(
+                f"stopped: SIGTERM; the checkpoint in {Path(cfg.out_dir) / 'checkpoints'} is complete, "
+                "continue with resume=auto",
+                file=sys.stderr,
+                flush=True,
+            )
+        code = preemption.EXIT_CODE
     except _QuietExit as quiet:
         code = quiet.code
     except UserError as error:

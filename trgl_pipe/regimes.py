@@ -7,11 +7,13 @@ with FIFO buffers, one worker per rank.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
+from trgl_pipe.checkpoint import CheckpointWriter, Progress
 from trgl_pipe.live import Publisher
 from trgl_pipe.messages import Kind, Message
-from trgl_pipe.schedule import eval_due, eval_messages, parallel_stream, total_steps
+from trgl_pipe.schedule import Position, eval_due, eval_messages, parallel_stream, total_steps
 from trgl_pipe.worker import StageWorker
 
 
@@ -27,54 +29,96 @@ def drive(
 
 
 def run_parallel(
-    ctx, workers: Sequence[StageWorker], publishers: Sequence[Publisher] = (), start=None
+    ctx: Any,
+    workers: Sequence[StageWorker],
+    publishers: Sequence[Publisher] = (),
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
     """Parallel (and e2e) regime in one process."""
-    from trgl_pipe.schedule import Position
+    start = Position(progress.epoch, progress.batch, progress.step) if progress else Position()
+    drive(parallel_stream(ctx.cfg, ctx.batches, start, should_stop), workers, publishers)
 
-    drive(parallel_stream(ctx.cfg, ctx.batches, start or Position()), workers, publishers)
+
+def sequential_phases(epochs: int, laps: int, num_modules: int) -> list[tuple[int, int, int]]:
+    """(lap, module, epoch) in training order: each lap trains modules 0..K-1 for epochs/laps each.
+
+    ``epoch`` counts the module's own epochs over all laps, so module k's epoch e sees the same
+    batches as epoch e of the parallel regime.
+    """
+    per_lap = epochs // laps
+    return [
+        (lap, k, lap * per_lap + e) for lap in range(laps) for k in range(num_modules) for e in range(per_lap)
+    ]
 
 
-def run_sequential(ctx, workers: Sequence[StageWorker], publishers: Sequence[Publisher] = ()) -> None:
+def run_sequential(
+    ctx: Any,
+    workers: Sequence[StageWorker],
+    publishers: Sequence[Publisher] = (),
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    writer: CheckpointWriter | None = None,
+) -> None:
     """Sequential (laps=1) and multi-lap sequential training.
 
-    In each lap, module k trains for epochs/laps epochs on the output of modules 0..k-1, which
-    run frozen (eval mode, no graph, so their BatchNorm statistics do not move). Module k's
-    epoch e sees the same batches as epoch e of the parallel regime.
+    Module k trains on the output of modules 0..k-1, which run frozen (eval mode, no graph, so
+    their BatchNorm statistics do not move). Checkpoints come after module-epochs (and on SIGTERM).
     """
     cfg = ctx.cfg
-    laps = cfg.train.laps
-    per_lap = cfg.train.epochs // laps
-    limit = total_steps(cfg, ctx.batches.steps_per_epoch)
+    spe = ctx.batches.steps_per_epoch
+    limit = total_steps(cfg, spe)
     last_epoch = cfg.train.epochs - 1
-    for lap in range(laps):
-        for k, worker in enumerate(workers):
-            frozen = [w.stage for w in workers[:k]]
-            for e in range(per_lap):
-                epoch = lap * per_lap + e
-                for b, (x, y) in enumerate(ctx.batches.train_batches(epoch)):
-                    if worker.stage.num_steps >= limit:
-                        break
-                    for stage in frozen:
-                        x = stage.forward_frozen(x)
-                    step = worker.stage.num_steps
-                    worker.handle(Message(Kind.TRAIN, x, y, epoch=epoch, batch=b, step=step))
-                    if publishers and publishers[k].due():
-                        publishers[k].publish(worker.live_snapshot())
-                worker.handle(Message(Kind.EPOCH_END, epoch=epoch))
-                # the last epoch of the last lap always evaluates, so the last module's last
-                # epoch ends with every head evaluated on the final network
-                if eval_due(cfg, epoch, last_epoch):
-                    final = lap == laps - 1 and k == len(workers) - 1
-                    drive(eval_messages(ctx.batches, epoch, final=final), workers[: k + 1])
+    phases = sequential_phases(cfg.train.epochs, cfg.train.laps, len(workers))
+    first_phase = progress.phase if progress else 0
+    every = cfg.checkpoint.every_epochs
+
+    def checkpoint(phase: int, batch: int, final: bool = False) -> None:
+        if writer is not None:
+            for w in workers:
+                w.stage.check_finite()
+            writer.write(
+                Progress(counter=phase * spe + batch, phase=phase, batch=batch, final=final), list(workers)
+            )
+
+    for p in range(first_phase, len(phases)):
+        _, k, epoch = phases[p]
+        worker = workers[k]
+        frozen = [w.stage for w in workers[:k]]
+        first = progress.batch if (progress and p == first_phase) else 0
+        for b, (x, y) in enumerate(ctx.batches.train_batches(epoch, first), start=first):
+            if worker.stage.num_steps >= limit:
+                break
+            if should_stop():
+                checkpoint(p, b)
+                return
+            for stage in frozen:
+                x = stage.forward_frozen(x)
+            worker.handle(Message(Kind.TRAIN, x, y, epoch=epoch, batch=b, step=worker.stage.num_steps))
+            if publishers and publishers[k].due():
+                publishers[k].publish(worker.live_snapshot())
+        worker.handle(Message(Kind.EPOCH_END, epoch=epoch))
+        if eval_due(cfg, epoch, last_epoch):  # the last phase always evaluates every head
+            drive(eval_messages(ctx.batches, epoch, final=p == len(phases) - 1), workers[: k + 1])
+        if p == len(phases) - 1:
+            checkpoint(p + 1, 0, final=True)
+        elif every and (p + 1) % every == 0:
+            checkpoint(p + 1, 0)
     for worker in workers:
         worker.handle(Message(Kind.STOP))
 
 
-def run_regime(ctx, workers: Sequence[StageWorker], publishers: Sequence[Publisher] = ()) -> None:
+def run_regime(
+    ctx: Any,
+    workers: Sequence[StageWorker],
+    publishers: Sequence[Publisher] = (),
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    writer: CheckpointWriter | None = None,
+) -> None:
     for worker in workers:
         worker.clock.restart()
     if ctx.cfg.train.regime in ("sequential", "multilap"):
-        run_sequential(ctx, workers, publishers)
+        run_sequential(ctx, workers, publishers, progress, should_stop, writer)
     else:
-        run_parallel(ctx, workers, publishers)
+        run_parallel(ctx, workers, publishers, progress, should_stop)

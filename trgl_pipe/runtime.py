@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from trgl_pipe.buffer import LocalControl, Waiter
@@ -26,6 +27,7 @@ def run_worker(
     outbox: Outbox | None,
     waiter: Waiter,
     publisher: Publisher | None = None,
+    poll: Callable[[], Any] | None = None,
 ) -> None:
     """Process messages until STOP has been handled and passed on."""
     clock = worker.clock
@@ -43,6 +45,8 @@ def run_worker(
             if outbox is not None:
                 snapshot["buffer"] = outbox.gate.mean_occupancy
             publisher.publish(snapshot)
+        if poll is not None:
+            poll()
         if msg.kind is Kind.STOP:
             break
     if outbox is not None:
@@ -69,7 +73,7 @@ def worker_stats(worker: StageWorker, outbox: Outbox | None, device: Any, rank: 
 
 
 def run_simulated(
-    ctx: Any, workers: list[StageWorker], start: Position | None = None
+    ctx: Any, workers: list[StageWorker], progress: Any = None, should_stop: Any = None
 ) -> list[dict[str, Any]]:
     """The pipeline inside one process: one thread per module, bounded in-process buffers.
 
@@ -78,10 +82,11 @@ def run_simulated(
     """
     cfg = ctx.cfg
     k = len(workers)
+    start = Position(progress.epoch, progress.batch, progress.step) if progress else Position()
     control = LocalControl()
     links = [local_link(cfg.pipeline.buffer_size, f"module {i}", f"module {i + 1}") for i in range(k - 1)]
     inboxes = [
-        StreamInbox(parallel_stream(cfg, ctx.batches, start or Position())),
+        StreamInbox(parallel_stream(cfg, ctx.batches, start, should_stop or (lambda: False))),
         *(inbox for _, inbox in links),
     ]
     outboxes = [*(outbox for outbox, _ in links), None]

@@ -6,7 +6,7 @@ the single-process parallel regime and the pipeline, which is what makes them eq
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from trgl_pipe.config import Config
@@ -43,8 +43,18 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
-def parallel_stream(cfg: Config, batches: Batches, start: Position | None = None) -> Iterator[Message]:
-    """Messages of the parallel regime from ``start`` to the end of training."""
+def _never() -> bool:
+    return False
+
+
+def parallel_stream(
+    cfg: Config, batches: Batches, start: Position | None = None, should_stop: Callable[[], bool] = _never
+) -> Iterator[Message]:
+    """Messages of the parallel regime from ``start`` to the end of training.
+
+    When ``should_stop()`` turns true (SIGTERM), the stream ends early with a checkpoint of the
+    current position and STOP.
+    """
     start = start or Position()
     epochs = cfg.train.epochs
     limit = total_steps(cfg, batches.steps_per_epoch)
@@ -56,6 +66,10 @@ def parallel_stream(cfg: Config, batches: Batches, start: Position | None = None
         for b, (x, y) in enumerate(batches.train_batches(epoch, first), start=first):
             if step >= limit:
                 break
+            if should_stop():
+                yield Message(Kind.CHECKPOINT, epoch=epoch, batch=b, step=step)
+                yield Message(Kind.STOP)
+                return
             yield Message(Kind.TRAIN, x, y, epoch=epoch, batch=b, step=step)
             step += 1
             last_in_epoch = b + 1 == batches.steps_per_epoch

@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from trgl_pipe.config import Config, save_config
-from trgl_pipe.context import (
-    RunContext,
-    build_context,
-    configure_torch,
-    prepare_out_dir,
-    resolve_device,
+import torch
+
+from trgl_pipe import preemption
+from trgl_pipe.checkpoint import (
+    CheckpointWriter,
+    Progress,
+    check_compatible,
+    read_meta,
+    resolve_resume,
+    restore_workers,
 )
+from trgl_pipe.config import Config, save_config
+from trgl_pipe.context import RunContext, build_context, configure_torch, prepare_out_dir, resolve_device
 from trgl_pipe.live import LiveView, LocalBoard, Publisher
 from trgl_pipe.metrics import MetricsLogger, describe_argv, peak_memory_bytes
 from trgl_pipe.regimes import run_regime
 from trgl_pipe.summary import build_summary, print_summary, write_summary
 from trgl_pipe.worker import StageWorker
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after writing a checkpoint."""
+
+    exit_code = preemption.EXIT_CODE
 
 
 def _process_report(ctx: RunContext, workers: list[StageWorker]) -> dict[str, Any]:
@@ -27,7 +39,7 @@ def _process_report(ctx: RunContext, workers: list[StageWorker]) -> dict[str, An
         "rank": 0,
         "modules": [w.index for w in workers],
         "device": str(ctx.device),
-        "host": __import__("socket").gethostname(),
+        "host": socket.gethostname(),
         "elapsed_s": clock["elapsed_s"],
         "train_samples": clock["train_samples"],
         "samples_per_s": clock["samples_per_s"],
@@ -37,6 +49,23 @@ def _process_report(ctx: RunContext, workers: list[StageWorker]) -> dict[str, An
         "mean_buffer_occupancy": None,
         "peak_memory_bytes": peak_memory_bytes(ctx.device),
     }
+
+
+def resume_workers(
+    cfg: Config, ctx: RunContext, workers: list[StageWorker], logger: MetricsLogger
+) -> Progress | None:
+    """Restore every worker from the checkpoint ``resume`` names (None: start fresh)."""
+    folder = resolve_resume(cfg)
+    if folder is None:
+        if cfg.resume == "auto":
+            print("resume=auto: no complete checkpoint yet, starting from scratch", flush=True)
+        return None
+    meta = read_meta(folder)
+    check_compatible(meta, cfg, ctx.partition, cfg.train.regime, folder)
+    progress = restore_workers(folder, workers)
+    logger.log("resume", checkpoint=str(folder), **progress.as_dict())
+    print(f"resumed from {folder} ({progress.as_dict()})", flush=True)
+    return progress
 
 
 def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
@@ -62,25 +91,33 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
         flush=True,
     )
     if device.type == "cuda":
-        import torch
-
         torch.cuda.reset_peak_memory_stats(device)
+    writer = CheckpointWriter(cfg, ctx.partition, cfg.train.regime)
     stages = [ctx.build_stage(i) for i in range(ctx.num_modules)]
-    workers = [StageWorker(s, logger, cfg.log.every_steps) for s in stages]
+    workers = [StageWorker(s, logger, cfg.log.every_steps, writer) for s in stages]
+    progress = resume_workers(cfg, ctx, workers, logger)
+    preemption.install()
     t0 = time.time()
     if cfg.pipeline.transport == "sim":
         from trgl_pipe.runtime import run_simulated
 
-        ranks = run_simulated(ctx, workers)
+        ranks = run_simulated(ctx, workers, progress, preemption.requested)
         transport = "sim"
     else:
         board = LocalBoard()
         publishers = [Publisher(board, w.index, cfg.log.live_interval_s) for w in workers]
         with LiveView(board, cfg.log.live, cfg.log.live_interval_s, f"trgl_pipe · {cfg.train.regime}"):
-            run_regime(ctx, workers, publishers)
+            run_regime(ctx, workers, publishers, progress, preemption.requested, writer)
         ranks = [_process_report(ctx, workers)]
         transport = "none"
     wall = time.time() - t0
+    if preemption.requested():
+        logger.log("preempted", wall_time_s=wall)
+        logger.close()
+        raise Preempted(
+            f"stopped by SIGTERM after a checkpoint in {Path(cfg.out_dir) / 'checkpoints'}; "
+            "continue with resume=auto"
+        )
     summary = build_summary(
         cfg, [w.report() for w in workers], ranks, wall, ctx.data, ctx.partition, transport, 1
     )

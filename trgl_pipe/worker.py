@@ -132,6 +132,21 @@ class StageWorker:
         for split, values in results.items():
             self.logger.log("eval", module=self.index, epoch=epoch, split=split, **values)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this module exactly: stage state and eval history."""
+        return {
+            "stage": self.stage.state_dict(),
+            "eval_history": self.eval_history,
+            "last_eval": self.last_eval,
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stage.load_state_dict(state["stage"])
+        self.eval_history = list(state["eval_history"])
+        self.last_eval = dict(state["last_eval"])
+        self.epoch = int(state["epoch"])
+
     def live_snapshot(self) -> dict[str, Any]:
         """Progress for the live view (a few host syncs: call it at most every interval)."""
         stage = self.stage

@@ -1,0 +1,278 @@
+"""Checkpoints: one shard per module, plus ``meta.json`` written last.
+
+Layout: ``OUT_DIR/checkpoints/<progress:010d>/module-<k>.pt`` and ``meta.json``. A checkpoint is
+complete exactly when ``meta.json`` exists; every file is written atomically (temporary file,
+flush, fsync, rename). In the pipeline, rank k writes its shard when the CHECKPOINT marker
+reaches it, *before* passing the marker on; so when the marker reaches the last rank every other
+shard is on disk, and the last rank writes ``meta.json``. No rank waits for another.
+
+Shards hold only tensors and plain containers and are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trgl_pipe.config import Config
+from trgl_pipe.errors import CheckpointError
+from trgl_pipe.io import atomic_write, atomic_write_json
+from trgl_pipe.metrics import versions
+from trgl_pipe.partition import Partition
+
+FORMAT = 1
+META = "meta.json"
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def shard_name(index: int) -> str:
+    return f"module-{index}.pt"
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Where training stands at a checkpoint.
+
+    ``counter`` orders checkpoints of one run (the parallel regime: training steps done; the
+    sequential regimes: finished module-epochs). ``epoch``/``batch``/``step`` locate the next
+    batch of the parallel regime; ``phase`` is the next (lap, module, epoch) of the sequential ones.
+    """
+
+    counter: int
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    phase: int = 0
+    final: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "counter": self.counter,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "step": self.step,
+            "phase": self.phase,
+            "final": self.final,
+        }
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):  # a different number of GPUs
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def write_shard(folder: Path, index: int, state: dict[str, Any]) -> Path:
+    """Write one module's state atomically into ``folder``."""
+    payload = {"format": FORMAT, "rng": _rng_state(), **_to_cpu(state)}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    path = folder / shard_name(index)
+    atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
+    return path
+
+
+def meta_for(cfg: Config, partition: Partition, progress: Progress, regime: str) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "regime": regime,
+        "num_modules": len(partition),
+        "partition": [list(r) for r in partition],
+        "arch": {
+            "arch": cfg.model.arch,
+            "depth": cfg.model.depth,
+            "width": cfg.model.width,
+            "block": cfg.model.block,
+        },
+        "data": {"name": cfg.data.name, "batch_size": cfg.data.batch_size, "seed": cfg.seed},
+        "shards": [shard_name(k) for k in range(len(partition))],
+        "progress": progress.as_dict(),
+        "time": time.time(),
+        "versions": versions(),
+        "config": cfg.to_dict(),
+    }
+
+
+def write_meta(folder: Path, meta: dict[str, Any], keep: int) -> None:
+    """Mark ``folder`` complete (after checking every shard is there) and prune old checkpoints."""
+    missing = [s for s in meta["shards"] if not (folder / s).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} lacks {', '.join(missing)}; it is not complete")
+    atomic_write_json(folder / META, meta)
+    prune(folder.parent, keep)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; drop older ones and stale partial ones."""
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and (p / META).is_file())
+    if not complete:
+        return
+    newest = complete[-1].name
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for partial in root.iterdir():
+        if partial.is_dir() and not (partial / META).is_file() and partial.name < newest:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def folder_for(out_dir: str | Path, progress: Progress) -> Path:
+    return checkpoint_root(out_dir) / f"{progress.counter:010d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and loading
+
+
+def latest_complete(out_dir: str | Path) -> Path | None:
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return None
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and (p / META).is_file())
+    return complete[-1] if complete else None
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    """The checkpoint folder ``resume`` points at; None to start fresh (resume=auto, none yet)."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        return latest_complete(cfg.out_dir)
+    path = Path(cfg.resume)
+    if (path / META).is_file():
+        return path
+    if path.is_dir():
+        found = latest_complete(path)
+        if found is not None:
+            return found
+        if checkpoint_root(path).is_dir() or any(path.glob(shard_name(0))):
+            raise CheckpointError(f"resume={path}: no complete checkpoint there (no {META})")
+    raise CheckpointError(f"resume={path}: not a checkpoint folder (no {META}) or a run folder with one")
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((folder / META).read_text())
+    except FileNotFoundError as error:
+        raise CheckpointError(f"checkpoint {folder} is incomplete: {META} is missing") from error
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint {folder}: {META} is unreadable ({error})") from error
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {folder} has format {meta.get('format')}, expected {FORMAT}")
+    return meta
+
+
+def check_compatible(
+    meta: dict[str, Any], cfg: Config, partition: Partition, regime: str, folder: Path
+) -> None:
+    """Refuse a checkpoint that was made for another network, split or regime."""
+    arch = {
+        "arch": cfg.model.arch,
+        "depth": cfg.model.depth,
+        "width": cfg.model.width,
+        "block": cfg.model.block,
+    }
+    problems = []
+    if meta["num_modules"] != len(partition):
+        problems.append(f"it has {meta['num_modules']} modules, the config {len(partition)}")
+    elif [list(r) for r in partition] != meta["partition"]:
+        problems.append(f"its split is {meta['partition']}, the config's {[list(r) for r in partition]}")
+    if meta["arch"] != arch:
+        problems.append(f"its model is {meta['arch']}, the config's {arch}")
+    if meta["regime"] != regime:
+        problems.append(f"it was made by regime {meta['regime']}, the config says {regime}")
+    if meta["data"]["batch_size"] != cfg.data.batch_size:
+        problems.append(
+            f"its data.batch_size is {meta['data']['batch_size']}, the config's {cfg.data.batch_size}"
+        )
+    if problems:
+        raise CheckpointError(f"checkpoint {folder} does not match the config: {'; '.join(problems)}")
+
+
+def load_shard(folder: Path, index: int, restore_rng: bool = True) -> dict[str, Any]:
+    """One module's state, read without running any code from the file."""
+    path = folder / shard_name(index)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"checkpoint {folder} is incomplete: {path.name} is missing") from error
+    except Exception as error:
+        raise CheckpointError(
+            f"checkpoint shard {path} is corrupt ({type(error).__name__}); resume from an earlier checkpoint"
+        ) from error
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint shard {path} is not a trgl_pipe shard")
+    if restore_rng:
+        _set_rng_state(state["rng"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing from the message stream
+
+
+class CheckpointWriter:
+    """The workers' checkpoint hook: write this module's shard; the last module writes meta.json."""
+
+    def __init__(self, cfg: Config, partition: Partition, regime: str) -> None:
+        self.cfg = cfg
+        self.partition = partition
+        self.regime = regime
+
+    def __call__(self, worker: Any, msg: Any) -> None:
+        progress = Progress(
+            counter=msg.step, epoch=msg.epoch, batch=msg.batch, step=msg.step, final=msg.final
+        )
+        self.write(progress, [worker])
+
+    def write(self, progress: Progress, workers: list[Any]) -> Path:
+        """Write the shards of ``workers``; if the last module is among them, complete the checkpoint."""
+        folder = folder_for(self.cfg.out_dir, progress)
+        for worker in workers:
+            if worker.index == 0:
+                # a checkpoint at this position from an earlier attempt is being replaced
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / META).unlink()
+            write_shard(folder, worker.index, worker.state_dict())
+        if any(w.index == len(self.partition) - 1 for w in workers):
+            write_meta(
+                folder, meta_for(self.cfg, self.partition, progress, self.regime), self.cfg.checkpoint.keep
+            )
+        return folder
+
+
+def restore_workers(folder: Path, workers: list[Any]) -> Progress:
+    """Load each worker's shard from ``folder``; returns where training continues."""
+    meta = read_meta(folder)
+    for worker in workers:
+        worker.load_state_dict(load_shard(folder, worker.index))
+    p = meta["progress"]
+    return Progress(p["counter"], p["epoch"], p["batch"], p["step"], p["phase"], p["final"])

@@ -1,0 +1,53 @@
+"""SIGTERM (Slurm preemption, scancel, torchrun stopping a job) asks training to stop cleanly.
+
+The handler only sets a flag. The data stream checks it between batches and ends the stream
+with a checkpoint at the current position followed by STOP, so every module saves the same cut
+and every process exits in order. ``resume=auto`` continues from there.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a job stopped by SIGTERM
+
+_requested = threading.Event()
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _requested.set()
+
+
+def install() -> None:
+    """Route SIGTERM to the stop flag (call from the main thread)."""
+    _requested.clear()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def requested() -> bool:
+    return _requested.is_set()
+
+
+def request() -> None:
+    _requested.set()
+
+
+def shared_flag(store: Any, rank: int, every_s: float = 0.5) -> Callable[[], bool]:
+    """A stop check for pipeline ranks: this process's flag, or any rank's flag on the store."""
+    state = {"next": 0.0, "seen": False, "told": False}
+
+    def check() -> bool:
+        if _requested.is_set() and not state["told"]:
+            state["told"] = True
+            store.set("preempt", str(rank))
+        now = time.monotonic()
+        if not state["seen"] and now >= state["next"]:
+            state["next"] = now + every_s
+            state["seen"] = store.check(["preempt"])
+        return _requested.is_set() or state["seen"]
+
+    return check
