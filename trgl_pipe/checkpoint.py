@@ -256,16 +256,21 @@ class CheckpointWriter:
     def write(self, progress: Progress, workers: list[Any]) -> Path:
         """Write the shards of ``workers``; if the last module is among them, complete the checkpoint."""
         folder = folder_for(self.cfg.out_dir, progress)
-        for worker in workers:
-            if worker.index == 0:
-                # a checkpoint at this position from an earlier attempt is being replaced
-                with contextlib.suppress(FileNotFoundError):
-                    (folder / META).unlink()
-            write_shard(folder, worker.index, worker.state_dict())
-        if any(w.index == len(self.partition) - 1 for w in workers):
-            write_meta(
-                folder, meta_for(self.cfg, self.partition, progress, self.regime), self.cfg.checkpoint.keep
-            )
+        try:
+            for worker in workers:
+                if worker.index == 0:
+                    # a checkpoint at this position from an earlier attempt is being replaced
+                    with contextlib.suppress(FileNotFoundError):
+                        (folder / META).unlink()
+                write_shard(folder, worker.index, worker.state_dict())
+            if any(w.index == len(self.partition) - 1 for w in workers):
+                meta = meta_for(self.cfg, self.partition, progress, self.regime)
+                write_meta(folder, meta, self.cfg.checkpoint.keep)
+        except OSError as error:
+            raise CheckpointError(
+                f"cannot write checkpoint {folder} ({error.strerror or error}); earlier checkpoints are "
+                "intact: free space or fix the folder, then continue with resume=auto"
+            ) from error
         return folder
 
 

@@ -245,6 +245,23 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class DebugConfig:
+    """Fault injection and tracing, to test failure handling and the buffer bound."""
+
+    raise_at_step: int | None = None  # module `raise_on_module` raises at this training step
+    raise_on_module: int = 0
+    slow_module: int | None = None  # this module sleeps `slow_s` seconds in every training step
+    slow_s: float = 0.0
+    trace: bool = False  # write each send and each consumed message, with times, to trace.jsonl
+
+    def __post_init__(self) -> None:
+        _non_negative("debug.raise_on_module", self.raise_on_module)
+        _non_negative("debug.slow_s", self.slow_s)
+        if self.raise_at_step is not None:
+            _positive("debug.raise_at_step", self.raise_at_step)
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     """The whole run. Sections are validated on their own, cross-section rules here."""
 
@@ -262,6 +279,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
         if self.pipeline.transport != "auto" and self.train.regime != "parallel":

@@ -36,13 +36,14 @@ from trgl_pipe.context import (
 )
 from trgl_pipe.distributed import DistSession, LaunchEnv, check_launch, init_distributed, shutdown
 from trgl_pipe.errors import PipelineError, UserError
+from trgl_pipe.faults import Tracer
 from trgl_pipe.live import LiveView, Publisher, StoreBoard
 from trgl_pipe.metrics import MetricsLogger, describe_argv
 from trgl_pipe.runtime import run_worker, worker_stats
 from trgl_pipe.schedule import Position, parallel_stream
 from trgl_pipe.summary import build_summary, print_summary, write_summary
 from trgl_pipe.transport import DistInbox, DistOutbox, StreamInbox
-from trgl_pipe.worker import StageWorker
+from trgl_pipe.worker import make_worker
 
 STARTUP_TIMEOUT_S = 900.0  # rank 0 may spend minutes reading a large image folder
 
@@ -126,7 +127,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
     stage = ctx.build_stage(rank)
-    worker = StageWorker(stage, logger, cfg.log.every_steps, CheckpointWriter(cfg, ctx.partition, "parallel"))
+    worker = make_worker(stage, cfg, logger, CheckpointWriter(cfg, ctx.partition, "parallel"))
     start = Position()
     if ctx.resume_from is not None:
         progress: Progress = restore_workers(Path(ctx.resume_from), [worker])
@@ -156,6 +157,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
         outbox = DistOutbox(rank, rank + 1, session.pairs[rank], capacity, ctx.max_batch, session.staged)
         probe = stage.forward_frozen(torch.zeros((1, *in_shape), dtype=in_dtype))
         outbox.handshake(tuple(probe.shape[1:]), probe.dtype)
+    tracer = Tracer(out_dir / f"trace.rank{rank}.jsonl" if cfg.debug.trace else None)
     waiter = Waiter(session.control, cfg.pipeline.timeout_s, f"rank {rank}")
     board = StoreBoard(session.store, world)
     publisher = Publisher(board, rank, cfg.log.live_interval_s)
@@ -167,7 +169,10 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
         f"trgl_pipe · pipeline of {world} ranks",
     )
     with view:
-        run_worker(worker, inbox, outbox, waiter, publisher, poll=None if rank == 0 else should_stop)
+        run_worker(
+            worker, inbox, outbox, waiter, publisher, poll=None if rank == 0 else should_stop, tracer=tracer
+        )
+    tracer.close()
     if should_stop():
         logger.log("preempted", module=rank, wall_time_s=time.time() - t0)
         logger.close()

@@ -21,7 +21,8 @@ import os
 import sys
 
 from trgl_pipe.config import load_config
-from trgl_pipe.errors import NonFiniteLossError, PipelineError, UserError
+from trgl_pipe import preemption
+from trgl_pipe.errors import UserError
 
 
 def _launched_world_size() -> int:
@@ -57,9 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
         return error.exit_code
-    except (PipelineError, NonFiniteLossError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return error.exit_code
+    except Exception as error:
+        # failures with an exit code (a failed pipeline, a non-finite loss, SIGTERM) get one line
+        code = getattr(error, "exit_code", None)
+        if code is None:
+            raise
+        word = "stopped" if code == preemption.EXIT_CODE else "error"
+        print(f"{word}: {error}", file=sys.stderr, flush=True)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return 130

@@ -9,10 +9,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from trgl_pipe.buffer import LocalControl, Waiter
 from trgl_pipe.errors import PipelineError
+from trgl_pipe.faults import Tracer
 from trgl_pipe.live import LiveView, LocalBoard, Publisher
 from trgl_pipe.messages import Kind
 from trgl_pipe.metrics import peak_memory_bytes
@@ -28,18 +30,26 @@ def run_worker(
     waiter: Waiter,
     publisher: Publisher | None = None,
     poll: Callable[[], Any] | None = None,
+    tracer: Callable[[str, int, int], None] | None = None,
 ) -> None:
     """Process messages until STOP has been handled and passed on."""
     clock = worker.clock
     clock.restart()
+    received = sent = 0
     while True:
         t0 = time.perf_counter()
         msg = inbox.recv(waiter)
         clock.recv_wait_s += time.perf_counter() - t0
         out = worker.handle(msg)
+        if tracer is not None:  # before the credit goes back, so the sender's next send is later
+            tracer("consumed", worker.index, received)
+        received += 1
         inbox.release(msg)
         if outbox is not None:
             clock.send_wait_s += outbox.send(out, waiter)
+            if tracer is not None:
+                tracer("sent", worker.index, sent)
+            sent += 1
         if publisher is not None and msg.kind is Kind.TRAIN and publisher.due():
             snapshot = worker.live_snapshot()
             if outbox is not None:
@@ -92,12 +102,13 @@ def run_simulated(
     outboxes = [*(outbox for outbox, _ in links), None]
     board = LocalBoard()
     errors: list[BaseException] = []
+    tracer = Tracer(Path(cfg.out_dir) / "trace.jsonl" if cfg.debug.trace else None)
 
     def body(i: int) -> None:
         waiter = Waiter(control, cfg.pipeline.timeout_s, f"module {i}")
         publisher = Publisher(board, i, cfg.log.live_interval_s)
         try:
-            run_worker(workers[i], inboxes[i], outboxes[i], waiter, publisher)
+            run_worker(workers[i], inboxes[i], outboxes[i], waiter, publisher, tracer=tracer)
         except BaseException as error:
             errors.append(error)
             if not isinstance(error, PipelineError) or not control.aborted:
@@ -110,6 +121,7 @@ def run_simulated(
         for thread in threads:
             while thread.is_alive():
                 thread.join(timeout=0.5)
+    tracer.close()
     if errors:
         primary = [e for e in errors if not isinstance(e, PipelineError)]
         raise (primary or errors)[0]

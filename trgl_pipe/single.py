@@ -24,7 +24,7 @@ from trgl_pipe.live import LiveView, LocalBoard, Publisher
 from trgl_pipe.metrics import MetricsLogger, describe_argv, peak_memory_bytes
 from trgl_pipe.regimes import run_regime
 from trgl_pipe.summary import build_summary, print_summary, write_summary
-from trgl_pipe.worker import StageWorker
+from trgl_pipe.worker import StageWorker, make_worker
 
 
 class Preempted(Exception):
@@ -94,7 +94,7 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     writer = CheckpointWriter(cfg, ctx.partition, cfg.train.regime)
     stages = [ctx.build_stage(i) for i in range(ctx.num_modules)]
-    workers = [StageWorker(s, logger, cfg.log.every_steps, writer) for s in stages]
+    workers = [make_worker(s, cfg, logger, writer) for s in stages]
     progress = resume_workers(cfg, ctx, workers, logger)
     preemption.install()
     t0 = time.time()

@@ -68,6 +68,7 @@ class StageWorker:
         self.last_eval: dict[str, dict[str, float]] = {}
         self.epoch = 0
         self.stopped = False
+        self.faults: Callable[[StageWorker], None] | None = None
 
     @property
     def index(self) -> int:
@@ -77,6 +78,8 @@ class StageWorker:
         """Apply ``msg`` to the stage and return what the next stage should receive."""
         kind = msg.kind
         if kind is Kind.TRAIN:
+            if self.faults is not None:
+                self.faults(self)
             t0 = time.perf_counter()
             out = self.stage.train_step(msg.x, msg.y)
             dt = time.perf_counter() - t0
@@ -187,3 +190,14 @@ class StageWorker:
             "compute_s": round(self.clock.train_compute_s, 4),
             "history": self.eval_history,
         }
+
+
+def make_worker(
+    stage: Stage, cfg: Any, logger: MetricsLogger, checkpoint_hook: CheckpointHook | None
+) -> StageWorker:
+    """A worker for ``stage`` with the run's logging, checkpoint hook and any injected faults."""
+    from trgl_pipe.faults import fault_hook
+
+    worker = StageWorker(stage, logger, cfg.log.every_steps, checkpoint_hook)
+    worker.faults = fault_hook(cfg.debug, stage.index)
+    return worker

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny configs on the embedded Fashion-MNIST subset, fixed seeds."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trgl_pipe.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A network and data small enough that a whole run takes seconds on one CPU core:
+# 300 training images in batches of 64 leave a last partial batch of 44.
+TINY = [
+    "data.source=embedded",
+    "data.train_size=300",
+    "data.val_size=100",
+    "data.test_size=200",
+    "data.batch_size=64",
+    "data.eval_batch_size=100",
+    "model.depth=14",
+    "model.width=4",
+    "model.num_modules=2",
+    "train.epochs=2",
+    "train.num_threads=1",
+    "trgl.tau=10000",
+    "log.live=off",
+    "log.every_steps=1",
+    "checkpoint.every_epochs=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path):
+    """``tiny("model.num_modules=3", ...)`` -> a Config writing into a fresh folder."""
+    counter = iter(range(1000))
+
+    def make(*overrides: str) -> Config:
+        out = tmp_path / f"run{next(counter)}"
+        return load_config(None, [*TINY, f"out_dir={out}", *overrides])
+
+    return make
+
+
+def cli_args(*overrides: str) -> list[str]:
+    return [*TINY, *overrides]
+
+
+def run_cli(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m trgl_pipe.run ARGS`` in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "trgl_pipe.run", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--monitor-interval=0.2",
+        "-m", "trgl_pipe.run", *args,
+    ]
+
+
+def run_torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        torchrun_cmd(nproc, args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )

@@ -1,0 +1,152 @@
+"""The pipeline across real torch.distributed ranks (torchrun, gloo, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import ROOT, TINY, run_cli, run_torchrun, torchrun_cmd  # noqa: E402
+
+from trgl_pipe.metrics import read_metrics  # noqa: E402
+
+pytestmark = pytest.mark.multiproc
+
+
+def _losses(out: Path) -> dict[tuple[int, int], tuple[float, float, float]]:
+    """(module, step) -> (loss, ce, kinetic), for every training step."""
+    return {
+        (e["module"], e["step"]): (e["loss"], e["ce"], e["kinetic"])
+        for e in read_metrics(out / "metrics.jsonl")
+        if e["event"] == "train"
+    }
+
+
+def _final_shards(out: Path, k: int) -> list[dict]:
+    meta_folders = sorted(p for p in (out / "checkpoints").iterdir() if (p / "meta.json").is_file())
+    folder = meta_folders[-1]
+    return [torch.load(folder / f"module-{i}.pt", weights_only=True)["stage"] for i in range(k)]
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_pipeline_computes_exactly_what_the_parallel_regime_computes(tmp_path: Path, k: int) -> None:
+    # 300 images in batches of 64: the last batch of each epoch has 44; TRGL with adaptive λ on
+    # every rank; per-step losses logged for every module.
+    common = [*TINY, f"model.num_modules={k}", "trgl.tau_schedule=adaptive", "trgl.lambda_init=20000",
+              "trgl.s=2", "pipeline.buffer_size=2"]
+    single = run_cli([*common, f"out_dir={tmp_path / 'single'}"])
+    assert single.returncode == 0, single.stderr
+    piped = run_torchrun(k, [*common, f"out_dir={tmp_path / 'pipe'}"])
+    assert piped.returncode == 0, piped.stderr[-3000:]
+
+    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "pipe")
+    assert len(a) == k * 10 and a == b  # every module, every step, bitwise
+    for sa, sb in zip(_final_shards(tmp_path / "single", k), _final_shards(tmp_path / "pipe", k), strict=True):
+        for part in ("body", "head"):
+            for name, tensor in sa[part].items():
+                assert torch.equal(tensor, sb[part][name]), (part, name)
+        assert torch.equal(sa["objective"]["lam"], sb["objective"]["lam"])
+
+    s1 = json.loads((tmp_path / "single" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "pipe" / "summary.json").read_text())
+    assert [m["test_accuracy"] for m in s1["modules"]] == [m["test_accuracy"] for m in s2["modules"]]
+    assert [m["val_accuracy"] for m in s1["modules"]] == [m["val_accuracy"] for m in s2["modules"]]
+    assert s2["world_size"] == k and s2["transport"] == "dist" and s2["data_backend"] == "gloo"
+    assert [r["rank"] for r in s2["ranks"]] == list(range(k))
+    for r in s2["ranks"]:
+        for key in ("samples_per_s", "compute_s", "recv_wait_s", "send_wait_s", "peak_memory_bytes"):
+            assert r[key] is not None and r[key] >= 0, key
+        assert r["train_samples"] == 600
+    assert all(r["max_buffer_occupancy"] <= 2 for r in s2["ranks"][:-1])
+    assert not list((tmp_path / "pipe").glob("metrics.rank*.jsonl"))  # merged into metrics.jsonl
+
+
+def test_a_slow_consumer_holds_the_producer_to_the_buffer_size(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [*TINY, f"out_dir={out}", "model.num_modules=3", "pipeline.buffer_size=2", "debug.trace=true",
+            "debug.slow_module=2", "debug.slow_s=0.05", "train.epochs=1", "train.eval_every_epochs=0"]
+    result = run_torchrun(3, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = [json.loads(line) for r in range(3) for line in (out / f"trace.rank{r}.jsonl").read_text().splitlines()]
+    for sender in (0, 1):
+        consumed = sorted(e["t"] for e in events if e["event"] == "consumed" and e["module"] == sender + 1)
+        sent = sorted((e["index"], e["t"]) for e in events if e["event"] == "sent" and e["module"] == sender)
+        assert len(sent) == len(consumed) > 5
+        ahead = [i + 1 - sum(1 for c in consumed if c < t) for i, t in sent]
+        assert max(ahead) <= 2, f"rank {sender} ran {max(ahead)} messages ahead"
+        if sender == 1:
+            assert max(ahead) == 2, "the slow rank never filled its buffer: the test proves nothing"
+
+
+def test_a_rank_that_raises_ends_the_job_naming_it(tmp_path: Path) -> None:
+    args = [*TINY, f"out_dir={tmp_path / 'run'}", "model.num_modules=3", "debug.raise_at_step=3",
+            "debug.raise_on_module=1", "pipeline.timeout_s=20"]
+    t0 = time.monotonic()
+    result = run_torchrun(3, args, timeout=200)
+    elapsed = time.monotonic() - t0
+    assert result.returncode != 0
+    assert "rank 1 failed: InjectedFault" in result.stderr
+    assert "stopping because rank 1 failed" in result.stderr or "lost rank 1" in result.stderr
+    assert elapsed < 20 + 60  # the timeout, plus start-up of three processes on two cores
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def _rank_pid(launcher: psutil.Process, rank: int) -> int | None:
+    for child in launcher.children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "trgl_pipe.run" in " ".join(child.cmdline()):
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_sigkill_of_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [*TINY, f"out_dir={out}", "model.num_modules=3", "train.epochs=50", "data.train_size=1000",
+            "pipeline.timeout_s=20", "debug.trace=true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(torchrun_cmd(3, args), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    launcher = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 120
+    trace = out / "trace.rank2.jsonl"
+    while time.monotonic() < deadline and not (trace.exists() and trace.stat().st_size > 0):
+        time.sleep(0.2)
+    victim = _rank_pid(launcher, 2)
+    assert victim is not None
+    workers = [c for c in launcher.children(recursive=True) if "trgl_pipe.run" in " ".join(c.cmdline())]
+    t0 = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert elapsed < 20 + 15, elapsed
+    assert "exitcode  : -9" in stderr and "rank      : 2" in stderr
+    time.sleep(0.5)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_world_size_must_match_the_number_of_modules(tmp_path: Path) -> None:
+    result = run_torchrun(2, [*TINY, f"out_dir={tmp_path / 'run'}", "model.num_modules=3"])
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: torchrun started 2 ranks but model.num_modules=3; start one rank per module "
+        "(--nproc_per_node=3) or set model.num_modules=2"
+    ]
+
+
+def test_sequential_cannot_run_across_ranks(tmp_path: Path) -> None:
+    result = run_torchrun(2, [*TINY, f"out_dir={tmp_path / 'run'}", "train.regime=sequential"])
+    assert result.returncode != 0
+    assert "error: train.regime=sequential cannot run across ranks" in result.stderr

@@ -1,0 +1,122 @@
+"""Checkpoints: resume gives the uninterrupted result; bad checkpoints are refused with one line."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from trgl_pipe.checkpoint import latest_complete
+from trgl_pipe.errors import CheckpointError, NonFiniteLossError
+from trgl_pipe.single import run_single
+
+
+def _final_state(out_dir: str) -> dict[int, dict]:
+    folder = latest_complete(out_dir)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["progress"]["final"]
+    return {
+        k: torch.load(folder / f"module-{k}.pt", weights_only=True)["stage"]
+        for k in range(meta["num_modules"])
+    }
+
+
+def _assert_same_states(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        for part in ("body", "head"):
+            for name, tensor in a[k][part].items():
+                assert torch.equal(tensor, b[k][part][name]), (k, part, name)
+        assert a[k]["num_steps"] == b[k]["num_steps"]
+
+
+@pytest.mark.parametrize(
+    ("regime", "mid"),
+    [
+        (["checkpoint.every_steps=3"], "0000000003"),  # mid-epoch, parallel
+        (["train.regime=sequential", "trgl.tau_schedule=adaptive", "trgl.lambda_init=20000", "trgl.s=2"], "0000000005"),
+        (["train.regime=multilap", "train.epochs=2", "train.laps=2"], "0000000010"),
+    ],
+    ids=["parallel-mid-epoch", "sequential-adaptive", "multilap"],
+)
+def test_resumed_run_ends_like_an_uninterrupted_one(tiny, regime: list[str], mid: str) -> None:
+    full = tiny("checkpoint.keep=100", *regime)
+    summary_full = run_single(full, console_summary=False)
+    source = Path(full.out_dir) / "checkpoints" / mid
+    assert (source / "meta.json").is_file()
+    resumed = tiny(*regime, f"resume={source}")
+    summary_resumed = run_single(resumed, console_summary=False)
+    _assert_same_states(_final_state(full.out_dir), _final_state(resumed.out_dir))
+    for key in ("best_module", "best_val_accuracy", "best_test_accuracy"):
+        assert summary_full[key] == summary_resumed[key]
+    assert [m["history"] for m in summary_full["modules"]] == [m["history"] for m in summary_resumed["modules"]]
+
+
+def test_resume_auto_continues_in_place_and_keeps_n(tiny) -> None:
+    cfg = tiny("checkpoint.every_steps=2", "checkpoint.keep=2")
+    run_single(cfg, console_summary=False)
+    folders = sorted(p.name for p in (Path(cfg.out_dir) / "checkpoints").iterdir())
+    assert folders == ["0000000008", "0000000010"]
+    again = tiny(f"out_dir={cfg.out_dir}", "resume=auto", "checkpoint.every_steps=2")
+    summary = run_single(again, console_summary=False)  # resumes from the final checkpoint: nothing to do
+    assert summary["best_test_accuracy"] is not None
+
+
+def test_bad_checkpoints_are_refused(tiny, tmp_path: Path) -> None:
+    cfg = tiny()
+    run_single(cfg, console_summary=False)
+    good = latest_complete(cfg.out_dir)
+
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(good, incomplete)
+    (incomplete / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint there \(no meta.json\)"):
+        run_single(tiny(f"resume={incomplete}"), console_summary=False)
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(good, corrupt)
+    (corrupt / "module-1.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="module-1.pt is corrupt"):
+        run_single(tiny(f"resume={corrupt}"), console_summary=False)
+
+    with pytest.raises(CheckpointError, match="it has 2 modules, the config 3"):
+        run_single(tiny(f"resume={good}", "model.num_modules=3"), console_summary=False)
+    with pytest.raises(CheckpointError, match="its model is"):
+        run_single(tiny(f"resume={good}", "model.width=8"), console_summary=False)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny) -> None:
+    cfg = tiny("optim.lr=1e6", "trgl.tau=1e-6", "checkpoint.every_steps=1", "log.every_steps=100",
+               "train.epochs=1")
+    with pytest.raises(NonFiniteLossError, match=r"module \d: the local loss became NaN or infinite at its step"):
+        run_single(cfg, console_summary=False)
+    good = latest_complete(cfg.out_dir)
+    if good is not None:  # every shard of the last complete checkpoint is finite
+        for shard in good.glob("module-*.pt"):
+            state = torch.load(shard, weights_only=True)["stage"]["body"]
+            assert all(torch.isfinite(t.float()).all() for t in state.values())
+
+
+def test_disk_full_mid_write_keeps_the_previous_checkpoint(tiny, monkeypatch) -> None:
+    import trgl_pipe.checkpoint as ckpt
+
+    cfg = tiny("checkpoint.every_steps=2", "checkpoint.keep=5")
+    real = ckpt.atomic_write
+    calls = {"n": 0}
+
+    def flaky(path, write):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the third checkpoint's first shard
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(ckpt, "atomic_write", flaky)
+    with pytest.raises(CheckpointError, match="No space left on device.*earlier checkpoints are intact"):
+        run_single(cfg, console_summary=False)
+    root = Path(cfg.out_dir) / "checkpoints"
+    assert latest_complete(cfg.out_dir) == root / "0000000004"
+    assert not list(root.rglob("*.tmp"))

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trgl_pipe.config import Config, load_config
+from trgl_pipe.errors import ConfigError
+
+
+def test_defaults_are_valid() -> None:
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.train.regime == "parallel" and cfg.model.num_modules == 4
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 3\noptim:\n  lr: 1e-3\nmodel:\n  split: [2, 4, 6]\n")
+    cfg = load_config(path, ["train.epochs=5", "trgl.enabled=false", "log.live=off"])
+    assert cfg.train.epochs == 5
+    assert cfg.optim.lr == pytest.approx(1e-3)  # YAML 1.1 reads 1e-3 as a string; accepted as a number
+    assert cfg.model.split == [2, 4, 6]
+    assert cfg.trgl.enabled is False
+    assert cfg.log.live == "off"  # YAML reads off as false; mapped back to the allowed word
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.foo=1"], "unknown config key 'train.foo'; the keys of train are: regime"),
+        (["bogus=1"], "unknown config key 'bogus'"),
+        (["train.epochs=abc"], "train.epochs must be an integer, got 'abc' (str)"),
+        (["train.regime=fast"], "train.regime must be one of e2e | parallel | sequential | multilap"),
+        (["model.num_modules=10"], "model.num_modules=10 is larger than the 9 residual blocks of a ResNet-20"),
+        (["model.depth=21"], "model.depth must be 6n+2"),
+        (["model.split=[3, 6]"], "model.split lists 2 block indices; with model.num_modules=4 it needs 3"),
+        (["model.split=[3, 3, 6]"], "must be strictly increasing"),
+        (["trgl.tau=0"], "trgl.tau must be greater than 0"),
+        (["train.regime=multilap", "train.epochs=5", "train.laps=2"], "must be a multiple of train.laps=2"),
+        (["train.laps=2"], "train.laps=2 applies to train.regime=multilap only"),
+        (["train.regime=sequential", "pipeline.transport=sim"], "runs the parallel regime only"),
+        (["data=3"], "data must be a mapping of keys"),
+        (["train.epochs"], "must look like section.key=value"),
+    ],
+)
+def test_bad_input_names_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_bad_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    from trgl_pipe.config import save_config
+
+    cfg = load_config(None, ["train.epochs=7", "model.split=[1,5,8]", "trgl.tau_schedule=halves"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["epochs"] == 7
+
+
+def test_shipped_configs_are_valid() -> None:
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert configs, "configs/ is empty"
+    for path in configs:
+        load_config(path)

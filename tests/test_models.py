@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trgl_pipe.models import PostActBlock, PreActBlock, ResNetParts, block_shapes, kinetic_energy
+
+
+def test_kinetic_energy_by_hand() -> None:
+    r = torch.tensor([[[[1.0, 2.0]]], [[[3.0, 0.0]]]])  # two samples with 2 features each
+    # sample norms²: 1 + 4 = 5 and 9 + 0 = 9; batch mean = 7
+    assert kinetic_energy(r).item() == pytest.approx(7.0)
+    assert kinetic_energy(r, "mean").item() == pytest.approx(3.5)  # per-feature mean
+
+
+def test_preact_identity_block_output_is_input_plus_residual() -> None:
+    block = PreActBlock(4, 4).eval()
+    x = torch.randn(3, 4, 8, 8)
+    out, r = block(x)
+    torch.testing.assert_close(out, x + r, rtol=0, atol=0)
+
+
+def test_downsampling_block_returns_the_residual_branch_not_the_difference() -> None:
+    block = PreActBlock(4, 8, stride=2).eval()
+    x = torch.randn(2, 4, 8, 8)
+    out, r = block(x)
+    pre = F.relu(block.bn1(x))
+    expected_r = block.conv2(F.relu(block.bn2(block.conv1(pre))))
+    torch.testing.assert_close(r, expected_r)
+    torch.testing.assert_close(out, block.shortcut(pre) + r)
+    assert r.shape == (2, 8, 4, 4)
+
+
+def test_postact_block_applies_relu_after_the_sum() -> None:
+    block = PostActBlock(4, 4).eval()
+    x = torch.randn(2, 4, 6, 6)
+    out, r = block(x)
+    torch.testing.assert_close(out, F.relu(x + r))
+
+
+@pytest.mark.parametrize(("depth", "blocks"), [(8, 3), (20, 9), (32, 15), (56, 27), (110, 54)])
+def test_resnet_depth_gives_3n_blocks(depth: int, blocks: int) -> None:
+    shapes = block_shapes(depth, 16)
+    assert len(shapes) == blocks
+    assert [s.stride for s in shapes].count(2) == 2
+    assert shapes[-1].out_channels == 64
+
+
+def test_weights_do_not_depend_on_anything_but_the_seed() -> None:
+    a = ResNetParts(20, 8, 3, 10, "preact", seed=5)
+    b = ResNetParts(20, 8, 3, 10, "preact", seed=5)
+    c = ResNetParts(20, 8, 3, 10, "preact", seed=6)
+    for x, y, z in zip(a.blocks, b.blocks, c.blocks, strict=True):
+        wx, wy, wz = x.conv1.weight, y.conv1.weight, z.conv1.weight
+        assert torch.equal(wx, wy)
+        assert not torch.equal(wx, wz)
