@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Start the pipeline with one rank per module: K is read from the config.
+#
+#   launch/torchrun.sh CONFIG.yaml [section.key=value ...]
+#
+# Several nodes: set NNODES, NODE_RANK (0..NNODES-1) and MASTER_ADDR (the first node) on every
+# node; K must equal NNODES * ranks per node. Extra torchrun flags go in TORCHRUN_ARGS, e.g.
+# TORCHRUN_ARGS="--max-restarts=3" together with resume=auto to restart a failed rank by itself.
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: launch/torchrun.sh CONFIG.yaml [section.key=value ...]" >&2
+  exit 2
+fi
+K=$(python -c 'import sys; from trgl_pipe.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).model.num_modules)' "$@")
+NNODES=${NNODES:-1}
+if [ $((K % NNODES)) -ne 0 ]; then
+  echo "error: model.num_modules=$K is not a multiple of NNODES=$NNODES" >&2
+  exit 2
+fi
+PER_NODE=$((K / NNODES))
+if [ "$NNODES" -eq 1 ]; then
+  exec torchrun --standalone --nproc_per_node="$PER_NODE" ${TORCHRUN_ARGS:-} -m trgl_pipe.run "$@"
+fi
+exec torchrun --nnodes="$NNODES" --node_rank="${NODE_RANK:?set NODE_RANK}" --nproc_per_node="$PER_NODE" \
+  --rdzv-backend=c10d --rdzv-endpoint="${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}" \
+  --rdzv-id="${RDZV_ID:-trgl_pipe}" ${TORCHRUN_ARGS:-} -m trgl_pipe.run "$@"
