@@ -61,7 +61,11 @@ def run_cli(args: list[str], timeout: float = 300, **kwargs) -> subprocess.Compl
     """``python -m trgl_pipe.run ARGS`` in a subprocess."""
     return subprocess.run(
         [sys.executable, "-m", "trgl_pipe.run", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        **kwargs,
     )
 
 
@@ -73,9 +77,16 @@ def free_port() -> int:
 
 def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--monitor-interval=0.2",
-        "-m", "trgl_pipe.run", *args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "--monitor-interval=0.2",
+        "-m",
+        "trgl_pipe.run",
+        *args,
     ]
 
 

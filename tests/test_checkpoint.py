@@ -38,7 +38,10 @@ def _assert_same_states(a: dict, b: dict) -> None:
     ("regime", "mid"),
     [
         (["checkpoint.every_steps=3"], "0000000003"),  # mid-epoch, parallel
-        (["train.regime=sequential", "trgl.tau_schedule=adaptive", "trgl.lambda_init=20000", "trgl.s=2"], "0000000005"),
+        (
+            ["train.regime=sequential", "trgl.tau_schedule=adaptive", "trgl.lambda_init=20000", "trgl.s=2"],
+            "0000000005",
+        ),
         (["train.regime=multilap", "train.epochs=2", "train.laps=2"], "0000000010"),
     ],
     ids=["parallel-mid-epoch", "sequential-adaptive", "multilap"],
@@ -53,7 +56,9 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tiny, regime: list[str], mid
     _assert_same_states(_final_state(full.out_dir), _final_state(resumed.out_dir))
     for key in ("best_module", "best_val_accuracy", "best_test_accuracy"):
         assert summary_full[key] == summary_resumed[key]
-    assert [m["history"] for m in summary_full["modules"]] == [m["history"] for m in summary_resumed["modules"]]
+    assert [m["history"] for m in summary_full["modules"]] == [
+        m["history"] for m in summary_resumed["modules"]
+    ]
 
 
 def test_resume_auto_continues_in_place_and_keeps_n(tiny) -> None:
@@ -80,7 +85,7 @@ def test_bad_checkpoints_are_refused(tiny, tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt"
     shutil.copytree(good, corrupt)
     (corrupt / "module-1.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="module-1.pt is corrupt"):
+    with pytest.raises(CheckpointError, match=r"module-1\.pt is corrupt"):
         run_single(tiny(f"resume={corrupt}"), console_summary=False)
 
     with pytest.raises(CheckpointError, match="it has 2 modules, the config 3"):
@@ -90,9 +95,12 @@ def test_bad_checkpoints_are_refused(tiny, tmp_path: Path) -> None:
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny) -> None:
-    cfg = tiny("optim.lr=1e6", "trgl.tau=1e-6", "checkpoint.every_steps=1", "log.every_steps=100",
-               "train.epochs=1")
-    with pytest.raises(NonFiniteLossError, match=r"module \d: the local loss became NaN or infinite at its step"):
+    cfg = tiny(
+        "optim.lr=1e6", "trgl.tau=1e-6", "checkpoint.every_steps=1", "log.every_steps=100", "train.epochs=1"
+    )
+    with pytest.raises(
+        NonFiniteLossError, match=r"module \d: the local loss became NaN or infinite at its step"
+    ):
         run_single(cfg, console_summary=False)
     good = latest_complete(cfg.out_dir)
     if good is not None:  # every shard of the last complete checkpoint is finite
@@ -115,7 +123,7 @@ def test_disk_full_mid_write_keeps_the_previous_checkpoint(tiny, monkeypatch) ->
         return real(path, write)
 
     monkeypatch.setattr(ckpt, "atomic_write", flaky)
-    with pytest.raises(CheckpointError, match="No space left on device.*earlier checkpoints are intact"):
+    with pytest.raises(CheckpointError, match=r"No space left on device.*earlier checkpoints are intact"):
         run_single(cfg, console_summary=False)
     root = Path(cfg.out_dir) / "checkpoints"
     assert latest_complete(cfg.out_dir) == root / "0000000004"

@@ -33,7 +33,10 @@ def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> Non
         (["data.batch_size=big"], ["data.batch_size must be an integer"]),
         (["model.num_modules=7"], ["model.num_modules=7 is larger than the 6 residual blocks"]),
         (["data.name=cifar10", "data.source=auto"], ["data.name=cifar10 needs data.root"]),
-        (["data.name=stl10", "data.source=root", "data.root=/nonexistent"], ["data.root=/nonexistent is not a folder"]),
+        (
+            ["data.name=stl10", "data.source=root", "data.root=/nonexistent"],
+            ["data.root=/nonexistent is not a folder"],
+        ),
     ],
 )
 def test_user_errors(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
@@ -49,10 +52,16 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_malformed_dataset_files(tmp_path: Path) -> None:
     root = tmp_path / "data" / "FashionMNIST" / "raw"
     root.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (root / name).write_bytes(b"garbage!")
-    result = run_cli(cli_args(f"out_dir={tmp_path / 'out'}", "data.source=root", f"data.root={tmp_path / 'data'}"))
+    result = run_cli(
+        cli_args(f"out_dir={tmp_path / 'out'}", "data.source=root", f"data.root={tmp_path / 'data'}")
+    )
     _one_line_error(result, "bad IDX header", "train-images-idx3-ubyte")
 
 
@@ -68,16 +77,29 @@ def test_an_earlier_run_is_not_overwritten(tmp_path: Path) -> None:
     first = run_cli(cli_args(f"out_dir={out}", "train.epochs=1"))
     assert first.returncode == 0, first.stderr
     before = (out / "summary.json").read_text()
-    _one_line_error(run_cli(cli_args(f"out_dir={out}")), "already holds a run", "resume=auto", "overwrite=true")
+    _one_line_error(
+        run_cli(cli_args(f"out_dir={out}")), "already holds a run", "resume=auto", "overwrite=true"
+    )
     assert (out / "summary.json").read_text() == before
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = [*TINY, f"out_dir={out}", "train.epochs=30", "data.train_size=1000", "checkpoint.every_epochs=0",
-            "log.every_steps=1"]
-    proc = subprocess.Popen([sys.executable, "-m", "trgl_pipe.run", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        *TINY,
+        f"out_dir={out}",
+        "train.epochs=30",
+        "data.train_size=1000",
+        "checkpoint.every_epochs=0",
+        "log.every_steps=1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trgl_pipe.run", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):

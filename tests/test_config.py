@@ -33,7 +33,10 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
         (["bogus=1"], "unknown config key 'bogus'"),
         (["train.epochs=abc"], "train.epochs must be an integer, got 'abc' (str)"),
         (["train.regime=fast"], "train.regime must be one of e2e | parallel | sequential | multilap"),
-        (["model.num_modules=10"], "model.num_modules=10 is larger than the 9 residual blocks of a ResNet-20"),
+        (
+            ["model.num_modules=10"],
+            "model.num_modules=10 is larger than the 9 residual blocks of a ResNet-20",
+        ),
         (["model.depth=21"], "model.depth must be 6n+2"),
         (["model.split=[3, 6]"], "model.split lists 2 block indices; with model.num_modules=4 it needs 3"),
         (["model.split=[3, 3, 6]"], "must be strictly increasing"),

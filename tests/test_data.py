@@ -52,7 +52,9 @@ def test_missing_and_malformed_mnist(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"no train-images-idx3-ubyte\[.gz\] in .*FashionMNIST/raw"):
         read_mnist_root(tmp_path, "fashion_mnist")
     _write_mnist(tmp_path)
-    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x28abc"))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x28abc")
+    )
     with pytest.raises(DataError, match="expected 40 bytes of data"):
         read_mnist_root(tmp_path, "fashion_mnist")
 
@@ -91,7 +93,7 @@ def test_cifar_refuses_code_in_a_pickle(tmp_path: Path) -> None:
 
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as handle:
         pickle.dump({b"data": Evil(), b"labels": []}, handle)
-    with pytest.raises(DataError, match="refusing to load builtins.print"):
+    with pytest.raises(DataError, match=r"refusing to load builtins\.print"):
         read_cifar(tmp_path, "cifar10")
 
 
@@ -120,7 +122,7 @@ def test_image_folder(tmp_path: Path) -> None:
     from PIL import Image
 
     for split in ("train", "val"):
-        for c, name in enumerate(["cat", "dog"]):
+        for name in ["cat", "dog"]:
             folder = tmp_path / split / name
             folder.mkdir(parents=True)
             for i in range(3):
@@ -140,7 +142,7 @@ def test_embedded_subset_splits_and_sizes() -> None:
     data = load_data(cfg, seed=0)
     assert (len(data.train), len(data.val), len(data.test)) == (1000, 500, 300)
     assert data.channels == 1 and data.image_size == 28 and data.num_classes == 10
-    with pytest.raises(DataError, match="data.train_size=9000 is more than the 7500"):
+    with pytest.raises(DataError, match=r"data\.train_size=9000 is more than the 7500"):
         load_data(DataConfig(source="embedded", val_size=500, train_size=9000), seed=0)
 
 
@@ -177,7 +179,8 @@ def test_augmentation_crops_and_flips() -> None:
     for i in range(8):
         found = any(
             torch.equal(out[i], cand) or torch.equal(out[i], cand.flip(-1))
-            for dy in range(5) for dx in range(5)
+            for dy in range(5)
+            for dx in range(5)
             for cand in [padded[i, :, dy : dy + 28, dx : dx + 28]]
         )
         assert found
@@ -193,6 +196,8 @@ def test_prefetch_gives_the_same_batches() -> None:
 
 
 def test_synthetic_data_has_the_asked_shape() -> None:
-    cfg = DataConfig(name="synthetic", image_size=12, channels=3, num_classes=5, train_size=64, test_size=16, val_size=8)
+    cfg = DataConfig(
+        name="synthetic", image_size=12, channels=3, num_classes=5, train_size=64, test_size=16, val_size=8
+    )
     data = load_data(cfg, seed=0)
     assert data.train.images.shape == (56, 3, 12, 12) and len(data.test) == 16 and data.num_classes == 5

@@ -14,7 +14,13 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize(
     ("k", "expected"),
-    [(1, [1.0]), (2, [1.0, 2.0]), (3, [1.0, 1.0, 2.0]), (4, [1.0, 1.0, 2.0, 2.0]), (5, [1.0, 1.0, 1.0, 2.0, 2.0])],
+    [
+        (1, [1.0]),
+        (2, [1.0, 2.0]),
+        (3, [1.0, 1.0, 2.0]),
+        (4, [1.0, 1.0, 2.0, 2.0]),
+        (5, [1.0, 1.0, 1.0, 2.0, 2.0]),
+    ],
 )
 def test_halves_doubles_tau_in_the_second_half(k: int, expected: list[float]) -> None:
     assert [tau_for_module(i, k, 1.0, "halves") for i in range(k)] == expected

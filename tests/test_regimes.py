@@ -50,8 +50,20 @@ def test_summary_follows_the_schema(tiny) -> None:
     summary = run_single(cfg, console_summary=False)
     on_disk = json.loads((Path(cfg.out_dir) / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
-    for key in ("regime", "num_modules", "world_size", "epochs", "wall_time_s", "samples_per_s", "best_module",
-                "best_test_accuracy", "modules", "ranks", "partition", "versions"):
+    for key in (
+        "regime",
+        "num_modules",
+        "world_size",
+        "epochs",
+        "wall_time_s",
+        "samples_per_s",
+        "best_module",
+        "best_test_accuracy",
+        "modules",
+        "ranks",
+        "partition",
+        "versions",
+    ):
         assert key in on_disk, key
     assert on_disk["num_modules"] == 3 and on_disk["world_size"] == 1
     modules = on_disk["modules"]

@@ -9,15 +9,31 @@ from trgl_pipe.schedule import Position, parallel_stream
 
 
 def _stream(*overrides: str, start: Position | None = None, stop=None):
-    cfg = load_config(None, ["data.source=embedded", "data.train_size=300", "data.val_size=100",
-                             "data.test_size=200", "data.batch_size=64", "data.eval_batch_size=100", *overrides])
+    cfg = load_config(
+        None,
+        [
+            "data.source=embedded",
+            "data.train_size=300",
+            "data.val_size=100",
+            "data.test_size=200",
+            "data.batch_size=64",
+            "data.eval_batch_size=100",
+            *overrides,
+        ],
+    )
     batches = Batches(load_data(cfg.data, cfg.seed), cfg.data, cfg.seed)
     return list(parallel_stream(cfg, batches, start, stop or (lambda: False)))
 
 
 def _kinds(stream) -> str:
-    codes = {Kind.TRAIN: "T", Kind.EVAL: "e", Kind.EVAL_DONE: "D", Kind.EPOCH_END: "|", Kind.CHECKPOINT: "C",
-             Kind.STOP: "S"}
+    codes = {
+        Kind.TRAIN: "T",
+        Kind.EVAL: "e",
+        Kind.EVAL_DONE: "D",
+        Kind.EPOCH_END: "|",
+        Kind.CHECKPOINT: "C",
+        Kind.STOP: "S",
+    }
     return "".join(codes[m.kind] for m in stream)
 
 
@@ -31,8 +47,9 @@ def test_stream_of_two_epochs() -> None:
 
 
 def test_evaluation_only_at_the_end_and_mid_epoch_checkpoints() -> None:
-    stream = _stream("train.epochs=2", "train.eval_every_epochs=0", "checkpoint.every_epochs=0",
-                     "checkpoint.every_steps=3")
+    stream = _stream(
+        "train.epochs=2", "train.eval_every_epochs=0", "checkpoint.every_epochs=0", "checkpoint.every_steps=3"
+    )
     assert _kinds(stream) == "TTTCTT|" + "TCTTTCT" + "eeeD|CS"
     mid = [m for m in stream if m.kind is Kind.CHECKPOINT and not m.final]
     assert [(m.epoch, m.batch, m.step) for m in mid] == [(0, 3, 3), (1, 1, 6), (1, 4, 9)]
@@ -48,7 +65,9 @@ def test_resuming_mid_epoch_replays_the_same_batches() -> None:
 
 
 def test_max_steps_ends_early_with_evaluation() -> None:
-    stream = _stream("train.epochs=5", "train.max_steps=7", "checkpoint.every_epochs=0", "train.eval_every_epochs=0")
+    stream = _stream(
+        "train.epochs=5", "train.max_steps=7", "checkpoint.every_epochs=0", "train.eval_every_epochs=0"
+    )
     assert _kinds(stream) == "TTTTT|TTeeeD|CS"
 
 

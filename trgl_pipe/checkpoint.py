@@ -101,8 +101,11 @@ def write_shard(folder: Path, index: int, state: dict[str, Any]) -> Path:
     return path
 
 
-def meta_for(cfg: Config, partition: Partition, progress: Progress, regime: str) -> dict[str, Any]:
+def meta_for(
+    cfg: Config, partition: Partition, progress: Progress, regime: str, model_info: dict | None = None
+) -> dict[str, Any]:
     return {
+        "model": model_info or {},
         "format": FORMAT,
         "regime": regime,
         "num_modules": len(partition),
@@ -242,10 +245,13 @@ def load_shard(folder: Path, index: int, restore_rng: bool = True) -> dict[str, 
 class CheckpointWriter:
     """The workers' checkpoint hook: write this module's shard; the last module writes meta.json."""
 
-    def __init__(self, cfg: Config, partition: Partition, regime: str) -> None:
+    def __init__(
+        self, cfg: Config, partition: Partition, regime: str, model_info: dict | None = None
+    ) -> None:
         self.cfg = cfg
         self.partition = partition
         self.regime = regime
+        self.model_info = model_info
 
     def __call__(self, worker: Any, msg: Any) -> None:
         progress = Progress(
@@ -264,7 +270,7 @@ class CheckpointWriter:
                         (folder / META).unlink()
                 write_shard(folder, worker.index, worker.state_dict())
             if any(w.index == len(self.partition) - 1 for w in workers):
-                meta = meta_for(self.cfg, self.partition, progress, self.regime)
+                meta = meta_for(self.cfg, self.partition, progress, self.regime, self.model_info)
                 write_meta(folder, meta, self.cfg.checkpoint.keep)
         except OSError as error:
             raise CheckpointError(

@@ -118,6 +118,7 @@ class RunContext:
     data: DataSplits | None = None
     batches: Batches | None = None
     resume_from: str | None = None  # the checkpoint folder to continue from
+    normalization: dict | None = None  # per-channel mean and std of the training images, in [0, 1]
 
     @property
     def num_modules(self) -> int:
@@ -150,6 +151,15 @@ class RunContext:
             "num_classes": self.num_classes,
             "input_shape": list(self.input_shape),
             "steps_per_epoch": self.steps_per_epoch,
+            "normalization": self.normalization,
+        }
+
+    def model_info(self) -> dict:
+        """What an exported model needs besides weights (stored in checkpoint meta.json)."""
+        return {
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "normalization": self.normalization,
         }
 
 
@@ -172,6 +182,7 @@ def build_context(cfg: Config, device: torch.device, data: DataSplits | None = N
         start,
         data,
         batches,
+        normalization={"mean": data.mean.tolist(), "std": data.std.tolist()},
     )
 
 
@@ -188,4 +199,5 @@ def context_from_shape_info(cfg: Config, device: torch.device, info: dict) -> Ru
         input_shape,
         info["steps_per_epoch"],
         time.time(),
+        normalization=info["normalization"],
     )

@@ -127,7 +127,9 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
     stage = ctx.build_stage(rank)
-    worker = make_worker(stage, cfg, logger, CheckpointWriter(cfg, ctx.partition, "parallel"))
+    worker = make_worker(
+        stage, cfg, logger, CheckpointWriter(cfg, ctx.partition, "parallel", ctx.model_info())
+    )
     start = Position()
     if ctx.resume_from is not None:
         progress: Progress = restore_workers(Path(ctx.resume_from), [worker])

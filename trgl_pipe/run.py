@@ -20,8 +20,8 @@ import argparse
 import os
 import sys
 
-from trgl_pipe.config import load_config
 from trgl_pipe import preemption
+from trgl_pipe.config import load_config
 from trgl_pipe.errors import UserError
 
 

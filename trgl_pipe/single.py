@@ -92,7 +92,7 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    writer = CheckpointWriter(cfg, ctx.partition, cfg.train.regime)
+    writer = CheckpointWriter(cfg, ctx.partition, cfg.train.regime, ctx.model_info())
     stages = [ctx.build_stage(i) for i in range(ctx.num_modules)]
     workers = [make_worker(s, cfg, logger, writer) for s in stages]
     progress = resume_workers(cfg, ctx, workers, logger)

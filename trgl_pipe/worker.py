@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trgl_pipe.messages import SPLITS, Kind, Message
-from trgl_pipe.metrics import MetricsLogger
+from trgl_pipe.metrics import MetricsLogger, peak_memory_bytes
 from trgl_pipe.stage import Stage
 
 CheckpointHook = Callable[["StageWorker", Message], None]
@@ -99,7 +99,10 @@ class StageWorker:
             self._finish_eval(msg.epoch)
         elif kind is Kind.EPOCH_END:
             self.stage.check_finite()
-            self.logger.log("epoch_end", module=self.index, epoch=msg.epoch, step=self.stage.num_steps)
+            self.logger.log(
+                "epoch_end", module=self.index, epoch=msg.epoch, step=self.stage.num_steps,
+                peak_memory_bytes=peak_memory_bytes(self.stage.device),
+            )
         elif kind is Kind.CHECKPOINT:
             self.stage.check_finite()
             if self.checkpoint_hook is not None:

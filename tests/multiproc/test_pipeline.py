@@ -15,9 +15,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import ROOT, TINY, run_cli, run_torchrun, torchrun_cmd  # noqa: E402
+from conftest import ROOT, TINY, run_cli, run_torchrun, torchrun_cmd
 
-from trgl_pipe.metrics import read_metrics  # noqa: E402
+from trgl_pipe.metrics import read_metrics
 
 pytestmark = pytest.mark.multiproc
 
@@ -41,8 +41,14 @@ def _final_shards(out: Path, k: int) -> list[dict]:
 def test_pipeline_computes_exactly_what_the_parallel_regime_computes(tmp_path: Path, k: int) -> None:
     # 300 images in batches of 64: the last batch of each epoch has 44; TRGL with adaptive λ on
     # every rank; per-step losses logged for every module.
-    common = [*TINY, f"model.num_modules={k}", "trgl.tau_schedule=adaptive", "trgl.lambda_init=20000",
-              "trgl.s=2", "pipeline.buffer_size=2"]
+    common = [
+        *TINY,
+        f"model.num_modules={k}",
+        "trgl.tau_schedule=adaptive",
+        "trgl.lambda_init=20000",
+        "trgl.s=2",
+        "pipeline.buffer_size=2",
+    ]
     single = run_cli([*common, f"out_dir={tmp_path / 'single'}"])
     assert single.returncode == 0, single.stderr
     piped = run_torchrun(k, [*common, f"out_dir={tmp_path / 'pipe'}"])
@@ -50,7 +56,9 @@ def test_pipeline_computes_exactly_what_the_parallel_regime_computes(tmp_path: P
 
     a, b = _losses(tmp_path / "single"), _losses(tmp_path / "pipe")
     assert len(a) == k * 10 and a == b  # every module, every step, bitwise
-    for sa, sb in zip(_final_shards(tmp_path / "single", k), _final_shards(tmp_path / "pipe", k), strict=True):
+    for sa, sb in zip(
+        _final_shards(tmp_path / "single", k), _final_shards(tmp_path / "pipe", k), strict=True
+    ):
         for part in ("body", "head"):
             for name, tensor in sa[part].items():
                 assert torch.equal(tensor, sb[part][name]), (part, name)
@@ -72,11 +80,22 @@ def test_pipeline_computes_exactly_what_the_parallel_regime_computes(tmp_path: P
 
 def test_a_slow_consumer_holds_the_producer_to_the_buffer_size(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = [*TINY, f"out_dir={out}", "model.num_modules=3", "pipeline.buffer_size=2", "debug.trace=true",
-            "debug.slow_module=2", "debug.slow_s=0.05", "train.epochs=1", "train.eval_every_epochs=0"]
+    args = [
+        *TINY,
+        f"out_dir={out}",
+        "model.num_modules=3",
+        "pipeline.buffer_size=2",
+        "debug.trace=true",
+        "debug.slow_module=2",
+        "debug.slow_s=0.05",
+        "train.epochs=1",
+        "train.eval_every_epochs=0",
+    ]
     result = run_torchrun(3, args)
     assert result.returncode == 0, result.stderr[-3000:]
-    events = [json.loads(line) for r in range(3) for line in (out / f"trace.rank{r}.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(line) for r in range(3) for line in (out / f"trace.rank{r}.jsonl").read_text().splitlines()
+    ]
     for sender in (0, 1):
         consumed = sorted(e["t"] for e in events if e["event"] == "consumed" and e["module"] == sender + 1)
         sent = sorted((e["index"], e["t"]) for e in events if e["event"] == "sent" and e["module"] == sender)
@@ -88,8 +107,14 @@ def test_a_slow_consumer_holds_the_producer_to_the_buffer_size(tmp_path: Path) -
 
 
 def test_a_rank_that_raises_ends_the_job_naming_it(tmp_path: Path) -> None:
-    args = [*TINY, f"out_dir={tmp_path / 'run'}", "model.num_modules=3", "debug.raise_at_step=3",
-            "debug.raise_on_module=1", "pipeline.timeout_s=20"]
+    args = [
+        *TINY,
+        f"out_dir={tmp_path / 'run'}",
+        "model.num_modules=3",
+        "debug.raise_at_step=3",
+        "debug.raise_on_module=1",
+        "pipeline.timeout_s=20",
+    ]
     t0 = time.monotonic()
     result = run_torchrun(3, args, timeout=200)
     elapsed = time.monotonic() - t0
@@ -112,11 +137,19 @@ def _rank_pid(launcher: psutil.Process, rank: int) -> int | None:
 
 def test_sigkill_of_one_rank_stops_every_rank(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = [*TINY, f"out_dir={out}", "model.num_modules=3", "train.epochs=50", "data.train_size=1000",
-            "pipeline.timeout_s=20", "debug.trace=true"]
+    args = [
+        *TINY,
+        f"out_dir={out}",
+        "model.num_modules=3",
+        "train.epochs=50",
+        "data.train_size=1000",
+        "pipeline.timeout_s=20",
+        "debug.trace=true",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(torchrun_cmd(3, args), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        torchrun_cmd(3, args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     launcher = psutil.Process(proc.pid)
     deadline = time.monotonic() + 120
     trace = out / "trace.rank2.jsonl"
@@ -150,3 +183,84 @@ def test_sequential_cannot_run_across_ranks(tmp_path: Path) -> None:
     result = run_torchrun(2, [*TINY, f"out_dir={tmp_path / 'run'}", "train.regime=sequential"])
     assert result.returncode != 0
     assert "error: train.regime=sequential cannot run across ranks" in result.stderr
+
+
+def _wait_for_checkpoint(out: Path, at_least: int, deadline_s: float) -> None:
+    deadline = time.monotonic() + deadline_s
+    root = out / "checkpoints"
+    while time.monotonic() < deadline:
+        if root.is_dir() and any(
+            int(p.name) >= at_least and (p / "meta.json").is_file() for p in root.iterdir()
+        ):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no complete checkpoint at or after step {at_least} in {deadline_s} s")
+
+
+@pytest.mark.parametrize("restart", ["relaunch", "max-restarts"])
+def test_a_killed_pipeline_resumes_and_ends_like_an_uninterrupted_run(tmp_path: Path, restart: str) -> None:
+    common = [*TINY, "model.num_modules=3", "train.epochs=4", "checkpoint.every_steps=2", "checkpoint.keep=3"]
+    reference = run_cli([*common, f"out_dir={tmp_path / 'reference'}"])
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "pipe"
+    args = [
+        *common,
+        f"out_dir={out}",
+        "resume=auto",
+        "debug.slow_module=0",
+        "debug.slow_s=0.25",
+        "pipeline.timeout_s=20",
+    ]
+    cmd = torchrun_cmd(3, args)
+    if restart == "max-restarts":
+        cmd.insert(3, "--max-restarts=1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(out, at_least=6, deadline_s=150)
+    victim = _rank_pid(psutil.Process(proc.pid), 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=200)
+    if restart == "relaunch":
+        assert proc.returncode != 0
+        again = run_torchrun(3, args, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "resumed from" in again.stdout
+    else:
+        assert proc.returncode == 0, stderr[-3000:]
+    for sa, sb in zip(_final_shards(tmp_path / "reference", 3), _final_shards(out, 3), strict=True):
+        for part in ("body", "head"):
+            for name, tensor in sa[part].items():
+                assert torch.equal(tensor, sb[part][name]), (part, name)
+    s1 = json.loads((tmp_path / "reference" / "summary.json").read_text())
+    s2 = json.loads((out / "summary.json").read_text())
+    assert [m["test_accuracy"] for m in s1["modules"]] == [m["test_accuracy"] for m in s2["modules"]]
+
+
+def test_sigterm_stops_the_pipeline_with_a_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [
+        *TINY,
+        f"out_dir={out}",
+        "model.num_modules=3",
+        "train.epochs=20",
+        "checkpoint.every_epochs=0",
+        "debug.slow_module=0",
+        "debug.slow_s=0.1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        torchrun_cmd(3, args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = out / "metrics.rank2.jsonl"
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
+        time.sleep(0.1)
+    victim = _rank_pid(psutil.Process(proc.pid), 2)
+    os.kill(victim, signal.SIGTERM)  # to the last rank only: it tells rank 0 through the store
+    _, stderr = proc.communicate(timeout=120)
+    assert "stopped: SIGTERM" in stderr
+    folder = sorted(p for p in (out / "checkpoints").iterdir() if (p / "meta.json").is_file())[-1]
+    meta = json.loads((folder / "meta.json").read_text())
+    assert not meta["progress"]["final"] and meta["progress"]["step"] > 0
+    assert not (out / "summary.json").exists()

@@ -143,8 +143,8 @@ class Batches:
         self.prefetch = cfg.num_workers
         self.seed = seed
         self.padding = 2 if data.image_size <= 28 else 4
-        self._mean = (data.mean * 255).view(1, -1, 1, 1)
-        self._std = (data.std * 255).view(1, -1, 1, 1)
+        self._mean = data.mean.view(1, -1, 1, 1)
+        self._std = data.std.view(1, -1, 1, 1)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -159,7 +159,8 @@ class Batches:
         return (self.data.channels, self.data.image_size, self.data.image_size)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() - self._mean) / self._std
+        """uint8 images to standardised floats, with the same operations an exported model uses."""
+        return (images.float() / 255 - self._mean) / self._std
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``start..`` of ``epoch``; the last one may be smaller than batch_size."""

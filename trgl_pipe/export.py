@@ -1,0 +1,177 @@
+"""Export G_k followed by F_k as a standalone classifier.
+
+    python -m trgl_pipe.export OUT_DIR [--module K] [--checkpoint PATH] [--to FOLDER]
+
+writes ``FOLDER/model.pt`` (weights + the builder's arguments, read with weights_only=True and
+rebuilt by :func:`load_exported`) and ``FOLDER/model.pt2`` (a ``torch.export`` program that loads
+with ``torch.export.load(path).module()``, without this package). Both take float images in
+[0, 1] of shape [N, C, H, W] (the training normalisation is inside) and return logits. By default
+the module is the best one on validation (summary.json) and the weights come from the final
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trgl_pipe.checkpoint import latest_complete, load_shard, read_meta
+from trgl_pipe.errors import CheckpointError, UserError
+from trgl_pipe.io import atomic_write, atomic_write_json
+from trgl_pipe.models import AuxHead, ResNetParts
+from trgl_pipe.stage import ModuleBody
+
+FORMAT = 1
+
+
+class ExportedClassifier(nn.Module):
+    """normalise → stem and blocks of modules 0..k → F_k."""
+
+    def __init__(
+        self, bodies: list[ModuleBody], head: nn.Module, mean: list[float], std: list[float]
+    ) -> None:
+        super().__init__()
+        self.bodies = nn.ModuleList(bodies)
+        self.head = head
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = (x - self.mean) / self.std
+        for body in self.bodies:
+            x, _ = body(x, kinetic_grad=False)
+        return self.head(x)
+
+
+def build_exported(spec: dict[str, Any]) -> ExportedClassifier:
+    """Rebuild the classifier described by ``spec`` (random weights; load a state_dict next)."""
+    parts = ResNetParts(
+        spec["depth"], spec["width"], spec["in_channels"], spec["num_classes"], spec["block"], seed=0
+    )
+    bodies = [
+        ModuleBody(parts.stem if i == 0 else None, parts.blocks[a:b], a)
+        for i, (a, b) in enumerate(spec["partition"])
+    ]
+    stop = spec["partition"][-1][1]
+    if spec["is_last"]:
+        head: nn.Module = parts.head
+    else:
+        aux = spec["aux"]
+        channels = parts.shapes[stop - 1].out_channels
+        head = AuxHead(channels, spec["num_classes"], aux["pool_size"], aux["channels"], aux["hidden"])
+    model = ExportedClassifier(bodies, head, spec["mean"], spec["std"])
+    return model.eval()
+
+
+def load_exported(path: str | Path) -> ExportedClassifier:
+    """Load ``model.pt`` written by :func:`export` (no code is run from the file)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise UserError(f"{path}: no such exported model; run python -m trgl_pipe.export first") from error
+    except Exception as error:
+        raise UserError(f"{path}: not a readable exported model ({type(error).__name__})") from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "spec" not in payload:
+        raise UserError(f"{path}: not a trgl_pipe exported model")
+    model = build_exported(payload["spec"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+def _final_checkpoint(out_dir: Path) -> Path:
+    folder = latest_complete(out_dir)
+    if folder is None:
+        raise CheckpointError(f"{out_dir} holds no complete checkpoint to export")
+    return folder
+
+
+def export(
+    out_dir: Path, module: int | None = None, checkpoint: Path | None = None, to: Path | None = None
+) -> dict[str, Any]:
+    """Write model.pt (and model.pt2) for module ``module``; returns the export's description."""
+    folder = checkpoint or _final_checkpoint(out_dir)
+    meta = read_meta(folder)
+    summary_path = out_dir / "summary.json"
+    if module is None:
+        if not summary_path.is_file():
+            raise UserError(f"{summary_path} is missing: pass --module to choose the module to export")
+        module = int(json.loads(summary_path.read_text())["best_module"])
+    k = meta["num_modules"]
+    if not 0 <= module < k:
+        raise UserError(f"--module {module} is out of range: this run has modules 0..{k - 1}")
+    model_info = meta.get("model") or {}
+    if not model_info.get("normalization"):
+        raise CheckpointError(f"checkpoint {folder} predates exports (no model description in meta.json)")
+    cfg = meta["config"]
+    spec = {
+        **{key: meta["arch"][key] for key in ("depth", "width", "block")},
+        "in_channels": model_info["input_shape"][0],
+        "num_classes": model_info["num_classes"],
+        "partition": meta["partition"][: module + 1],
+        "module": module,
+        "is_last": module == k - 1,
+        "aux": cfg["aux"],
+        "mean": model_info["normalization"]["mean"],
+        "std": model_info["normalization"]["std"],
+    }
+    model = build_exported(spec)
+    for i, body in enumerate(model.bodies):
+        body.load_state_dict(load_shard(folder, i, restore_rng=False)["stage"]["body"])
+    model.head.load_state_dict(load_shard(folder, module, restore_rng=False)["stage"]["head"])
+    model.eval()
+    to = to or out_dir / "export"
+    payload = {"format": FORMAT, "spec": spec, "state_dict": model.state_dict()}
+    atomic_write(to / "model.pt", lambda handle: torch.save(payload, handle))
+    info = {
+        "module": module,
+        "checkpoint": str(folder),
+        "input_shape": model_info["input_shape"],
+        "num_classes": model_info["num_classes"],
+        "model_pt": str(to / "model.pt"),
+        "data": cfg["data"],
+        "seed": cfg["seed"],
+    }
+    example = torch.rand(2, *model_info["input_shape"])
+    try:
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
+        atomic_write(to / "model.pt2", lambda handle: torch.export.save(program, handle))
+        info["model_pt2"] = str(to / "model.pt2")
+    except Exception as error:  # torch.export is best effort; model.pt always works
+        info["model_pt2"] = None
+        info["export_error"] = f"{type(error).__name__}: {error}"[:300]
+    atomic_write_json(to / "export.json", info)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trgl_pipe.export", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="a run's out_dir")
+    parser.add_argument("--module", type=int, default=None, help="module index (default: best on validation)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: newest)")
+    parser.add_argument("--to", type=Path, default=None, help="output folder (default: OUT_DIR/export)")
+    args = parser.parse_args(argv)
+    try:
+        info = export(args.out_dir, args.module, args.checkpoint, args.to)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    print(
+        f"exported module {info['module']} from {info['checkpoint']} to {info['model_pt']}"
+        + (
+            f" and {info['model_pt2']}"
+            if info["model_pt2"]
+            else f" (torch.export failed: {info['export_error']})"
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
