@@ -100,7 +100,10 @@ class StageWorker:
         elif kind is Kind.EPOCH_END:
             self.stage.check_finite()
             self.logger.log(
-                "epoch_end", module=self.index, epoch=msg.epoch, step=self.stage.num_steps,
+                "epoch_end",
+                module=self.index,
+                epoch=msg.epoch,
+                step=self.stage.num_steps,
                 peak_memory_bytes=peak_memory_bytes(self.stage.device),
             )
         elif kind is Kind.CHECKPOINT:
