@@ -184,13 +184,15 @@ class TrglConfig:
     """The transport (kinetic energy) term; enabled=false is vanilla greedy training (VanGL)."""
 
     enabled: bool = True
-    tau: float = 1.0  # L = CE + C / (2 tau)
+    # L = CE + C / (2 tau). With reduction=sum, C grows with the feature count C*H*W (about 1e4 per
+    # block on 16x28x28 maps at initialisation): 1e5 suits 28x28 and 32x32 inputs at width 16.
+    tau: float = 1.0e5
     # C = sum over blocks of the batch mean of ||r||^2; sum: over all features (the paper's
     # Euclidean norm); mean: divided by the feature count C*H*W (one tau fits every resolution)
     reduction: Literal["sum", "mean"] = "sum"
     tau_schedule: Literal["constant", "halves", "adaptive"] = "constant"
-    lambda_init: float = 2.0  # adaptive: L = CE + C / lambda, lambda starts here (lambda = 2 tau)
-    h: float = 0.1  # adaptive: lambda <- lambda + h * CE ...
+    lambda_init: float = 2.0e5  # adaptive: L = CE + C / lambda, lambda starts here (lambda = 2 tau)
+    h: float = 1.0e4  # adaptive: lambda <- lambda + h * CE ... (in the units of lambda)
     s: int = 50  # adaptive: ... every s steps
 
     def __post_init__(self) -> None:
