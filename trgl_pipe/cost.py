@@ -20,12 +20,14 @@ from trgl_pipe.models import AuxHead, ResNetParts, kinetic_energy
 
 def saved_bytes(fn: Callable[[], Tensor]) -> int:
     """Bytes of distinct storages autograd saves while running ``fn`` (parameters excluded)."""
-    seen: dict[tuple[int, int], int] = {}
+    seen: dict[int, int] = {}
+    keep: list[object] = []  # keeps each storage object alive, so its id stays unique while we count
 
     def pack(t: Tensor) -> Tensor:
-        if not isinstance(t, nn.Parameter) and t.device.type != "meta":
+        if not isinstance(t, nn.Parameter):
             storage = t.untyped_storage()
-            seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+            seen[id(storage)] = storage.nbytes()
+            keep.append(storage)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

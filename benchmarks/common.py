@@ -1,0 +1,149 @@
+"""Shared pieces of the benchmarks: machine facts, results files, throughput from metrics.
+
+Every benchmark prints a table and writes ``benchmarks/results/<name>.json`` and ``.md`` with the
+machine, versions, device and the exact command, so any number can be traced and rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def machine() -> dict[str, Any]:
+    """What ran the benchmark: CPU, cores, GPU, torch and Python versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "host": socket.gethostname(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    return info
+
+
+def command() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for c in columns:
+            value = row.get(c)
+            cells.append(
+                f"{value:.3g}" if isinstance(value, float) else ("-" if value is None else str(value))
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(
+    name: str,
+    title: str,
+    rows: list[dict[str, Any]],
+    notes: list[str],
+    extra: dict[str, Any] | None = None,
+    columns: list[str] | None = None,
+) -> Path:
+    """Write JSON and Markdown results and print the table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    payload = {
+        "benchmark": name,
+        "title": title,
+        "command": command(),
+        "machine": info,
+        "rows": rows,
+        "notes": notes,
+        **(extra or {}),
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    table = markdown_table(rows, columns)
+    md = [
+        f"# {title}",
+        "",
+        f"Command: `{payload['command']}`",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu'] or 'none'}; "
+        f"torch {info['torch']}, "
+        f"Python {info['python']}; {info['date']}",
+        "",
+        table,
+        "",
+    ]
+    md += [f"- {n}" for n in notes]
+    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+    print(table)
+    for n in notes:
+        print(f"- {n}")
+    return RESULTS / f"{name}.json"
+
+
+def run(
+    cmd: list[str], timeout: float = 1800, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})}
+    )
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout[-2000:] + result.stderr[-4000:])
+        raise SystemExit(f"command failed ({result.returncode}): {' '.join(cmd)}")
+    return result
+
+
+def trgl_cmd(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "trgl_pipe.run", *args]
+
+
+def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "trgl_pipe.run",
+        *args,
+    ]
+
+
+def steady_throughput(out_dir: Path, batch_size: int, skip_steps: int) -> float:
+    """Samples/s of the last module between its step ``skip_steps`` and its last step.
+
+    The last module finishes a batch only after every module before it did, so its rate is the
+    rate of the whole pipeline; skipping the first steps leaves out start-up and filling.
+    """
+    events = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    last = max(e["module"] for e in events if e["event"] == "train")
+    points = [(e["step"], e["time_s"]) for e in events if e["event"] == "train" and e["module"] == last]
+    points = [p for p in points if p[0] >= skip_steps]
+    (s0, t0), (s1, t1) = points[0], points[-1]
+    return (s1 - s0) * batch_size / (t1 - t0)
