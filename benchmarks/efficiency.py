@@ -1,0 +1,123 @@
+"""Benchmark 1: pipeline efficiency, steady-state samples/s over the ideal B / max_k t_k.
+
+t_k is the time of one training step of module k alone (forward, local loss, backward, optimizer
+step) with the threads its rank gets, measured in this process before the pipeline runs. The
+pipeline then runs under torchrun with K ranks; its steady-state rate is the last module's rate
+after the first ``--skip`` steps. Efficiency = rate / (B / max_k t_k).
+
+    python benchmarks/efficiency.py --k 2            # the issue's target: >= 0.90 at K=2 on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import run, steady_throughput, torchrun_cmd, write_results
+
+from trgl_pipe.config import load_config
+from trgl_pipe.context import build_context
+
+
+def overrides(args: argparse.Namespace, out_dir: Path, split: str | None = None) -> list[str]:
+    return [
+        "data.source=embedded",
+        "data.val_size=1000",
+        f"data.train_size={args.batch * 50}",
+        f"data.batch_size={args.batch}",
+        f"model.depth={args.depth}",
+        f"model.width={args.width}",
+        f"model.num_modules={args.k}",
+        f"model.split={split or args.split}",
+        "train.epochs=100",
+        f"train.max_steps={args.steps}",
+        "train.eval_every_epochs=0",
+        "log.every_steps=5",
+        "log.live=off",
+        f"train.num_threads={args.threads}",
+        "checkpoint.every_epochs=0",
+        f"pipeline.buffer_size={args.buffer}",
+        f"trgl.enabled={str(args.trgl).lower()}",
+        f"out_dir={out_dir}",
+    ]
+
+
+def stage_times(args: argparse.Namespace) -> tuple[list[float], list[list[int]]]:
+    """Median step time of each module alone, with the threads of one rank."""
+    torch.set_num_threads(args.threads)
+    cfg = load_config(None, overrides(args, Path(tempfile.mkdtemp())))
+    ctx = build_context(cfg, torch.device("cpu"))
+    stages = [ctx.build_stage(k) for k in range(ctx.num_modules)]
+    batches = [b for _, b in zip(range(args.timed + 3), ctx.batches.train_batches(0), strict=False)]
+    times = []
+    inputs = batches
+    for stage in stages:
+        samples, outputs = [], []
+        for i, (x, y) in enumerate(inputs):
+            t0 = time.perf_counter()
+            out = stage.train_step(x, y)
+            if i >= 3:
+                samples.append(time.perf_counter() - t0)
+            outputs.append((out, y))
+        times.append(statistics.median(samples))
+        inputs = outputs
+    return times, [list(r) for r in ctx.partition]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--split", default="balanced")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    parser.add_argument("--buffer", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--skip", type=int, default=20)
+    parser.add_argument("--timed", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trgl", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+
+    rows = []
+    for r in range(args.repeats):
+        times, partition = stage_times(args)
+        cuts = "[" + ",".join(str(a) for a, _ in partition[1:]) + "]"  # the same split in the pipeline
+        ideal = args.batch / max(times)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "run"
+            run(torchrun_cmd(args.k, overrides(args, out, cuts)), env={"OMP_NUM_THREADS": str(args.threads)})
+            rate = steady_throughput(out, args.batch, args.skip)
+        row = {
+            "repeat": r,
+            "partition": str(partition),
+            **{f"t{k}_ms": round(1000 * t, 1) for k, t in enumerate(times)},
+            "ideal_samples_per_s": round(ideal, 1),
+            "pipeline_samples_per_s": round(rate, 1),
+            "efficiency": round(rate / ideal, 3),
+        }
+        print(row, flush=True)
+        rows.append(row)
+    eff = statistics.median(r["efficiency"] for r in rows)
+    notes = [
+        f"K={args.k} ranks under torchrun (gloo, CPU), {args.threads} intra-op thread(s) per rank; ResNet-{args.depth} "
+        f"width {args.width}, batch {args.batch}, split {args.split}, buffer_size {args.buffer}, "
+        f"TRGL {'on' if args.trgl else 'off'}; embedded Fashion-MNIST.",
+        "t_k: median time of a training step of module k alone, in this process, before each pipeline run.",
+        f"pipeline_samples_per_s: the last module's rate from step {args.skip} to step {args.steps}.",
+        "in_pipeline_t_k: the same step timed inside the pipeline run (train_compute_s / steps of rank k); "
+        "efficiency_vs_in_pipeline_steps: the rate over B / max_k of those, i.e. how close the slowest rank "
+        "is to computing all the time; rank_k_wait_s: its receive plus send waits over the whole run.",
+        f"median efficiency over {args.repeats} repeats: {eff:.3f}",
+    ]
+    write_results(f"efficiency_k{args.k}", f"Pipeline efficiency, K={args.k}", rows, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Benchmark 4: trgl_pipe's pipeline against torch.distributed.pipelining on the same stages.
+
+The same ResNet cut into the same K stages, batch and data shape. torch.distributed.pipelining
+trains it end to end (backpropagation crosses the stages) with ScheduleGPipe and Schedule1F1B at
+several micro-batch counts; trgl_pipe trains it module-wise (each stage its own loss, no gradient
+crosses a stage). Reported per variant: steady-state samples/s and each rank's peak memory
+(process peak RSS on CPU, torch.cuda.max_memory_allocated on GPU).
+
+    python benchmarks/vs_pipelining.py --k 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import run, steady_throughput, torchrun_cmd, write_results
+from torch import nn
+
+MIB = 2**20
+
+
+class StageModule(nn.Module):
+    """Blocks ``a..b-1`` (with the stem first, the head last) returning plain tensors."""
+
+    def __init__(self, parts, a: int, b: int, first: bool, last: bool) -> None:
+        super().__init__()
+        self.stem = parts.stem if first else None
+        self.blocks = nn.ModuleList(parts.blocks[a:b])
+        self.head = parts.head if last else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stem is not None:
+            x = self.stem(x)
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.head(x) if self.head is not None else x
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank of a torch.distributed.pipelining run (started by torchrun)."""
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from trgl_pipe.models import ResNetParts
+    from trgl_pipe.partition import split_at
+
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cpu")
+    parts = ResNetParts(args.depth, args.width, 1, 10, "preact", seed=0)
+    partition = split_at(parts.num_blocks, json.loads(args.cuts))
+    a, b = partition[rank]
+    module = StageModule(parts, a, b, rank == 0, rank == world - 1)
+    micro = args.batch // args.microbatches
+    example = torch.zeros(micro, 1, 28, 28)
+    with torch.no_grad():
+        for i in range(rank):  # the input of this stage: the earlier stages' output shape
+            x0, x1 = partition[i]
+            example = StageModule(parts, x0, x1, i == 0, False)(example)
+    stage = PipelineStage(module, rank, world, device, input_args=(example,))
+    schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[args.schedule]
+    schedule = schedule_cls(stage, n_microbatches=args.microbatches, loss_fn=nn.functional.cross_entropy)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(args.steps):
+        x = torch.randn(args.batch, 1, 28, 28, generator=gen)
+        y = torch.randint(0, 10, (args.batch,), generator=gen)
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        if rank == 0:
+            schedule.step(x)
+        elif rank == world - 1:
+            schedule.step(target=y)
+        else:
+            schedule.step()
+        optimizer.step()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {"rank": rank, "peak": peak, "times": times})
+    if rank == 0:
+        steady = [statistics.median(g["times"][args.skip :]) for g in gathered]
+        result = {"samples_per_s": args.batch / max(steady), "peaks": [g["peak"] for g in gathered]}
+        Path(args.out).write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def trgl_variant(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        overrides = [
+            "data.source=embedded",
+            "data.val_size=1000",
+            f"data.train_size={args.batch * 50}",
+            f"data.batch_size={args.batch}",
+            f"model.depth={args.depth}",
+            f"model.width={args.width}",
+            f"model.num_modules={args.k}",
+            f"model.split={args.cuts}",
+            "train.epochs=100",
+            f"train.max_steps={args.steps}",
+            "train.eval_every_epochs=0",
+            "log.every_steps=5",
+            "log.live=off",
+            "checkpoint.every_epochs=0",
+            f"train.num_threads={args.threads}",
+            f"out_dir={out}",
+        ]
+        run(torchrun_cmd(args.k, overrides), env={"OMP_NUM_THREADS": str(args.threads)})
+        summary = json.loads((out / "summary.json").read_text())
+        return {
+            "samples_per_s": steady_throughput(out, args.batch, args.skip),
+            "peaks": [r["peak_memory_bytes"] for r in summary["ranks"]],
+        }
+
+
+def pipelining_variant(args: argparse.Namespace, schedule: str, microbatches: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.k}",
+            __file__,
+            "--worker",
+            "--schedule",
+            schedule,
+            "--microbatches",
+            str(microbatches),
+            "--out",
+            str(out),
+            "--k",
+            str(args.k),
+            "--depth",
+            str(args.depth),
+            "--width",
+            str(args.width),
+            "--batch",
+            str(args.batch),
+            "--cuts",
+            args.cuts,
+            "--steps",
+            str(args.steps),
+            "--skip",
+            str(args.skip),
+            "--threads",
+            str(args.threads),
+        ]
+        run(cmd, env={"OMP_NUM_THREADS": str(args.threads)})
+        return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--cuts", default="[3]", help="block indices where stages 2..K start")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--skip", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--microbatch-counts", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--schedule", default="gpipe", help=argparse.SUPPRESS)
+    parser.add_argument("--microbatches", type=int, default=4, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    variants = [("trgl_pipe (module-wise)", None, None)]
+    for m in args.microbatch_counts:
+        variants.append((f"pipelining GPipe, {m} micro-batches", "gpipe", m))
+        if m >= args.k:
+            variants.append((f"pipelining 1F1B, {m} micro-batches", "1f1b", m))
+    rows = []
+    for name, schedule, m in variants:
+        result = trgl_variant(args) if schedule is None else pipelining_variant(args, schedule, m)
+        row = {
+            "variant": name,
+            "samples_per_s": round(result["samples_per_s"], 1),
+            **{f"rank{r}_peak_MiB": round(p / MIB) for r, p in enumerate(result["peaks"])},
+        }
+        print(row, flush=True)
+        rows.append(row)
+    base = rows[0]["samples_per_s"]
+    for row in rows:
+        row["trgl_pipe_speedup"] = round(base / row["samples_per_s"], 3)
+    notes = [
+        f"K={args.k} ranks on CPU with gloo, {args.threads} thread(s) per rank; ResNet-{args.depth} width "
+        f"{args.width}, batch {args.batch}, stages start at blocks {args.cuts}; {args.steps} steps, rates after "
+        f"{args.skip}.",
+        "torch.distributed.pipelining trains end to end (the gradient crosses the stages); trgl_pipe trains each "
+        "stage on its own loss with an auxiliary head (TRGL), so the two do not compute the same thing: this "
+        "compares the cost of training the same network both ways.",
+        "pipelining rates: batch over the slowest rank's median step time; trgl_pipe: the last rank's "
+        "steady-state rate. Peaks: process peak RSS (includes the Python and torch runtime, about the same in "
+        "both).",
+        f"host: {os.uname().nodename}",
+    ]
+    write_results(
+        f"vs_pipelining_k{args.k}", f"trgl_pipe against torch.distributed.pipelining, K={args.k}", rows, notes
+    )
+
+
+if __name__ == "__main__":
+    main()
