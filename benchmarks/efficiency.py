@@ -94,20 +94,27 @@ def main() -> None:
             out = Path(tmp) / "run"
             run(torchrun_cmd(args.k, overrides(args, out, cuts)), env={"OMP_NUM_THREADS": str(args.threads)})
             rate = steady_throughput(out, args.batch, args.skip)
+            ranks = json.loads((out / "summary.json").read_text())["ranks"]
+        # where each rank's time went inside the pipeline: host time in training steps, per step
+        inside = [x["train_compute_s"] / args.steps for x in ranks]
         row = {
             "repeat": r,
             "partition": str(partition),
             **{f"t{k}_ms": round(1000 * t, 1) for k, t in enumerate(times)},
+            **{f"in_pipeline_t{k}_ms": round(1000 * t, 1) for k, t in enumerate(inside)},
+            **{f"rank{k}_wait_s": round(x["recv_wait_s"] + x["send_wait_s"], 2) for k, x in enumerate(ranks)},
             "ideal_samples_per_s": round(ideal, 1),
             "pipeline_samples_per_s": round(rate, 1),
             "efficiency": round(rate / ideal, 3),
+            "efficiency_vs_in_pipeline_steps": round(rate / (args.batch / max(inside)), 3),
         }
         print(row, flush=True)
         rows.append(row)
     eff = statistics.median(r["efficiency"] for r in rows)
     notes = [
-        f"K={args.k} ranks under torchrun (gloo, CPU), {args.threads} intra-op thread(s) per rank; ResNet-{args.depth} "
-        f"width {args.width}, batch {args.batch}, split {args.split}, buffer_size {args.buffer}, "
+        f"K={args.k} ranks under torchrun (gloo, CPU), {args.threads} intra-op thread(s) per rank; "
+        f"ResNet-{args.depth} width {args.width}, batch {args.batch}, split {args.split}, "
+        f"buffer_size {args.buffer}, "
         f"TRGL {'on' if args.trgl else 'off'}; embedded Fashion-MNIST.",
         "t_k: median time of a training step of module k alone, in this process, before each pipeline run.",
         f"pipeline_samples_per_s: the last module's rate from step {args.skip} to step {args.steps}.",

@@ -175,7 +175,8 @@ def main() -> None:
         f"ResNet-{args.depth} width {args.width}, batch {args.batch}, embedded Fashion-MNIST, CPU, "
         f"{args.threads} thread(s) for the step timings; trgl and heads parts: K={args.k} in one process.",
         "trgl: the same batches through a TRGL and a VanGL copy of every module, interleaved step by step.",
-        "heads: head_ms is a separate forward and backward of F_k on the module's output; head_share = head_ms / "
+        "heads: head_ms is a separate forward and backward of F_k on the module's output; "
+        "head_share = head_ms / "
         "step_ms (the step includes the head).",
         f"buffer: torchrun pipeline, one thread per rank on {__import__('os').cpu_count()} cores (K > cores "
         f"oversubscribes them), {args.steps} steps, rates after {args.skip}.",

@@ -114,7 +114,8 @@ def main() -> None:
         f"TRGL {'on' if args.trgl else 'off'}, embedded Fashion-MNIST; {args.steps} steps, rates from step "
         f"{args.skip}; {args.repeats} interleaved repeats, medians.",
         "speedup: the pipeline's median rate over this variant's median rate.",
-        f"intra-op scaling of the single process from {args.threads} to {os.cpu_count()} threads: {scaling:.2f}x; "
+        f"intra-op scaling of the single process from {args.threads} to {os.cpu_count()} threads: "
+        f"{scaling:.2f}x; "
         f"so a {args.k}-rank pipeline with {args.threads} thread(s) per rank can beat it by at most "
         f"{args.k / scaling:.2f}x "
         "(perfect balance, no communication cost).",

@@ -105,6 +105,7 @@ def trgl_variant(args: argparse.Namespace) -> dict:
             "data.val_size=1000",
             f"data.train_size={args.batch * 50}",
             f"data.batch_size={args.batch}",
+            f"data.eval_batch_size={args.batch}",  # the final evaluation must not set the peak
             f"model.depth={args.depth}",
             f"model.width={args.width}",
             f"model.num_modules={args.k}",
@@ -203,13 +204,16 @@ def main() -> None:
         row["trgl_pipe_speedup"] = round(base / row["samples_per_s"], 3)
     notes = [
         f"K={args.k} ranks on CPU with gloo, {args.threads} thread(s) per rank; ResNet-{args.depth} width "
-        f"{args.width}, batch {args.batch}, stages start at blocks {args.cuts}; {args.steps} steps, rates after "
+        f"{args.width}, batch {args.batch}, stages start at blocks {args.cuts}; {args.steps} steps, "
+        "rates after "
         f"{args.skip}.",
-        "torch.distributed.pipelining trains end to end (the gradient crosses the stages); trgl_pipe trains each "
+        "torch.distributed.pipelining trains end to end (the gradient crosses the stages); "
+        "trgl_pipe trains each "
         "stage on its own loss with an auxiliary head (TRGL), so the two do not compute the same thing: this "
         "compares the cost of training the same network both ways.",
         "pipelining rates: batch over the slowest rank's median step time; trgl_pipe: the last rank's "
-        "steady-state rate. Peaks: process peak RSS (includes the Python and torch runtime, about the same in "
+        "steady-state rate. Peaks: process peak RSS (includes the Python and torch runtime, "
+        "about the same in "
         "both).",
         f"host: {os.uname().nodename}",
     ]

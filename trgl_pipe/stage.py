@@ -45,13 +45,19 @@ class ModuleBody(nn.Module):
         self.first_block = first_block
         self.reduction = reduction
 
-    def forward(self, x: Tensor, kinetic_grad: bool = True) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, kinetic_grad: bool = True, per_block: bool = False) -> tuple[Tensor, Tensor]:
+        """Returns T_k(x) and C_k, or with ``per_block`` the vector of each block's energy."""
         if self.stem is not None:
             x = self.stem(x)
-        total = torch.zeros((), device=x.device, dtype=torch.float32)
+        energies = []
         for block in self.blocks:
             x, r = block(x)
-            total = total + kinetic_energy(r if kinetic_grad else r.detach(), self.reduction)
+            energies.append(kinetic_energy(r if kinetic_grad else r.detach(), self.reduction))
+        if per_block:
+            return x, torch.stack(energies)
+        total = energies[0]
+        for e in energies[1:]:
+            total = total + e
         return x, total
 
 
@@ -129,6 +135,7 @@ class Stage:
         self.num_steps = 0
         self.train_sums = _Sums(device)
         self.eval_sums: dict[str, _Sums] = {}
+        self.eval_block_sums: dict[str, Tensor] = {}
         self._bad_step = torch.full((), -1, device=device, dtype=torch.int64)
         self.last_loss: Tensor | None = None
         self.last_kinetic: Tensor | None = None
@@ -198,12 +205,15 @@ class Stage:
         self.body.eval()
         self.head.eval()
         with self._autocast():
-            out, kinetic = self.body(x, kinetic_grad=False)
+            out, energies = self.body(x, kinetic_grad=False, per_block=True)
             logits = self.head(out)
         ce = F.cross_entropy(logits.float(), y)
         correct = (logits.argmax(1) == y).sum()
+        n = int(y.shape[0])
         sums = self.eval_sums.setdefault(split, _Sums(self.device))
-        sums.add(ce, ce, kinetic, correct, int(y.shape[0]))
+        sums.add(ce, ce, energies.sum(), correct, n)
+        block_sums = self.eval_block_sums.get(split)
+        self.eval_block_sums[split] = energies.double() * n + (0 if block_sums is None else block_sums)
         return out
 
     def pop_eval_results(self) -> dict[str, dict[str, float]]:
@@ -215,9 +225,11 @@ class Stage:
                 "accuracy": means["accuracy"],
                 "ce": means["ce"],
                 "kinetic_energy": means["kinetic"],
+                "block_kinetic_energy": (self.eval_block_sums[split] / max(1, sums.samples)).tolist(),
                 "count": sums.samples,
             }
         self.eval_sums = {}
+        self.eval_block_sums = {}
         return results
 
     def pop_train_stats(self) -> dict[str, float]:

@@ -190,6 +190,7 @@ class StageWorker:
             "val_accuracy": val.get("accuracy"),
             "test_accuracy": test.get("accuracy"),
             "kinetic_energy": val.get("kinetic_energy", test.get("kinetic_energy")),
+            "block_kinetic_energy": val.get("block_kinetic_energy", test.get("block_kinetic_energy")),
             **self.stage.objective.describe(),
             "num_params": self.stage.num_params,
             "num_steps": self.stage.num_steps,

@@ -1,0 +1,41 @@
+"""The report command on real run folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trgl_pipe.errors import UserError
+from trgl_pipe.report import build_report, main
+from trgl_pipe.single import run_single
+
+
+def test_report_pools_seeds_and_draws_figures(tiny, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    runs = []
+    for overrides in (
+        ["seed=0"],
+        ["seed=1"],
+        ["trgl.enabled=false"],
+        ["train.regime=e2e", "trgl.enabled=false"],
+        ["trgl.tau_schedule=adaptive", "trgl.lambda_init=20000", "trgl.h=1000", "trgl.s=2"],
+    ):
+        cfg = tiny(*overrides)
+        run_single(cfg, console_summary=False)
+        runs.append(Path(cfg.out_dir))
+    report = build_report(runs, tmp_path / "report", "test report")
+    text = report.read_text()
+    assert "5 runs in 4 groups" in text
+    assert "| Par TRGL τ=10000 K=2 n=300 | 2 |" in text  # two seeds pooled
+    assert "Par VanGL K=2" in text and "E2E" in text and "TRGL-adaptive" in text
+    for name in ("accuracy_vs_depth.png", "kinetic_per_block.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 1000
+    assert list((tmp_path / "report").glob("lambda_*.png")), "no λ figure for the adaptive run"
+    assert len(list((tmp_path / "report").glob("curves_*.png"))) == 4
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="is not a finished run folder"):
+        build_report([tmp_path], tmp_path / "out", "x")
+    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2

@@ -1,0 +1,347 @@
+"""Turn run folders into a Markdown report with PNG figures.
+
+    python -m trgl_pipe.report RUN_DIR [RUN_DIR ...] [--out REPORT_DIR] [--title TITLE]
+
+Runs that differ only in their seed are pooled (mean ± std over seeds). Figures (matplotlib, the
+``report`` extra): test accuracy of each module's head against depth (one line per run, VanGL,
+TRGL and end-to-end on one plot), training curves per module, λ_k over steps, kinetic energy per
+block, and for pipeline runs samples/s and busy/wait time per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trgl_pipe.errors import UserError
+from trgl_pipe.metrics import read_metrics
+
+IGNORED_KEYS = {"seed", "out_dir", "resume", "overwrite", "log", "checkpoint", "debug"}
+
+
+@dataclass
+class Run:
+    """One run folder: its config, summary and events."""
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    suffix: str = ""
+
+    @property
+    def label(self) -> str:
+        return describe(self.config, self.summary) + self.suffix
+
+
+def describe(config: dict[str, Any], summary: dict[str, Any]) -> str:
+    """A short name: regime, K, VanGL or TRGL with its τ schedule, transport."""
+    regime = summary["regime"]
+    if regime == "e2e":
+        name = "E2E"
+    else:
+        short = {"parallel": "Par", "sequential": "Seq", "multilap": f"MLS{summary.get('laps', 1)}"}[regime]
+        if not config["trgl"]["enabled"]:
+            method = "VanGL"
+        elif config["trgl"]["tau_schedule"] == "adaptive":
+            method = "TRGL-adaptive"
+        else:
+            method = f"TRGL τ={config['trgl']['tau']:g}" + (
+                " halves" if config["trgl"]["tau_schedule"] == "halves" else ""
+            )
+        name = f"{short} {method} K={summary['num_modules']}"
+    split = config["model"]["split"]
+    if regime != "e2e" and split != "depth":
+        name += f" split={split}"
+    if config["data"].get("train_size"):
+        name += f" n={config['data']['train_size']}"
+    if summary.get("transport") == "dist":
+        name += " (pipeline)"
+    return name
+
+
+def load_run(path: Path) -> Run:
+    summary_path, config_path = path / "summary.json", path / "config.yaml"
+    if not summary_path.is_file() or not config_path.is_file():
+        raise UserError(f"{path} is not a finished run folder (summary.json and config.yaml are needed)")
+    try:
+        summary = json.loads(summary_path.read_text())
+        config = yaml.safe_load(config_path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise UserError(f"{path}: unreadable summary.json or config.yaml ({error})") from error
+    metrics = path / "metrics.jsonl"
+    return Run(path, config, summary, read_metrics(metrics) if metrics.is_file() else [])
+
+
+def group_key(run: Run) -> str:
+    stripped = {k: v for k, v in run.config.items() if k not in IGNORED_KEYS}
+    stripped.setdefault("transport", run.summary.get("transport"))
+    return json.dumps(stripped, sort_keys=True, default=str)
+
+
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def fmt(mean: float | None, std: float | None, scale: float = 100.0, digits: int = 2) -> str:
+    if mean is None:
+        return "-"
+    text = f"{mean * scale:.{digits}f}"
+    return text + (f" ± {std * scale:.{digits}f}" if std else "")
+
+
+def summary_rows(groups: dict[str, list[Run]]) -> list[dict[str, str]]:
+    rows = []
+    for runs in groups.values():
+        s0 = runs[0].summary
+        best = [r.summary["best_test_accuracy"] for r in runs]
+        best_val = [r.summary["best_val_accuracy"] for r in runs]
+        last = [r.summary["last_module_test_accuracy"] for r in runs]
+        wall = [r.summary["wall_time_s"] for r in runs]
+        peak = [r.summary.get("peak_memory_bytes") or None for r in runs]
+        modules = [str(r.summary["best_module"]) for r in runs]
+        rows.append(
+            {
+                "run": runs[0].label,
+                "seeds": str(len(runs)),
+                "best module": ",".join(modules),
+                "best val %": fmt(*mean_std(best_val)),
+                "best test %": fmt(*mean_std(best)),
+                "last module test %": fmt(*mean_std(last)),
+                "wall s": fmt(*mean_std(wall), scale=1, digits=0),
+                "peak MiB": fmt(*mean_std(peak), scale=1 / 2**20, digits=0),
+                "K": str(s0["num_modules"]),
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    columns = list(rows[0])
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(row[c] for c in columns) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def module_table(groups: dict[str, list[Run]]) -> str:
+    """Per-module test accuracy (mean over seeds) of every group."""
+    width = max(r.summary["num_modules"] for runs in groups.values() for r in runs)
+    header = ["run", *[f"m{k}" for k in range(width)]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for runs in groups.values():
+        cells = [runs[0].label]
+        for k in range(width):
+            values = [r.summary["modules"][k]["test_accuracy"] for r in runs if k < len(r.summary["modules"])]
+            cells.append(fmt(*mean_std(values), digits=1) if values else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_accuracy_vs_depth(groups: dict[str, list[Run]], path: Path) -> bool:
+    plt = _plt()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for runs in groups.values():
+        modules = runs[0].summary["modules"]
+        depth = [m["blocks"][1] for m in modules]
+        means, stds = [], []
+        for k in range(len(modules)):
+            m, s = mean_std([r.summary["modules"][k]["test_accuracy"] for r in runs])
+            means.append(100 * m)
+            stds.append(100 * (s or 0))
+        style = "o-" if len(depth) > 1 else "s"
+        ax.errorbar(
+            depth, means, yerr=stds if len(runs) > 1 else None, fmt=style, capsize=3, label=runs[0].label
+        )
+    ax.set_xlabel("residual blocks up to the end of the module (depth)")
+    ax.set_ylabel("test accuracy of the module's head (%)")
+    ax.set_title("Accuracy of each module against depth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _series(run: Run, key: str) -> dict[int, list[tuple[int, float]]]:
+    series: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for e in run.events:
+        if e.get("event") == "train" and e.get(key) is not None:
+            series[e["module"]].append((e["step"], e[key]))
+    return series
+
+
+def plot_curves(run: Run, key: str, ylabel: str, path: Path, log: bool = False) -> bool:
+    plt = _plt()
+    series = _series(run, key)
+    if plt is None or not series:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for module, points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=f"module {module}")
+    ax.set_xlabel("training step of the module")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(run.label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_block_kinetic(groups: dict[str, list[Run]], path: Path) -> bool:
+    plt = _plt()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for runs in groups.values():
+        values: list[float] = []
+        for m in runs[0].summary["modules"]:
+            values.extend(m.get("block_kinetic_energy") or [])
+        if values:
+            ax.plot(range(len(values)), values, ".-", label=runs[0].label)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("residual block")
+    ax.set_ylabel("kinetic energy mean_b ||r||² (validation)")
+    ax.set_yscale("log")
+    ax.set_title("Kinetic energy per block at the end of training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_ranks(run: Run, path: Path) -> bool:
+    plt = _plt()
+    ranks = run.summary.get("ranks", [])
+    if plt is None or run.summary.get("transport") != "dist" or not ranks:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    names = [str(r["rank"]) for r in ranks]
+    left.bar(names, [r["samples_per_s"] for r in ranks])
+    left.set_xlabel("rank")
+    left.set_ylabel("samples/s")
+    bottom = [0.0] * len(ranks)
+    for key, label in (
+        ("compute_s", "compute"),
+        ("recv_wait_s", "waiting for input"),
+        ("send_wait_s", "waiting for room downstream"),
+    ):
+        values = [r[key] for r in ranks]
+        right.bar(names, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    right.set_xlabel("rank")
+    right.set_ylabel("seconds")
+    right.legend(fontsize=7)
+    fig.suptitle(run.label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isascii() and c.isalnum() else "_" for c in text).strip("_").lower()[:60]
+
+
+def build_report(paths: list[Path], out: Path, title: str) -> Path:
+    runs = [load_run(p) for p in paths]
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(group_key(run), []).append(run)
+    labels = [g[0].label for g in groups.values()]
+    for runs_of_group in groups.values():  # two groups with one name: tell them apart by folder
+        if labels.count(runs_of_group[0].label) > 1:
+            for run in runs_of_group:
+                run.suffix = f" [{run.path.name}]"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"# {title}",
+        "",
+        f"{len(runs)} runs in {len(groups)} groups (runs that differ only in seed "
+        "are pooled: mean ± standard deviation over seeds). Accuracies in %.",
+        "",
+    ]
+    lines += ["## Runs", "", markdown_table(summary_rows(groups)), ""]
+    lines += ["## Test accuracy of every module", "", module_table(groups), ""]
+    figures = []
+    if plot_accuracy_vs_depth(groups, out / "accuracy_vs_depth.png"):
+        figures.append(("Test accuracy of each module's head against depth", "accuracy_vs_depth.png"))
+    if plot_block_kinetic(groups, out / "kinetic_per_block.png"):
+        figures.append(("Kinetic energy per block", "kinetic_per_block.png"))
+    for runs in groups.values():
+        run = runs[0]
+        slug = _slug(run.label)
+        if plot_curves(run, "ce", "training cross-entropy", out / f"curves_{slug}.png", log=True):
+            figures.append((f"Training curves per module: {run.label}", f"curves_{slug}.png"))
+        if plot_curves(run, "lambda", "λ_k", out / f"lambda_{slug}.png"):
+            figures.append((f"λ_k over steps: {run.label}", f"lambda_{slug}.png"))
+        if plot_ranks(run, out / f"ranks_{slug}.png"):
+            figures.append((f"Pipeline ranks: {run.label}", f"ranks_{slug}.png"))
+    if figures:
+        lines += ["## Figures", ""]
+        for caption, name in figures:
+            lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
+    else:
+        lines += ["(No figures: install matplotlib, e.g. `pip install -e .[report]`.)", ""]
+    lines += ["## Sources", ""] + [f"- `{r.path}`: {r.label}, seed {r.config['seed']}" for r in runs]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trgl_pipe.report", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (out_dir of finished runs)")
+    parser.add_argument("--out", type=Path, default=Path("report"), help="folder for report.md and figures")
+    parser.add_argument("--title", default="trgl_pipe report")
+    args = parser.parse_args(argv)
+    try:
+        report = build_report(args.runs, args.out, args.title)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    print(f"wrote {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
