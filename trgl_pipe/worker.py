@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from trgl_pipe.messages import SPLITS, Kind, Message
 from trgl_pipe.metrics import MetricsLogger, peak_memory_bytes
 from trgl_pipe.stage import Stage
@@ -105,6 +107,7 @@ class StageWorker:
                 epoch=msg.epoch,
                 step=self.stage.num_steps,
                 peak_memory_bytes=peak_memory_bytes(self.stage.device),
+                rss_bytes=psutil.Process().memory_info().rss,
             )
         elif kind is Kind.CHECKPOINT:
             self.stage.check_finite()

@@ -1,0 +1,188 @@
+"""Run the result experiments of docs/results.md, one command each; finished runs are skipped.
+
+    python experiments/run.py tau-sweep          # 0: the τ range on a subset (K=16)
+    python experiments/run.py depth              # 1: E2E vs parallel VanGL/TRGL at K = 2, 4, 8, 16
+    python experiments/run.py blockwise          # 2: sequential / multi-lap / parallel, block-wise
+    python experiments/run.py pipeline           # 4: one setting through the torchrun pipeline
+    python experiments/run.py all --dry-run      # print the commands only
+
+Each run writes ``experiments/runs/<experiment>/<name>-s<seed>/`` (config.yaml, metrics.jsonl,
+summary.json; checkpoints are not kept). Then:
+
+    python -m trgl_pipe.report experiments/runs/depth/* --out docs/results/depth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "experiments" / "runs"
+
+# Full Fashion-MNIST from Debian's dataset-fashion-mnist (60k/10k; 5k of train held out).
+FULL = [
+    "data.name=fashion_mnist",
+    "data.source=debian",
+    "data.val_size=5000",
+    "data.batch_size=128",
+    "data.eval_batch_size=1000",
+    "optim.lr=0.1",
+    "optim.schedule=cosine",
+    "log.every_steps=50",
+    "log.live=off",
+    "checkpoint.every_epochs=0",
+    "train.num_threads=2",
+]
+
+# Experiment 1: ResNet-38 (18 blocks, enough for 16 modules), width 8.
+DEPTH_NET = ["model.depth=38", "model.width=8", "train.epochs=3", "train.eval_every_epochs=1"]
+TAU = "3e4"  # from the τ sweep (experiments/runs/tau-sweep), see docs/results.md
+
+
+def experiment(name: str) -> list[tuple[str, list[str], list[int]]]:
+    """(run name, overrides, seeds) of an experiment."""
+    if name == "tau-sweep":
+        base = [*FULL, *DEPTH_NET, "model.num_modules=16", "data.train_size=10000"]
+        runs = [("vangl-k16", [*base, "trgl.enabled=false"], [0])]
+        runs += [
+            (f"trgl-tau{t}-k16", [*base, f"trgl.tau={t}"], [0])
+            for t in ("1e3", "3e3", "1e4", "3e4", "1e5", "3e5")
+        ]
+        return runs
+    if name == "depth":
+        seeds = [0, 1, 2]
+        runs = [("e2e", [*FULL, *DEPTH_NET, "train.regime=e2e", "trgl.enabled=false"], seeds)]
+        for k in (2, 4, 8, 16):
+            net = [*FULL, *DEPTH_NET, f"model.num_modules={k}"]
+            runs.append((f"vangl-k{k}", [*net, "trgl.enabled=false"], seeds))
+            runs.append((f"trgl-k{k}", [*net, f"trgl.tau={TAU}"], seeds))
+        lam = float(TAU) * 2
+        runs.append(
+            (
+                "trgl-adaptive-k16",
+                [
+                    *FULL,
+                    *DEPTH_NET,
+                    "model.num_modules=16",
+                    "trgl.tau_schedule=adaptive",
+                    f"trgl.lambda_init={lam:g}",
+                    f"trgl.h={lam / 10:g}",
+                    "trgl.s=50",
+                ],
+                seeds,
+            )
+        )
+        return runs
+    if name == "blockwise":
+        seeds = [0, 1]
+        runs = []
+        for fraction, size in (("all", None), ("half", 27500), ("quarter", 13750), ("tenth", 5500)):
+            sized = [*FULL, "model.depth=20", "model.width=8", "model.num_modules=9"]
+            if size:
+                sized.append(f"data.train_size={size}")
+            for method, extra in (("vangl", ["trgl.enabled=false"]), ("trgl", [f"trgl.tau={TAU}"])):
+                runs.append(
+                    (
+                        f"seq-{method}-{fraction}",
+                        [*sized, *extra, "train.regime=sequential", "train.epochs=2"],
+                        seeds,
+                    )
+                )
+                runs.append(
+                    (
+                        f"mls-{method}-{fraction}",
+                        [*sized, *extra, "train.regime=multilap", "train.epochs=2", "train.laps=2"],
+                        seeds,
+                    )
+                )
+                runs.append(
+                    (
+                        f"par-{method}-{fraction}",
+                        [*sized, *extra, "train.regime=parallel", "train.epochs=2"],
+                        seeds,
+                    )
+                )
+            runs.append(
+                (
+                    f"e2e-{fraction}",
+                    [*sized, "train.regime=e2e", "trgl.enabled=false", "train.epochs=2"],
+                    seeds,
+                )
+            )
+        return runs
+    if name == "pipeline":
+        net = [*FULL, *DEPTH_NET, "model.num_modules=4", f"trgl.tau={TAU}", "train.num_threads=1"]
+        return [("single-k4-1thread", net, [0]), ("pipeline-k4", [*net, "pipeline.transport=dist"], [0])]
+    raise SystemExit(f"unknown experiment {name}")
+
+
+def command(exp: str, run: str, overrides: list[str], seed: int) -> list[str]:
+    out = RUNS / exp / f"{run}-s{seed}"
+    args = [*overrides, f"seed={seed}", f"out_dir={out}"]
+    if "pipeline.transport=dist" in overrides:
+        k = next(int(o.split("=")[1]) for o in overrides if o.startswith("model.num_modules="))
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={k}",
+            "-m",
+            "trgl_pipe.run",
+            *args,
+        ]
+    return [sys.executable, "-m", "trgl_pipe.run", *args]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiments", nargs="+")
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args()
+    names = (
+        ["tau-sweep", "depth", "blockwise", "pipeline"] if args.experiments == ["all"] else args.experiments
+    )
+    for exp in names:
+        for run, overrides, seeds in experiment(exp):
+            for seed in seeds:
+                out = RUNS / exp / f"{run}-s{seed}"
+                cmd = command(exp, run, overrides, seed)
+                printable = " ".join(cmd).replace(sys.executable, "python").replace(str(ROOT) + "/", "")
+                if (out / "summary.json").is_file():
+                    print(f"done    {out.relative_to(ROOT)}")
+                    continue
+                print(f"run     {printable}", flush=True)
+                if args.dry_run:
+                    continue
+                if out.exists():  # an interrupted attempt: start it again
+                    shutil.rmtree(out)
+                t0 = time.time()
+                env_threads = {"OMP_NUM_THREADS": "1"} if "pipeline.transport=dist" in overrides else {}
+                result = subprocess.run(
+                    cmd,
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    env={**__import__("os").environ, **env_threads},
+                )
+                if result.returncode != 0:
+                    print(result.stderr[-2000:], file=sys.stderr)
+                    raise SystemExit(f"failed: {printable}")
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
+                summary = json.loads((out / "summary.json").read_text())
+                print(
+                    f"        best module {summary['best_module']}: "
+                    f"test {100 * summary['best_test_accuracy']:.2f}% "
+                    f"({time.time() - t0:.0f} s)",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
