@@ -55,3 +55,28 @@ def test_weights_do_not_depend_on_anything_but_the_seed() -> None:
         wx, wy, wz = x.conv1.weight, y.conv1.weight, z.conv1.weight
         assert torch.equal(wx, wy)
         assert not torch.equal(wx, wz)
+
+
+@pytest.mark.parametrize("block_cls", [PreActBlock, PostActBlock])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_fused_energy_has_the_gradients_of_the_plain_formula(block_cls, reduction: str) -> None:
+    torch.manual_seed(0)
+    block = block_cls(3, 6, stride=2).double()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.double, requires_grad=True)
+    w = torch.randn(4, 6, 4, 4, dtype=torch.double)
+
+    def plain(x):
+        out, r = block(x)
+        return (out * w).sum() + 0.3 * kinetic_energy(r, reduction)
+
+    def fused(x):
+        out, energy = block.forward_with_energy(x, reduction)
+        return (out * w).sum() + 0.3 * energy
+
+    torch.testing.assert_close(plain(x), fused(x))
+    g_plain = torch.autograd.grad(plain(x), [x, *block.parameters()])
+    g_fused = torch.autograd.grad(fused(x), [x, *block.parameters()])
+    for a, b in zip(g_plain, g_fused, strict=True):
+        torch.testing.assert_close(a, b)
+    block.eval()  # fixed BatchNorm statistics: a function of x alone, as gradcheck needs
+    assert torch.autograd.gradcheck(fused, (x,))

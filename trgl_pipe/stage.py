@@ -51,8 +51,12 @@ class ModuleBody(nn.Module):
             x = self.stem(x)
         energies = []
         for block in self.blocks:
-            x, r = block(x)
-            energies.append(kinetic_energy(r if kinetic_grad else r.detach(), self.reduction))
+            if kinetic_grad:  # the energy enters the loss: fused, differentiable
+                x, energy = block.forward_with_energy(x, self.reduction)
+            else:  # reported only: computed on the detached residual, kept alive for nothing
+                x, r = block(x)
+                energy = kinetic_energy(r.detach(), self.reduction)
+            energies.append(energy)
         if per_block:
             return x, torch.stack(energies)
         total = energies[0]

@@ -264,3 +264,20 @@ def test_sigterm_stops_the_pipeline_with_a_checkpoint(tmp_path: Path) -> None:
     meta = json.loads((folder / "meta.json").read_text())
     assert not meta["progress"]["final"] and meta["progress"]["step"] > 0
     assert not (out / "summary.json").exists()
+
+
+def test_a_hung_rank_is_named_by_its_neighbours_within_the_timeout(tmp_path: Path) -> None:
+    args = [
+        *TINY,
+        f"out_dir={tmp_path / 'run'}",
+        "model.num_modules=3",
+        "debug.slow_module=1",
+        "debug.slow_s=60",
+        "pipeline.timeout_s=5",
+    ]
+    t0 = time.monotonic()
+    result = run_torchrun(3, args, timeout=200)
+    elapsed = time.monotonic() - t0
+    assert result.returncode != 0
+    assert "waited 5 s for" in result.stderr and "rank 1" in result.stderr
+    assert elapsed < 60, elapsed  # well before the hung rank would wake up

@@ -7,6 +7,7 @@ For a block that changes shape (stride 2 or more channels) the output is
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -15,7 +16,54 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
 
-class PreActBlock(nn.Module):
+def _accumulation_dtype(r: Tensor) -> Tensor:
+    """float32 for half-precision residuals (bf16 autocast), the residual's own dtype otherwise."""
+    return r.to(torch.promote_types(r.dtype, torch.float32))
+
+
+class _SumWithKinetic(torch.autograd.Function):
+    """``skip + r`` and the kinetic energy of r; backward touches r once (one fused pass).
+
+    Autograd of ``skip + r`` plus ``dot(r, r)`` would make three passes over r in backward (two
+    products and an accumulation); here the residual's gradient is ``addcmul(g, r, 2 g_e / d)``.
+    """
+
+    @staticmethod
+    def forward(ctx, skip: Tensor, r: Tensor, divisor: int) -> tuple[Tensor, Tensor]:
+        flat = _accumulation_dtype(r).reshape(-1)
+        ctx.save_for_backward(r)
+        ctx.divisor = divisor
+        return skip + r, torch.dot(flat, flat) / divisor
+
+    @staticmethod
+    def backward(ctx, g_sum: Tensor, g_energy: Tensor) -> tuple[Tensor, Tensor, None]:
+        (r,) = ctx.saved_tensors
+        scale = (g_energy * (2.0 / ctx.divisor)).to(r.dtype)
+        return g_sum, torch.addcmul(g_sum, r, scale), None
+
+
+class ResidualBlock(nn.Module):
+    """A block is ``combine(skip(x) + r(x))``; subclasses define the two branches and combine."""
+
+    def branches(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def combine(self, s: Tensor) -> Tensor:
+        return s
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        skip, r = self.branches(x)
+        return self.combine(skip + r), r
+
+    def forward_with_energy(self, x: Tensor, reduction: str = "sum") -> tuple[Tensor, Tensor]:
+        """The output and the kinetic energy of r (see :func:`kinetic_energy`), differentiable."""
+        skip, r = self.branches(x)
+        divisor = r.numel() if reduction == "mean" else r.shape[0]
+        s, energy = _SumWithKinetic.apply(skip, r, divisor)
+        return self.combine(s), energy
+
+
+class PreActBlock(ResidualBlock):
     """Pre-activation block (He et al., 2016b): x_{m+1} = shortcut(x_m) + r(x_m), exactly.
 
     Its output is the transported point itself, which matches the paper's φ_{m+1} = φ_m + r_m(φ_m).
@@ -31,14 +79,13 @@ class PreActBlock(nn.Module):
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def branches(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pre = F.relu(self.bn1(x))
         skip = x if self.shortcut is None else self.shortcut(pre)
-        r = self.conv2(F.relu(self.bn2(self.conv1(pre))))
-        return skip + r, r
+        return skip, self.conv2(F.relu(self.bn2(self.conv1(pre))))
 
 
-class PostActBlock(nn.Module):
+class PostActBlock(ResidualBlock):
     """Original CIFAR block (He et al., 2016a): out = relu(shortcut(x) + r(x)).
 
     The ReLU after the sum means out - x is not r; the kinetic energy uses r, the residual branch.
@@ -57,10 +104,12 @@ class PostActBlock(nn.Module):
                 nn.BatchNorm2d(out_channels),
             )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def branches(self, x: Tensor) -> tuple[Tensor, Tensor]:
         skip = x if self.shortcut is None else self.shortcut(x)
-        r = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(skip + r), r
+        return skip, self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+    def combine(self, s: Tensor) -> Tensor:
+        return F.relu(s)
 
 
 def kinetic_energy(r: Tensor, reduction: str = "sum") -> Tensor:
@@ -70,10 +119,11 @@ def kinetic_energy(r: Tensor, reduction: str = "sum") -> Tensor:
     the batch makes the term independent of the batch size, like the cross-entropy.
     ``mean`` divides by the number of features C·H·W, so one τ suits every resolution and width.
     """
-    per_sample = r.float().pow(2).flatten(1)
-    if reduction == "mean":
-        return per_sample.mean(1).mean()
-    return per_sample.sum(1).mean()
+    # One dot product over the whole batch: Σ_b Σ_f r² / B equals mean_b Σ_f r², and it is the
+    # cheapest way to get there (one reduction, one elementwise pass in backward).
+    flat = _accumulation_dtype(r).reshape(-1)
+    total = torch.dot(flat, flat)
+    return total / (r.numel() if reduction == "mean" else r.shape[0])
 
 
 def init_weights(module: nn.Module) -> None:
