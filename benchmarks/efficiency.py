@@ -99,32 +99,33 @@ def corun_times(args: argparse.Namespace, cuts: str) -> list[float]:
     No communication at all: what is left is what the machine does to processes sharing it
     (memory bandwidth, caches, clock), which the pipeline cannot avoid either.
     """
+    start_at = time.time() + 20  # every process has loaded its data and built its module by then
+    common = [
+        "--split",
+        cuts,
+        "--k",
+        str(args.k),
+        "--depth",
+        str(args.depth),
+        "--width",
+        str(args.width),
+        "--batch",
+        str(args.batch),
+        "--threads",
+        str(args.threads),
+        "--start-at",
+        str(start_at),
+        "--seconds",
+        str(args.corun_seconds),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "--time-module",
-                str(k),
-                "--split",
-                cuts,
-                "--k",
-                str(args.k),
-                "--depth",
-                str(args.depth),
-                "--width",
-                str(args.width),
-                "--batch",
-                str(args.batch),
-                "--threads",
-                str(args.threads),
-                "--timed",
-                str(args.timed),
-            ],
+            [sys.executable, __file__, "--time-module", str(k), *common],
             stdout=subprocess.PIPE,
             text=True,
             cwd=Path(__file__).parent,
-            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+            env=env,
         )
         for k in range(args.k)
     ]
