@@ -41,14 +41,14 @@ FULL = [
 ]
 
 # Experiment 1: ResNet-38 (18 blocks, enough for 16 modules), width 8.
-DEPTH_NET = ["model.depth=38", "model.width=8", "train.epochs=3", "train.eval_every_epochs=1"]
-TAU = "3e4"  # from the τ sweep (experiments/runs/tau-sweep), see docs/results.md
+DEPTH_NET = ["model.depth=38", "model.width=8", "train.epochs=2", "train.eval_every_epochs=1"]
+TAU = "1e4"  # the best of the τ sweep (experiments/runs/tau-sweep), see docs/results.md
 
 
 def experiment(name: str) -> list[tuple[str, list[str], list[int]]]:
     """(run name, overrides, seeds) of an experiment."""
     if name == "tau-sweep":
-        base = [*FULL, *DEPTH_NET, "model.num_modules=16", "data.train_size=10000"]
+        base = [*FULL, *DEPTH_NET, "model.num_modules=16", "data.train_size=10000", "train.epochs=3"]
         runs = [("vangl-k16", [*base, "trgl.enabled=false"], [0])]
         runs += [
             (f"trgl-tau{t}-k16", [*base, f"trgl.tau={t}"], [0])
