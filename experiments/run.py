@@ -123,7 +123,7 @@ def experiment(name: str) -> list[tuple[str, list[str], list[int]]]:
 
 
 def command(exp: str, run: str, overrides: list[str], seed: int) -> list[str]:
-    out = RUNS / exp / f"{run}-s{seed}"
+    out = (RUNS / exp / f"{run}-s{seed}").relative_to(ROOT)  # recorded relative to the checkout
     args = [*overrides, f"seed={seed}", f"out_dir={out}"]
     if "pipeline.transport=dist" in overrides:
         k = next(int(o.split("=")[1]) for o in overrides if o.startswith("model.num_modules="))
