@@ -6,6 +6,7 @@ machine, versions, device and the exact command, so any number can be traced and
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -132,6 +133,50 @@ def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
         "-m",
         "trgl_pipe.run",
         *args,
+    ]
+
+
+def workload_parser(
+    description: str, k: int = 2, steps: int = 100, skip: int = 20
+) -> argparse.ArgumentParser:
+    """The arguments every training benchmark shares (the network, batch, run length, threads)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--k", type=int, default=k, help="modules (pipeline ranks)")
+    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per pipeline rank")
+    parser.add_argument("--steps", type=int, default=steps, help="training steps per run")
+    parser.add_argument("--skip", type=int, default=skip, help="steps left out of the steady-state rate")
+    parser.add_argument("--trgl", action=argparse.BooleanOptionalAction, default=True)
+    return parser
+
+
+def workload(args: Any, out_dir: Path, k: int | None = None, split: str | None = None) -> list[str]:
+    """The benchmarks' standard run: the embedded Fashion-MNIST subset, a fixed number of steps,
+    no evaluation or checkpoint on the way (the final evaluation uses the training batch size, so
+    it sets neither the rate nor the memory peak). ``args`` carries batch, depth, width, k, steps
+    and, if present, split and trgl."""
+    split = split or getattr(args, "split", None)
+    trgl = getattr(args, "trgl", True)
+    return [
+        "data.source=embedded",
+        "data.val_size=1000",
+        f"data.train_size={args.batch * 50}",
+        f"data.batch_size={args.batch}",
+        f"data.eval_batch_size={args.batch}",
+        f"model.depth={args.depth}",
+        f"model.width={args.width}",
+        f"model.num_modules={k or args.k}",
+        *([f"model.split={split}"] if split else []),
+        "train.epochs=100",
+        f"train.max_steps={args.steps}",
+        "train.eval_every_epochs=0",
+        "log.every_steps=5",
+        "log.live=off",
+        "checkpoint.every_epochs=0",
+        f"trgl.enabled={str(trgl).lower()}",
+        f"out_dir={out_dir}",
     ]
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import run, steady_throughput, torchrun_cmd, write_results
+from common import run, steady_throughput, torchrun_cmd, workload, workload_parser, write_results
 
 from trgl_pipe.config import load_config
 from trgl_pipe.context import build_context
@@ -29,24 +29,9 @@ from trgl_pipe.context import build_context
 
 def overrides(args: argparse.Namespace, out_dir: Path, split: str | None = None) -> list[str]:
     return [
-        "data.source=embedded",
-        "data.val_size=1000",
-        f"data.train_size={args.batch * 50}",
-        f"data.batch_size={args.batch}",
-        f"model.depth={args.depth}",
-        f"model.width={args.width}",
-        f"model.num_modules={args.k}",
-        f"model.split={split or args.split}",
-        "train.epochs=100",
-        f"train.max_steps={args.steps}",
-        "train.eval_every_epochs=0",
-        "log.every_steps=5",
-        "log.live=off",
+        *workload(args, out_dir, split=split),
         f"train.num_threads={args.threads}",
-        "checkpoint.every_epochs=0",
         f"pipeline.buffer_size={args.buffer}",
-        f"trgl.enabled={str(args.trgl).lower()}",
-        f"out_dir={out_dir}",
     ]
 
 
@@ -133,19 +118,11 @@ def corun_times(args: argparse.Namespace, cuts: str) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--k", type=int, default=2)
-    parser.add_argument("--depth", type=int, default=20)
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=128)
+    parser = workload_parser(__doc__.splitlines()[0], steps=120)
     parser.add_argument("--split", default="balanced")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     parser.add_argument("--buffer", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--skip", type=int, default=20)
     parser.add_argument("--timed", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--trgl", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--corun-seconds", type=float, default=20)
     parser.add_argument("--time-module", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)

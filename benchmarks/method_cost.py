@@ -21,29 +21,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import run, steady_throughput, torchrun_cmd, write_results
+from common import run, steady_throughput, torchrun_cmd, workload, workload_parser, write_results
 
 from trgl_pipe.config import load_config
 from trgl_pipe.context import build_context
 
 
 def base(args: argparse.Namespace, k: int, out_dir: Path) -> list[str]:
-    return [
-        "data.source=embedded",
-        "data.val_size=1000",
-        f"data.train_size={args.batch * 50}",
-        f"data.batch_size={args.batch}",
-        f"model.depth={args.depth}",
-        f"model.width={args.width}",
-        f"model.num_modules={k}",
-        "train.epochs=100",
-        f"train.max_steps={args.steps}",
-        "train.eval_every_epochs=0",
-        "log.every_steps=5",
-        "log.live=off",
-        "checkpoint.every_epochs=0",
-        f"out_dir={out_dir}",
-    ]
+    return workload(args, out_dir, k=k)
 
 
 def stages_for(args: argparse.Namespace, trgl: bool):
@@ -151,16 +136,9 @@ def buffer_sweep(args: argparse.Namespace) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = workload_parser(__doc__.splitlines()[0], k=4, steps=80)
     parser.add_argument("--parts", nargs="+", default=["trgl", "heads", "buffer"])
-    parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--depth", type=int, default=20)
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timed", type=int, default=30)
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--skip", type=int, default=20)
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--buffer-sizes", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args()

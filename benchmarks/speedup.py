@@ -19,28 +19,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import run, steady_throughput, torchrun_cmd, trgl_cmd, write_results
+from common import run, steady_throughput, torchrun_cmd, trgl_cmd, workload, workload_parser, write_results
 
 
 def base(args: argparse.Namespace, out_dir: Path) -> list[str]:
-    return [
-        "data.source=embedded",
-        "data.val_size=1000",
-        f"data.train_size={args.batch * 50}",
-        f"data.batch_size={args.batch}",
-        f"model.depth={args.depth}",
-        f"model.width={args.width}",
-        f"model.num_modules={args.k}",
-        f"model.split={args.split}",
-        "train.epochs=100",
-        f"train.max_steps={args.steps}",
-        "train.eval_every_epochs=0",
-        "log.every_steps=5",
-        "log.live=off",
-        "checkpoint.every_epochs=0",
-        f"trgl.enabled={str(args.trgl).lower()}",
-        f"out_dir={out_dir}",
-    ]
+    return workload(args, out_dir)
 
 
 def measure(args: argparse.Namespace, variant: str) -> float:
@@ -63,17 +46,9 @@ def measure(args: argparse.Namespace, variant: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--k", type=int, default=2)
-    parser.add_argument("--depth", type=int, default=20)
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=128)
+    parser = workload_parser(__doc__.splitlines()[0], steps=100)
     parser.add_argument("--split", default="[3]")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per pipeline rank")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--skip", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--trgl", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     variants = ("pipeline", "parallel", "e2e", "parallel-1")
     rates: dict[str, list[float]] = {v: [] for v in variants}

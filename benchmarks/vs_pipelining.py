@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import run, steady_throughput, torchrun_cmd, write_results
+from common import run, steady_throughput, torchrun_cmd, workload, workload_parser, write_results
 from torch import nn
 
 MIB = 2**20
@@ -100,25 +100,7 @@ def worker(args: argparse.Namespace) -> None:
 def trgl_variant(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        overrides = [
-            "data.source=embedded",
-            "data.val_size=1000",
-            f"data.train_size={args.batch * 50}",
-            f"data.batch_size={args.batch}",
-            f"data.eval_batch_size={args.batch}",  # the final evaluation must not set the peak
-            f"model.depth={args.depth}",
-            f"model.width={args.width}",
-            f"model.num_modules={args.k}",
-            f"model.split={args.cuts}",
-            "train.epochs=100",
-            f"train.max_steps={args.steps}",
-            "train.eval_every_epochs=0",
-            "log.every_steps=5",
-            "log.live=off",
-            "checkpoint.every_epochs=0",
-            f"train.num_threads={args.threads}",
-            f"out_dir={out}",
-        ]
+        overrides = [*workload(args, out, split=args.cuts), f"train.num_threads={args.threads}"]
         run(torchrun_cmd(args.k, overrides), env={"OMP_NUM_THREADS": str(args.threads)})
         summary = json.loads((out / "summary.json").read_text())
         return {
@@ -166,15 +148,8 @@ def pipelining_variant(args: argparse.Namespace, schedule: str, microbatches: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--k", type=int, default=2)
-    parser.add_argument("--depth", type=int, default=20)
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=128)
+    parser = workload_parser(__doc__.splitlines()[0], steps=60, skip=10)
     parser.add_argument("--cuts", default="[3]", help="block indices where stages 2..K start")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--skip", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--microbatch-counts", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--schedule", default="gpipe", help=argparse.SUPPRESS)

@@ -280,10 +280,26 @@ class CheckpointWriter:
         return folder
 
 
-def restore_workers(folder: Path, workers: list[Any]) -> Progress:
+def find_resume(cfg: Config, partition: Partition, regime: str) -> Path | None:
+    """The checkpoint ``resume`` names, checked against this run; None to start fresh."""
+    folder = resolve_resume(cfg)
+    if folder is None:
+        if cfg.resume == "auto":
+            print("resume=auto: no complete checkpoint yet, starting from scratch", flush=True)
+        return None
+    check_compatible(read_meta(folder), cfg, partition, regime, folder)
+    return folder
+
+
+def restore_workers(folder: Path, workers: list[Any], logger: Any = None, announce: bool = True) -> Progress:
     """Load each worker's shard from ``folder``; returns where training continues."""
     meta = read_meta(folder)
     for worker in workers:
         worker.load_state_dict(load_shard(folder, worker.index))
     p = meta["progress"]
-    return Progress(p["counter"], p["epoch"], p["batch"], p["step"], p["phase"], p["final"])
+    progress = Progress(p["counter"], p["epoch"], p["batch"], p["step"], p["phase"], p["final"])
+    if logger is not None:
+        logger.log("resume", checkpoint=str(folder), modules=[w.index for w in workers], **progress.as_dict())
+    if announce:
+        print(f"resumed from {folder} ({progress.as_dict()})", flush=True)
+    return progress

@@ -17,14 +17,7 @@ import torch
 
 from trgl_pipe import preemption
 from trgl_pipe.buffer import Waiter
-from trgl_pipe.checkpoint import (
-    CheckpointWriter,
-    Progress,
-    check_compatible,
-    read_meta,
-    resolve_resume,
-    restore_workers,
-)
+from trgl_pipe.checkpoint import CheckpointWriter, find_resume, restore_workers
 from trgl_pipe.config import Config, save_config
 from trgl_pipe.context import (
     RunContext,
@@ -56,22 +49,12 @@ def _setup(cfg: Config, session: DistSession, device: torch.device) -> RunContex
             prepare_out_dir(cfg)
             ctx = build_context(cfg, device)
             save_config(cfg, Path(cfg.out_dir) / "config.yaml")
-        except UserError as error:
+            folder = find_resume(cfg, ctx.partition, "parallel")
+        except UserError as error:  # the other ranks exit quietly with the same code
             session.publish_json("setup", {"error": str(error), "code": error.exit_code})
             raise
-        info = ctx.shape_info()
-        try:
-            folder = resolve_resume(cfg)
-            if folder is not None:
-                check_compatible(read_meta(folder), cfg, ctx.partition, "parallel", folder)
-        except UserError as error:
-            session.publish_json("setup", {"error": str(error), "code": error.exit_code})
-            raise
-        if folder is None and cfg.resume == "auto":
-            print("resume=auto: no complete checkpoint yet, starting from scratch", flush=True)
-        info["resume"] = None if folder is None else str(folder)
-        session.publish_json("setup", info)
-        ctx.resume_from = info["resume"]
+        ctx.resume_from = None if folder is None else str(folder)
+        session.publish_json("setup", {**ctx.shape_info(), "resume": ctx.resume_from})
         return ctx
     info = session.wait_json("setup", STARTUP_TIMEOUT_S, "rank 0 to read the data")
     if "error" in info:
@@ -132,11 +115,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
     )
     start = Position()
     if ctx.resume_from is not None:
-        progress: Progress = restore_workers(Path(ctx.resume_from), [worker])
+        progress = restore_workers(Path(ctx.resume_from), [worker], logger, announce=rank == 0)
         start = Position(progress.epoch, progress.batch, progress.step)
-        logger.log("resume", checkpoint=ctx.resume_from, module=rank, **progress.as_dict())
-        if rank == 0:
-            print(f"resumed from {ctx.resume_from} ({progress.as_dict()})", flush=True)
     should_stop = preemption.shared_flag(session.store, rank)
     capacity = cfg.pipeline.buffer_size
     inbox: Any

@@ -10,14 +10,7 @@ from typing import Any
 import torch
 
 from trgl_pipe import preemption
-from trgl_pipe.checkpoint import (
-    CheckpointWriter,
-    Progress,
-    check_compatible,
-    read_meta,
-    resolve_resume,
-    restore_workers,
-)
+from trgl_pipe.checkpoint import CheckpointWriter, find_resume, restore_workers
 from trgl_pipe.config import Config, save_config
 from trgl_pipe.context import RunContext, build_context, configure_torch, prepare_out_dir, resolve_device
 from trgl_pipe.live import LiveView, LocalBoard, Publisher
@@ -51,23 +44,6 @@ def _process_report(ctx: RunContext, workers: list[StageWorker]) -> dict[str, An
     }
 
 
-def resume_workers(
-    cfg: Config, ctx: RunContext, workers: list[StageWorker], logger: MetricsLogger
-) -> Progress | None:
-    """Restore every worker from the checkpoint ``resume`` names (None: start fresh)."""
-    folder = resolve_resume(cfg)
-    if folder is None:
-        if cfg.resume == "auto":
-            print("resume=auto: no complete checkpoint yet, starting from scratch", flush=True)
-        return None
-    meta = read_meta(folder)
-    check_compatible(meta, cfg, ctx.partition, cfg.train.regime, folder)
-    progress = restore_workers(folder, workers)
-    logger.log("resume", checkpoint=str(folder), **progress.as_dict())
-    print(f"resumed from {folder} ({progress.as_dict()})", flush=True)
-    return progress
-
-
 def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
     """Train in this process as ``cfg`` says; write and return the summary."""
     configure_torch(cfg)
@@ -95,7 +71,8 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
     writer = CheckpointWriter(cfg, ctx.partition, cfg.train.regime, ctx.model_info())
     stages = [ctx.build_stage(i) for i in range(ctx.num_modules)]
     workers = [make_worker(s, cfg, logger, writer) for s in stages]
-    progress = resume_workers(cfg, ctx, workers, logger)
+    folder = find_resume(cfg, ctx.partition, cfg.train.regime)
+    progress = restore_workers(folder, workers, logger) if folder is not None else None
     preemption.install()
     t0 = time.time()
     if cfg.pipeline.transport == "sim":
