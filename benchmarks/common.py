@@ -51,18 +51,36 @@ def command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
 
 
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
+
 def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     columns = columns or list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = []
-        for c in columns:
-            value = row.get(c)
-            cells.append(
-                f"{value:.3g}" if isinstance(value, float) else ("-" if value is None else str(value))
-            )
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def render_markdown(payload: dict[str, Any], columns: list[str] | None = None) -> str:
+    """The Markdown page of a results JSON (``python benchmarks/common.py render NAME`` redoes it)."""
+    info = payload["machine"]
+    lines = [
+        f"# {payload['title']}",
+        "",
+        f"Command: `{payload['command']}`",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu'] or 'none'}; "
+        f"torch {info['torch']}, Python {info['python']}; {info['date']}",
+        "",
+        markdown_table(payload["rows"], columns or payload.get("columns")),
+        "",
+    ]
+    return "\n".join(lines + [f"- {n}" for n in payload["notes"]]) + "\n"
 
 
 def write_results(
@@ -75,33 +93,19 @@ def write_results(
 ) -> Path:
     """Write JSON and Markdown results and print the table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    info = machine()
     payload = {
         "benchmark": name,
         "title": title,
         "command": command(),
-        "machine": info,
+        "machine": machine(),
         "rows": rows,
         "notes": notes,
+        "columns": columns,
         **(extra or {}),
     }
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    table = markdown_table(rows, columns)
-    md = [
-        f"# {title}",
-        "",
-        f"Command: `{payload['command']}`",
-        "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu'] or 'none'}; "
-        f"torch {info['torch']}, "
-        f"Python {info['python']}; {info['date']}",
-        "",
-        table,
-        "",
-    ]
-    md += [f"- {n}" for n in notes]
-    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
-    print(table)
+    (RESULTS / f"{name}.md").write_text(render_markdown(payload))
+    print(markdown_table(rows, columns))
     for n in notes:
         print(f"- {n}")
     return RESULTS / f"{name}.json"
@@ -192,3 +196,11 @@ def steady_throughput(out_dir: Path, batch_size: int, skip_steps: int) -> float:
     points = [p for p in points if p[0] >= skip_steps]
     (s0, t0), (s1, t1) = points[0], points[-1]
     return (s1 - s0) * batch_size / (t1 - t0)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "render":
+        data = json.loads((RESULTS / f"{sys.argv[2]}.json").read_text())
+        (RESULTS / f"{sys.argv[2]}.md").write_text(render_markdown(data))
+    else:
+        raise SystemExit("usage: python benchmarks/common.py render NAME")

@@ -159,9 +159,7 @@ def main() -> None:
         f"buffer: torchrun pipeline, one thread per rank on {__import__('os').cpu_count()} cores (K > cores "
         f"oversubscribes them), {args.steps} steps, rates after {args.skip}.",
     ]
-    columns = sorted(
-        {c for r in rows for c in r}, key=lambda c: list(rows[0]).index(c) if c in rows[0] else 99
-    )
+    columns = list(dict.fromkeys(c for r in rows for c in r))  # in order of first appearance
     write_results(
         "method_cost",
         "Costs of the method: TRGL, auxiliary heads, buffer size and K",

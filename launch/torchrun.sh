@@ -3,8 +3,8 @@
 #
 #   launch/torchrun.sh CONFIG.yaml [section.key=value ...]
 #
-# Several nodes: set NNODES, NODE_RANK (0..NNODES-1) and MASTER_ADDR (the first node) on every
-# node; K must equal NNODES * ranks per node. Extra torchrun flags go in TORCHRUN_ARGS, e.g.
+# Several nodes: set NNODES and MASTER_ADDR (a host every node reaches) on every node, and run
+# this on each; torchrun's c10d rendezvous numbers the ranks. K must equal NNODES * ranks per node. Extra torchrun flags go in TORCHRUN_ARGS, e.g.
 # TORCHRUN_ARGS="--max-restarts=3" together with resume=auto to restart a failed rank by itself.
 set -euo pipefail
 if [ $# -lt 1 ]; then
@@ -21,6 +21,6 @@ PER_NODE=$((K / NNODES))
 if [ "$NNODES" -eq 1 ]; then
   exec torchrun --standalone --nproc_per_node="$PER_NODE" ${TORCHRUN_ARGS:-} -m trgl_pipe.run "$@"
 fi
-exec torchrun --nnodes="$NNODES" --node_rank="${NODE_RANK:?set NODE_RANK}" --nproc_per_node="$PER_NODE" \
+exec torchrun --nnodes="$NNODES" --nproc_per_node="$PER_NODE" \
   --rdzv-backend=c10d --rdzv-endpoint="${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}" \
   --rdzv-id="${RDZV_ID:-trgl_pipe}" ${TORCHRUN_ARGS:-} -m trgl_pipe.run "$@"
