@@ -32,10 +32,6 @@ def requested() -> bool:
     return _requested.is_set()
 
 
-def request() -> None:
-    _requested.set()
-
-
 def shared_flag(store: Any, rank: int, every_s: float = 0.5) -> Callable[[], bool]:
     """A stop check for pipeline ranks: this process's flag, or any rank's flag on the store."""
     state = {"next": 0.0, "seen": False, "told": False}

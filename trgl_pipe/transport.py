@@ -345,6 +345,8 @@ class DistInbox:
         if self.staged:
             self._slots = [s.pin_memory() for s in self._slots]
         self._stream = torch.cuda.Stream(self.device) if self.on_gpu else None
+        # the stream the training loop runs on (this is the main thread)
+        self._compute_stream = torch.cuda.current_stream(self.device) if self.on_gpu else None
         self._thread = threading.Thread(target=self._receive, name=f"recv-from-{self.peer}", daemon=True)
         self._thread.start()
         return self.feature_shape, self.dtype
@@ -394,7 +396,7 @@ class DistInbox:
                 dist.recv(view, self.peer, group=self.groups.data)
                 x = view.to(self.device, non_blocking=True)
                 self._stream.synchronize()  # the host slot may be reused once this returns
-                x.record_stream(torch.cuda.current_stream(self.device))
+                x.record_stream(self._compute_stream)  # keep its memory until the training loop is done
                 return x, None
             if self._free_events[slot] is not None:  # the compute that read this slot is done
                 self._stream.wait_event(self._free_events[slot])
@@ -409,7 +411,7 @@ class DistInbox:
             raise item
         msg, slot, ready = item
         if ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(ready)
+            self._compute_stream.wait_event(ready)
         self._in_use.append(slot)
         return msg
 
@@ -418,7 +420,7 @@ class DistInbox:
         slot = self._in_use.popleft()
         if self.on_gpu and not self.staged:
             event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
+            event.record(self._compute_stream)
             self._free_events[slot] = event
         self._free_slots.release()
         credit = torch.tensor([-1 if msg.kind is Kind.STOP else 0], dtype=torch.int64)

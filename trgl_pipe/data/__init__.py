@@ -22,8 +22,6 @@ from trgl_pipe.errors import DataError
 
 __all__ = ["Batches", "DataSplits", "ImageSet", "load_data", "resolve_source"]
 
-SPLITS = ("val", "test")
-
 
 @dataclass(slots=True)
 class DataSplits:
