@@ -81,6 +81,27 @@ def load_run(path: Path) -> Run:
     return Run(path, config, summary, read_metrics(metrics) if metrics.is_file() else [])
 
 
+def order(run: Run) -> tuple:
+    """Table order: regime, then K, then VanGL before TRGL (by τ), bigger training sets first."""
+    regimes = {"e2e": 0, "parallel": 1, "sequential": 2, "multilap": 3}
+    trgl = run.config["trgl"]
+    method = (
+        (0, 0.0)
+        if not trgl["enabled"]
+        else (2, 0.0)
+        if trgl["tau_schedule"] == "adaptive"
+        else (1, trgl["tau"])
+    )
+    size = run.config["data"].get("train_size") or 10**12
+    return (
+        regimes[run.summary["regime"]],
+        run.summary["num_modules"],
+        method,
+        -size,
+        run.summary.get("transport"),
+    )
+
+
 def group_key(run: Run) -> str:
     stripped = {k: v for k, v in run.config.items() if k not in IGNORED_KEYS}
     stripped.setdefault("transport", run.summary.get("transport"))
@@ -283,7 +304,7 @@ def _slug(text: str) -> str:
 
 
 def build_report(paths: list[Path], out: Path, title: str) -> Path:
-    runs = [load_run(p) for p in paths]
+    runs = sorted((load_run(p) for p in paths), key=order)
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(group_key(run), []).append(run)
