@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -148,8 +149,17 @@ def create_pair_groups(world_size: int, data_backend: str) -> list[PairGroups]:
 
 
 def _short(error: BaseException) -> str:
+    """The first line of an error, without gloo's ``[file.cc:123]`` prefix, at most 160 characters."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text[:200]
+    return re.sub(r"^\[[^\]]*\]\s*", "", text)[:160]
+
+
+def _isend(tensor: torch.Tensor, rank: int, peer: int, group: Any) -> Any:
+    """A non-blocking send; a peer that is already gone is reported as such."""
+    try:
+        return dist.isend(tensor, peer, group=group)
+    except RuntimeError as error:
+        raise PipelineError(f"rank {rank}: lost rank {peer} ({_short(error)})") from error
 
 
 def _encode_header(msg: Message, max_batch: int) -> torch.Tensor:
@@ -261,7 +271,7 @@ class DistOutbox:
     def send(self, msg: Message, waiter: Waiter) -> float:
         waited = self.gate.acquire(waiter, f"room in the buffer of rank {self.peer}", self._failure)
         header = _encode_header(msg, self.max_batch)
-        works = [dist.isend(header, self.peer, group=self.groups.header)]
+        works = [_isend(header, self.rank, self.peer, self.groups.header)]
         keep = [header]
         done = None
         if msg.kind.has_payload:
@@ -274,7 +284,7 @@ class DistOutbox:
                 waited += time.perf_counter() - t0
                 done.clear()
                 x = self._staging[i][: x.shape[0]].copy_(x)
-            works.append(dist.isend(x, self.peer, group=self.groups.data))
+            works.append(_isend(x, self.rank, self.peer, self.groups.data))
             keep.append(x)
         self._num_sent += 1
         self._completer.add(works, keep, done)
@@ -424,7 +434,7 @@ class DistInbox:
             self._free_events[slot] = event
         self._free_slots.release()
         credit = torch.tensor([-1 if msg.kind is Kind.STOP else 0], dtype=torch.int64)
-        self._credits.add([dist.isend(credit, self.peer, group=self.groups.credit)], [credit])
+        self._credits.add([_isend(credit, self.rank, self.peer, self.groups.credit)], [credit])
 
     def close(self, waiter: Waiter) -> None:
         self._closing.set()
