@@ -2,6 +2,7 @@
 
     python experiments/run.py tau-sweep          # 0: the τ range on a subset (K=16)
     python experiments/run.py depth              # 1: E2E vs parallel VanGL/TRGL at K = 2, 4, 8, 16
+    python experiments/run.py tau-full           # 1b: the τ range on the full data at K = 4 and 16
     python experiments/run.py blockwise          # 2: sequential / multi-lap / parallel, block-wise
     python experiments/run.py pipeline           # 4: one setting through the torchrun pipeline
     python experiments/run.py all --dry-run      # print the commands only
@@ -54,6 +55,14 @@ def experiment(name: str) -> list[tuple[str, list[str], list[int]]]:
             (f"trgl-tau{t}-k16", [*base, f"trgl.tau={t}"], [0])
             for t in ("1e3", "3e3", "1e4", "3e4", "1e5", "3e5")
         ]
+        return runs
+    if name == "tau-full":  # the τ range again on the full data, where τ=1e4 did not help at K=4
+        runs = []
+        for k in (4, 16):
+            net = [*FULL, *DEPTH_NET, f"model.num_modules={k}"]
+            runs += [
+                (f"trgl-tau{t}-k{k}", [*net, f"trgl.tau={t}"], [0]) for t in ("3e3", "3e4", "1e5", "3e5")
+            ]
         return runs
     if name == "depth":
         seeds = [0, 1, 2]
