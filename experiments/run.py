@@ -6,6 +6,7 @@
     python experiments/run.py blockwise          # 2: sequential / multi-lap / parallel, block-wise
     python experiments/run.py pipeline           # 4: one setting through the torchrun pipeline
     python experiments/run.py all --dry-run      # print the commands only
+    python experiments/run.py blockwise --only '*-tenth' --max-seeds 1   # a part of one
 
 Each run writes ``experiments/runs/<experiment>/<name>-s<seed>/`` (config.yaml, metrics.jsonl,
 summary.json; checkpoints are not kept). Then:
@@ -16,6 +17,7 @@ summary.json; checkpoints are not kept). Then:
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import shutil
 import subprocess
@@ -153,13 +155,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiments", nargs="+")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument(
+        "--only", nargs="+", metavar="PATTERN", help="run names to run (glob), e.g. '*-tenth'"
+    )
+    parser.add_argument("--max-seeds", type=int, help="run only the first N seeds of each run")
     args = parser.parse_args()
     names = (
         ["tau-sweep", "depth", "blockwise", "pipeline"] if args.experiments == ["all"] else args.experiments
     )
     for exp in names:
         for run, overrides, seeds in experiment(exp):
-            for seed in seeds:
+            if args.only and not any(fnmatch.fnmatch(run, pattern) for pattern in args.only):
+                continue
+            for seed in seeds[: args.max_seeds]:
                 out = RUNS / exp / f"{run}-s{seed}"
                 cmd = command(exp, run, overrides, seed)
                 printable = " ".join(cmd).replace(sys.executable, "python").replace(str(ROOT) + "/", "")
