@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from trgl_pipe.errors import UserError
-from trgl_pipe.report import build_report, main
+from trgl_pipe.report import build_report, load_run, main, rank_table
 from trgl_pipe.single import run_single
 
 
@@ -39,3 +39,14 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="is not a finished run folder"):
         build_report([tmp_path], tmp_path / "out", "x")
     assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+
+
+def test_report_tables_every_rank_of_a_pipeline_run() -> None:
+    # The committed runs of experiment 4: one torchrun pipeline (K=4) and its single-process twin.
+    folder = Path(__file__).resolve().parents[1] / "experiments" / "runs" / "pipeline"
+    piped, single = load_run(folder / "pipeline-k4-s0"), load_run(folder / "single-k4-1thread-s0")
+    assert rank_table([single]) == ""
+    rows = rank_table([single, piped]).splitlines()[2:]
+    assert [row.split(" | ")[1] for row in rows] == ["0", "1", "2", "3"]
+    summary_rates = [f"{r['samples_per_s']:.0f}" for r in piped.summary["ranks"]]
+    assert [row.split(" | ")[2] for row in rows] == summary_rates

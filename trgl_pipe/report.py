@@ -169,6 +169,36 @@ def module_table(groups: dict[str, list[Run]]) -> str:
     return "\n".join(lines)
 
 
+def rank_table(runs: list[Run]) -> str:
+    """Per-rank throughput, busy and wait times of the pipeline runs (empty if there are none)."""
+    header = [
+        "run",
+        "rank",
+        "samples/s",
+        "compute s",
+        "waiting for input s",
+        "waiting for room s",
+        "peak MiB",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        for r in run.summary.get("ranks") or []:
+            if run.summary.get("world_size", 1) < 2:
+                continue
+            peak = r.get("peak_memory_bytes")
+            cells = [
+                f"{run.label}, seed {run.config['seed']}",
+                str(r["rank"]),
+                f"{r['samples_per_s']:.0f}",
+                f"{r['compute_s']:.1f}",
+                f"{r['recv_wait_s']:.1f}",
+                f"{r['send_wait_s']:.1f}",
+                f"{peak / 2**20:.0f}" if peak else "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 # ---------------------------------------------------------------------------------------------
 # Figures
 
@@ -323,6 +353,8 @@ def build_report(paths: list[Path], out: Path, title: str) -> Path:
     ]
     lines += ["## Runs", "", markdown_table(summary_rows(groups)), ""]
     lines += ["## Test accuracy of every module", "", module_table(groups), ""]
+    if ranks := rank_table(runs):
+        lines += ["## Pipeline ranks", "", ranks, ""]
     figures = []
     if plot_accuracy_vs_depth(groups, out / "accuracy_vs_depth.png"):
         figures.append(("Test accuracy of each module's head against depth", "accuracy_vs_depth.png"))
