@@ -112,14 +112,15 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     xs = [v for v in values if v is not None]
     if not xs:
         return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
 def fmt(mean: float | None, std: float | None, scale: float = 100.0, digits: int = 2) -> str:
+    """``mean ± std``; a single seed has no std (an equal pair shows ± 0)."""
     if mean is None:
         return "-"
     text = f"{mean * scale:.{digits}f}"
-    return text + (f" ± {std * scale:.{digits}f}" if std else "")
+    return text + (f" ± {std * scale:.{digits}f}" if std is not None else "")
 
 
 def summary_rows(groups: dict[str, list[Run]]) -> list[dict[str, str]]:
