@@ -63,7 +63,7 @@ def experiment(name: str) -> list[tuple[str, list[str], list[int]]]:
         for k in (4, 16):
             net = [*FULL, *DEPTH_NET, f"model.num_modules={k}"]
             runs += [
-                (f"trgl-tau{t}-k{k}", [*net, f"trgl.tau={t}"], [0]) for t in ("3e3", "3e4", "1e5", "3e5")
+                (f"trgl-tau{t}-k{k}", [*net, f"trgl.tau={t}"], [0, 1]) for t in ("3e3", "3e4", "1e5", "3e5")
             ]
         return runs
     if name == "depth":
