@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from trgl_pipe.errors import UserError
-from trgl_pipe.report import build_report, load_run, main, rank_table
+from trgl_pipe.report import build_report, fmt, load_run, main, mean_std, rank_table
 from trgl_pipe.single import run_single
 
 
@@ -50,3 +50,9 @@ def test_report_tables_every_rank_of_a_pipeline_run() -> None:
     assert [row.split(" | ")[1] for row in rows] == ["0", "1", "2", "3"]
     summary_rates = [f"{r['samples_per_s']:.0f}" for r in piped.summary["ranks"]]
     assert [row.split(" | ")[2] for row in rows] == summary_rates
+
+
+def test_a_single_seed_has_no_spread_and_equal_seeds_show_zero() -> None:
+    assert fmt(*mean_std([0.9])) == "90.00"
+    assert fmt(*mean_std([0.9, 0.9])) == "90.00 ± 0.00"
+    assert fmt(*mean_std([None])) == "-"

@@ -172,32 +172,21 @@ def module_table(groups: dict[str, list[Run]]) -> str:
 
 def rank_table(runs: list[Run]) -> str:
     """Per-rank throughput, busy and wait times of the pipeline runs (empty if there are none)."""
-    header = [
-        "run",
-        "rank",
-        "samples/s",
-        "compute s",
-        "waiting for input s",
-        "waiting for room s",
-        "peak MiB",
+    rows = [
+        {
+            "run": f"{run.label}, seed {run.config['seed']}",
+            "rank": str(r["rank"]),
+            "samples/s": f"{r['samples_per_s']:.0f}",
+            "compute s": f"{r['compute_s']:.1f}",
+            "waiting for input s": f"{r['recv_wait_s']:.1f}",
+            "waiting for room s": f"{r['send_wait_s']:.1f}",
+            "peak MiB": fmt(r.get("peak_memory_bytes"), None, scale=1 / 2**20, digits=0),
+        }
+        for run in runs
+        if run.summary.get("world_size", 1) > 1
+        for r in run.summary["ranks"]
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for run in runs:
-        for r in run.summary.get("ranks") or []:
-            if run.summary.get("world_size", 1) < 2:
-                continue
-            peak = r.get("peak_memory_bytes")
-            cells = [
-                f"{run.label}, seed {run.config['seed']}",
-                str(r["rank"]),
-                f"{r['samples_per_s']:.0f}",
-                f"{r['compute_s']:.1f}",
-                f"{r['recv_wait_s']:.1f}",
-                f"{r['send_wait_s']:.1f}",
-                f"{peak / 2**20:.0f}" if peak else "",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+    return markdown_table(rows) if rows else ""
 
 
 # ---------------------------------------------------------------------------------------------
