@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from trgl_pipe.models import PostActBlock, PreActBlock, ResNetParts, block_shapes, kinetic_energy
+from trgl_pipe.models.blocks import PointwiseConv
 
 
 def test_kinetic_energy_by_hand() -> None:
@@ -30,6 +31,23 @@ def test_downsampling_block_returns_the_residual_branch_not_the_difference() -> 
     torch.testing.assert_close(r, expected_r)
     torch.testing.assert_close(out, block.shortcut(pre) + r)
     assert r.shape == (2, 8, 4, 4)
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_pointwise_conv_is_the_strided_1x1_convolution(size: int) -> None:
+    # Subsampling then a unit-stride 1x1 convolution: the same output and gradients as the strided
+    # 1x1 convolution it replaces (which oneDNN's AVX2 backward corrupts memory with; even and odd sizes)
+    conv = PointwiseConv(4, 8, stride=2).double()
+    assert list(conv.state_dict()) == ["weight"]
+    x = torch.randn(3, 4, size, size, dtype=torch.double, requires_grad=True)
+    out = conv(x)
+    expected = F.conv2d(x, conv.weight, stride=2)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, conv.weight], g)
+    want = torch.autograd.grad(expected, [x, conv.weight], g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_postact_block_applies_relu_after_the_sum() -> None:

@@ -98,33 +98,3 @@ def test_e2e_and_parallel_k1_are_the_same_computation(tiny) -> None:
     k1 = run_single(tiny("model.num_modules=1", "trgl.enabled=false"), console_summary=False)
     assert e2e["modules"][0]["test_accuracy"] == k1["modules"][0]["test_accuracy"]
     assert e2e["num_modules"] == 1
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["train.precision=bf16"],
-        ["train.channels_last=true"],
-        ["train.precision=bf16", "train.channels_last=true"],
-    ],
-    ids=["bf16", "channels_last", "bf16-channels_last"],
-)
-def test_speed_options_train(tiny, overrides: list[str]) -> None:
-    cfg = tiny("train.epochs=1", "data.train_size=600", "model.width=8", "log.every_steps=5", *overrides)
-    summary = run_single(cfg, console_summary=False)
-    losses = _train_losses(cfg.out_dir)
-    for values in losses.values():
-        assert all(v == v for v in values)  # no NaN
-        assert values[-1] < values[0]
-    assert summary["best_test_accuracy"] > 0.2
-
-
-@pytest.mark.slow
-def test_compiled_modules_compute_what_eager_modules_compute(tiny) -> None:
-    eager = run_single(tiny("train.epochs=1", "data.train_size=128", "model.depth=8"), console_summary=False)
-    compiled = run_single(
-        tiny("train.epochs=1", "data.train_size=128", "model.depth=8", "train.compile=true"),
-        console_summary=False,
-    )
-    for a, b in zip(eager["modules"], compiled["modules"], strict=True):
-        assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 0.02

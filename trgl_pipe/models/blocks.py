@@ -16,6 +16,28 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
 
+class PointwiseConv(nn.Conv2d):
+    """A 1×1 convolution whose stride is applied by subsampling first: ``conv1x1(x[..., ::s, ::s])``.
+
+    The same parameters (state_dict keys of ``nn.Conv2d``) and the same function: a strided 1×1
+    kernel reads exactly the pixels the subsampling keeps. Why not ``nn.Conv2d(stride=s)``: on CPUs
+    where oneDNN runs its AVX2 kernels (AMD EPYC without AVX-512, among others), the backward of a
+    strided 1×1 convolution on channels_last input with fewer than 8 input channels writes past its
+    workspace (heap corruption: SIGABRT, SIGBUS, hangs or wrong weight gradients). torch.compile
+    picks channels_last on its own, so a compiled narrow ResNet met it. The unit-stride form never
+    reaches that kernel. See docs/known-issues.md.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        sh, sw = self.stride
+        if sh != 1 or sw != 1:
+            x = x[:, :, ::sh, ::sw]
+        return F.conv2d(x, self.weight, self.bias)
+
+
 def _accumulation_dtype(r: Tensor) -> Tensor:
     """float32 for half-precision residuals (bf16 autocast), the residual's own dtype otherwise."""
     return r.to(torch.promote_types(r.dtype, torch.float32))
@@ -77,7 +99,7 @@ class PreActBlock(ResidualBlock):
         self.conv2 = conv3x3(out_channels, out_channels)
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+            self.shortcut = PointwiseConv(in_channels, out_channels, stride)
 
     def branches(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pre = F.relu(self.bn1(x))
@@ -100,7 +122,7 @@ class PostActBlock(ResidualBlock):
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                PointwiseConv(in_channels, out_channels, stride),
                 nn.BatchNorm2d(out_channels),
             )
 
