@@ -5,6 +5,8 @@
     python experiments/run.py tau-full           # 1b: the τ range on the full data at K = 4 and 16
     python experiments/run.py blockwise          # 2: sequential / multi-lap / parallel, block-wise
     python experiments/run.py pipeline           # 4: one setting through the torchrun pipeline
+    python experiments/run.py scarce-sweep       # 5a: τ of TRGL-halves on 5,000 images (tuning seed)
+    python experiments/run.py scarce             # 5: E2E / VanGL / TRGL-halves at K = 2..16, 5,000 images
     python experiments/run.py all --dry-run      # print the commands only
     python experiments/run.py blockwise --only '*-tenth' --max-seeds 1   # a part of one
 
@@ -46,6 +48,25 @@ FULL = [
 # Experiment 1: ResNet-38 (18 blocks, enough for 16 modules), width 8.
 DEPTH_NET = ["model.depth=38", "model.width=8", "train.epochs=2", "train.eval_every_epochs=1"]
 TAU = "1e4"  # the best of the τ sweep (experiments/runs/tau-sweep), see docs/results.md
+
+
+# Experiment 5: data-scarce (the paper's STL-10 setting: few images per class, deep K): 5,000
+# class-balanced training images, the full 10k test set, ResNet-38 (18 blocks, so K=16 has one or
+# two blocks per module), trained until the modules overfit; one thread per run.
+SCARCE = [
+    *FULL,
+    "data.train_size=5000",
+    "data.class_balanced=true",
+    "model.depth=38",
+    "model.width=8",
+    "train.epochs=30",
+    "train.eval_every_epochs=5",
+    "train.num_threads=1",
+    "log.every_steps=40",
+]
+SCARCE_TUNING_SEED = 100  # the τ sweep's seed; the comparison uses fresh seeds 0, 1, 2
+SCARCE_TAUS = ("1e3", "3e3", "1e4", "3e4", "1e5")
+SCARCE_TAU: str | None = None  # chosen on validation from scarce-sweep (docs/results.md)
 
 
 def experiment(name: str) -> list[tuple[str, list[str], list[int]]]:
@@ -127,6 +148,30 @@ def experiment(name: str) -> list[tuple[str, list[str], list[int]]]:
                 )
             )
         return runs
+    if name == "scarce-sweep":
+        net = [*SCARCE, "model.num_modules=16"]
+        runs = [("vangl-k16", [*net, "trgl.enabled=false"], [SCARCE_TUNING_SEED])]
+        runs += [
+            (
+                f"trgl-halves-tau{t}-k16",
+                [*net, "trgl.tau_schedule=halves", f"trgl.tau={t}"],
+                [SCARCE_TUNING_SEED],
+            )
+            for t in SCARCE_TAUS
+        ]
+        return runs
+    if name == "scarce":
+        if SCARCE_TAU is None:
+            raise SystemExit("set SCARCE_TAU from the scarce-sweep results first")
+        seeds = [0, 1, 2]
+        runs = [("e2e", [*SCARCE, "train.regime=e2e", "trgl.enabled=false"], seeds)]
+        for k in (2, 4, 8, 16):
+            net = [*SCARCE, f"model.num_modules={k}"]
+            runs.append((f"vangl-k{k}", [*net, "trgl.enabled=false"], seeds))
+            runs.append(
+                (f"trgl-halves-k{k}", [*net, "trgl.tau_schedule=halves", f"trgl.tau={SCARCE_TAU}"], seeds)
+            )
+        return runs
     if name == "pipeline":
         net = [*FULL, *DEPTH_NET, "model.num_modules=4", f"trgl.tau={TAU}", "train.num_threads=1"]
         return [("single-k4-1thread", net, [0]), ("pipeline-k4", [*net, "pipeline.transport=dist"], [0])]
@@ -161,7 +206,9 @@ def main() -> None:
     parser.add_argument("--max-seeds", type=int, help="run only the first N seeds of each run")
     args = parser.parse_args()
     names = (
-        ["tau-sweep", "depth", "blockwise", "pipeline"] if args.experiments == ["all"] else args.experiments
+        ["tau-sweep", "depth", "blockwise", "pipeline", "scarce-sweep", "scarce"]
+        if args.experiments == ["all"]
+        else args.experiments
     )
     for exp in names:
         for run, overrides, seeds in experiment(exp):

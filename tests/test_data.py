@@ -201,3 +201,15 @@ def test_synthetic_data_has_the_asked_shape() -> None:
     )
     data = load_data(cfg, seed=0)
     assert data.train.images.shape == (56, 3, 12, 12) and len(data.test) == 16 and data.num_classes == 5
+
+
+def test_class_balanced_train_subset_has_equal_classes() -> None:
+    cfg = DataConfig(source="embedded", val_size=500, train_size=1003, class_balanced=True)
+    data = load_data(cfg, seed=3)
+    counts = torch.bincount(data.train.labels, minlength=10).tolist()
+    assert counts == [101, 101, 101] + [100] * 7
+    assert len(data.val) == 500
+    again = load_data(cfg, seed=3)
+    assert torch.equal(data.train.labels, again.train.labels)
+    other = load_data(cfg, seed=4)
+    assert not torch.equal(data.train.images, other.train.images)

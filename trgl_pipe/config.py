@@ -29,6 +29,7 @@ class DataConfig:
     source: Literal["auto", "root", "debian", "embedded", "download"] = "auto"
     root: str | None = None
     train_size: int | None = None  # use only the first N training images (after a seeded shuffle)
+    class_balanced: bool = False  # train_size holds the same number of images of every class
     val_size: int = 5000  # held out from the training set, picks the best module
     test_size: int | None = None  # use only the first N test images
     batch_size: int = 128

@@ -111,7 +111,11 @@ def load_data(cfg: DataConfig, seed: int) -> DataSplits:
                 f"data.train_size={cfg.train_size} is more than the {len(rest)} training images left "
                 f"after data.val_size={cfg.val_size}; lower one of them"
             )
-        rest = rest[: cfg.train_size]
+        rest = (
+            _balanced(rest, raw.train.labels, cfg.train_size)
+            if cfg.class_balanced
+            else rest[: cfg.train_size]
+        )
     train = raw.train.subset(rest)
     test = raw.test
     if cfg.test_size is not None and cfg.name != "synthetic":
@@ -128,6 +132,29 @@ def load_data(cfg: DataConfig, seed: int) -> DataSplits:
             f"data.name={cfg.name}: images are {height}x{width}; only square images are supported"
         )
     return DataSplits(train, val, test, raw.num_classes, channels, height, mean, std, raw.origin)
+
+
+def _balanced(order: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:
+    """The first ``size`` indices of ``order`` that hold equally many images of each class.
+
+    When the classes do not divide ``size``, the lowest class labels get one image more.
+    """
+    classes = torch.unique(labels[order])
+    base, extra = divmod(size, len(classes))
+    chosen = []
+    for i, c in enumerate(classes.tolist()):
+        wanted = base + (1 if i < extra else 0)
+        of_class = order[labels[order] == c]
+        if len(of_class) < wanted:
+            raise DataError(
+                f"data.class_balanced: class {c} has {len(of_class)} training images left, "
+                f"data.train_size={size} needs {wanted}; lower data.train_size or data.val_size"
+            )
+        chosen.append(of_class[:wanted])
+    picked = torch.cat(chosen)
+    keep = torch.zeros(len(labels), dtype=torch.bool)
+    keep[picked] = True
+    return order[keep[order]]  # in the seeded order, not grouped by class
 
 
 class Batches:
