@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from trgl_pipe.buffer import CreditGate, LocalControl, Waiter
 from trgl_pipe.errors import PipelineError
-from trgl_pipe.messages import Kind, Message
-from trgl_pipe.transport import local_link
+from trgl_pipe.runtime.buffer import CreditGate, LocalControl, Waiter
+from trgl_pipe.runtime.messages import Kind, Message
+from trgl_pipe.runtime.transport import local_link
 
 
 def test_sender_is_never_more_than_capacity_ahead() -> None:

@@ -4,8 +4,8 @@ import torch
 
 from trgl_pipe.config import load_config
 from trgl_pipe.data import Batches, load_data
-from trgl_pipe.messages import Kind
-from trgl_pipe.schedule import Position, parallel_stream
+from trgl_pipe.runtime.messages import Kind
+from trgl_pipe.runtime.schedule import Position, parallel_stream
 
 
 def _stream(*overrides: str, start: Position | None = None, stop=None):

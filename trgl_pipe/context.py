@@ -16,7 +16,7 @@ from trgl_pipe.data import Batches, DataSplits, load_data
 from trgl_pipe.errors import ConfigError
 from trgl_pipe.models import ResNetParts
 from trgl_pipe.partition import Partition, split_at, split_balanced, split_by_depth
-from trgl_pipe.schedule import total_steps
+from trgl_pipe.runtime.schedule import total_steps
 from trgl_pipe.stage import Stage, build_parts, build_stage
 
 RUN_FILES = ("summary.json", "metrics.jsonl", "config.yaml")

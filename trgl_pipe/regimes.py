@@ -12,9 +12,9 @@ from typing import Any
 
 from trgl_pipe.checkpoint import CheckpointWriter, Progress
 from trgl_pipe.live import Publisher
-from trgl_pipe.messages import Kind, Message
-from trgl_pipe.schedule import Position, eval_due, eval_messages, parallel_stream, total_steps
-from trgl_pipe.worker import StageWorker
+from trgl_pipe.runtime.messages import Kind, Message
+from trgl_pipe.runtime.schedule import Position, eval_due, eval_messages, parallel_stream, total_steps
+from trgl_pipe.runtime.worker import StageWorker
 
 
 def drive(

@@ -20,9 +20,9 @@ import argparse
 import os
 import sys
 
-from trgl_pipe import preemption
 from trgl_pipe.config import load_config
 from trgl_pipe.errors import UserError
+from trgl_pipe.runtime import preemption
 
 
 def _launched_world_size() -> int:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config_path, overrides)
         if _launched_world_size() > 1 or cfg.pipeline.transport == "dist":
-            from trgl_pipe.pipeline import run_rank
+            from trgl_pipe.runtime.rank import run_rank
 
             run_rank(cfg)
         else:

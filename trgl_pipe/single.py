@@ -9,15 +9,15 @@ from typing import Any
 
 import torch
 
-from trgl_pipe import preemption
 from trgl_pipe.checkpoint import CheckpointWriter, find_resume, restore_workers
 from trgl_pipe.config import Config, save_config
 from trgl_pipe.context import RunContext, build_context, configure_torch, prepare_out_dir, resolve_device
 from trgl_pipe.live import LiveView, LocalBoard, Publisher
 from trgl_pipe.metrics import MetricsLogger, describe_argv, peak_memory_bytes
 from trgl_pipe.regimes import run_regime
+from trgl_pipe.runtime import preemption
+from trgl_pipe.runtime.worker import StageWorker, make_worker
 from trgl_pipe.summary import build_summary, print_summary, write_summary
-from trgl_pipe.worker import StageWorker, make_worker
 
 
 class Preempted(Exception):
@@ -76,7 +76,7 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
     preemption.install()
     t0 = time.time()
     if cfg.pipeline.transport == "sim":
-        from trgl_pipe.runtime import run_simulated
+        from trgl_pipe.runtime.sim import run_simulated
 
         ranks = run_simulated(ctx, workers, progress, preemption.requested)
         transport = "sim"

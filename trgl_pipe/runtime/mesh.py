@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from trgl_pipe.config import Config
 from trgl_pipe.errors import ConfigError, PipelineError
-from trgl_pipe.transport import PairGroups, create_pair_groups
+from trgl_pipe.runtime.transport import PairGroups, create_pair_groups
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-from trgl_pipe import preemption
-from trgl_pipe.buffer import Waiter
 from trgl_pipe.checkpoint import CheckpointWriter, find_resume, restore_workers
 from trgl_pipe.config import Config, save_config
 from trgl_pipe.context import (
@@ -27,16 +25,18 @@ from trgl_pipe.context import (
     prepare_out_dir,
     resolve_device,
 )
-from trgl_pipe.distributed import DistSession, LaunchEnv, check_launch, init_distributed, shutdown
 from trgl_pipe.errors import PipelineError, UserError
 from trgl_pipe.faults import Tracer
 from trgl_pipe.live import LiveView, Publisher, StoreBoard
 from trgl_pipe.metrics import MetricsLogger, describe_argv
-from trgl_pipe.runtime import run_worker, worker_stats
-from trgl_pipe.schedule import Position, parallel_stream
+from trgl_pipe.runtime import preemption
+from trgl_pipe.runtime.buffer import Waiter
+from trgl_pipe.runtime.loop import run_worker, worker_stats
+from trgl_pipe.runtime.mesh import DistSession, LaunchEnv, check_launch, init_distributed, shutdown
+from trgl_pipe.runtime.schedule import Position, parallel_stream
+from trgl_pipe.runtime.transport import DistInbox, DistOutbox, StreamInbox
+from trgl_pipe.runtime.worker import make_worker
 from trgl_pipe.summary import build_summary, print_summary, write_summary
-from trgl_pipe.transport import DistInbox, DistOutbox, StreamInbox
-from trgl_pipe.worker import make_worker
 
 STARTUP_TIMEOUT_S = 900.0  # rank 0 may spend minutes reading a large image folder
 

@@ -23,9 +23,9 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from trgl_pipe.buffer import CreditGate, Waiter
 from trgl_pipe.errors import PipelineError
-from trgl_pipe.messages import Kind, Message
+from trgl_pipe.runtime.buffer import CreditGate, Waiter
+from trgl_pipe.runtime.messages import Kind, Message
 
 HEADER = 8  # kind, n, epoch, batch, step, split, final, spare; then up to max_batch labels
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -11,8 +11,8 @@ from typing import Any
 
 import psutil
 
-from trgl_pipe.messages import SPLITS, Kind, Message
 from trgl_pipe.metrics import MetricsLogger, peak_memory_bytes
+from trgl_pipe.runtime.messages import SPLITS, Kind, Message
 from trgl_pipe.stage import Stage
 
 CheckpointHook = Callable[["StageWorker", Message], None]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from trgl_pipe.config import Config
 from trgl_pipe.data import Batches
-from trgl_pipe.messages import SPLITS, Kind, Message
+from trgl_pipe.runtime.messages import SPLITS, Kind, Message
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,67 @@
+"""The pipeline inside one process (``pipeline.transport=sim``): one thread per module.
+
+The threads run the same loop as the ranks (:func:`trgl_pipe.runtime.loop.run_worker`) with
+in-process bounded buffers; a test checks that this computes exactly what the synchronous
+parallel regime computes.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from trgl_pipe.errors import PipelineError
+from trgl_pipe.faults import Tracer
+from trgl_pipe.live import LiveView, LocalBoard, Publisher
+from trgl_pipe.runtime.buffer import LocalControl, Waiter
+from trgl_pipe.runtime.loop import run_worker, worker_stats
+from trgl_pipe.runtime.schedule import Position, parallel_stream
+from trgl_pipe.runtime.transport import StreamInbox, local_link
+from trgl_pipe.runtime.worker import StageWorker
+
+
+def run_simulated(
+    ctx: Any, workers: list[StageWorker], progress: Any = None, should_stop: Any = None
+) -> list[dict[str, Any]]:
+    """The pipeline inside one process: one thread per module, bounded in-process buffers.
+
+    Returns per-worker statistics. If a worker fails, the others stop within
+    ``pipeline.timeout_s`` and the first failure is raised here.
+    """
+    cfg = ctx.cfg
+    k = len(workers)
+    start = Position(progress.epoch, progress.batch, progress.step) if progress else Position()
+    control = LocalControl()
+    links = [local_link(cfg.pipeline.buffer_size, f"module {i}", f"module {i + 1}") for i in range(k - 1)]
+    inboxes = [
+        StreamInbox(parallel_stream(cfg, ctx.batches, start, should_stop or (lambda: False))),
+        *(inbox for _, inbox in links),
+    ]
+    outboxes = [*(outbox for outbox, _ in links), None]
+    board = LocalBoard()
+    errors: list[BaseException] = []
+    tracer = Tracer(Path(cfg.out_dir) / "trace.jsonl" if cfg.debug.trace else None)
+
+    def body(i: int) -> None:
+        waiter = Waiter(control, cfg.pipeline.timeout_s, f"module {i}")
+        publisher = Publisher(board, i, cfg.log.live_interval_s)
+        try:
+            run_worker(workers[i], inboxes[i], outboxes[i], waiter, publisher, tracer=tracer)
+        except BaseException as error:
+            errors.append(error)
+            if not isinstance(error, PipelineError) or not control.aborted:
+                control.abort(f"module {i} failed: {error}")
+
+    threads = [threading.Thread(target=body, args=(i,), name=f"module-{i}", daemon=True) for i in range(k)]
+    with LiveView(board, cfg.log.live, cfg.log.live_interval_s, "trgl_pipe · sim pipeline"):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+    tracer.close()
+    if errors:
+        primary = [e for e in errors if not isinstance(e, PipelineError)]
+        raise (primary or errors)[0]
+    return [worker_stats(w, outboxes[i], ctx.device, i) for i, w in enumerate(workers)]
