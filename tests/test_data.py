@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trgl_pipe.config import DataConfig
-from trgl_pipe.data import Batches, load_data
+from trgl_pipe.data import Batches, load_data, shard_bounds, steps_per_epoch
 from trgl_pipe.data.idx import write_idx
 from trgl_pipe.data.readers import read_cifar, read_image_folder, read_mnist_root, read_stl10
 from trgl_pipe.errors import DataError
@@ -170,10 +170,10 @@ def test_augmentation_crops_and_flips() -> None:
     data = load_data(cfg, seed=0)
     plain = Batches(data, cfg, seed=0)
     images = data.train.images[:64]
-    out = plain._augment(images, seed=1)
+    out = plain._augment(images, seed=1, n=64, first=0)
     assert out.shape == images.shape and out.dtype == torch.uint8
     assert not torch.equal(out, images)
-    assert torch.equal(out, plain._augment(images, seed=1))
+    assert torch.equal(out, plain._augment(images, seed=1, n=64, first=0))
     # every augmented image is a shifted, possibly mirrored crop of the zero-padded original
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     for i in range(8):
@@ -213,3 +213,33 @@ def test_class_balanced_train_subset_has_equal_classes() -> None:
     assert torch.equal(data.train.labels, again.train.labels)
     other = load_data(cfg, seed=4)
     assert not torch.equal(data.train.images, other.train.images)
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_replica_shards_partition_every_batch_whatever_the_number_of_replicas(replicas: int) -> None:
+    # The union of the shards is the global batch, with the same augmentation as one replica gets;
+    # a last batch smaller than the number of replicas is dropped (300 = 4 x 64 + 44, so kept).
+    cfg = DataConfig(source="embedded", val_size=100, train_size=300, batch_size=64, augment=True)
+    data = load_data(cfg, seed=0)
+    whole = list(Batches(data, cfg, seed=0).train_batches(epoch=1))
+    shards = [
+        list(Batches(data, cfg, 0, shard=(r, replicas)).train_batches(epoch=1)) for r in range(replicas)
+    ]
+    assert all(len(s) == len(whole) == 5 for s in shards)
+    for b, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([s[b][0] for s in shards]), x)
+        assert torch.equal(torch.cat([s[b][1] for s in shards]), y)
+        sizes = [len(s[b][1]) for s in shards]
+        assert max(sizes) - min(sizes) <= 1
+    evals = [list(Batches(data, cfg, 0, shard=(r, replicas)).eval_batches("val")) for r in range(replicas)]
+    whole_val = list(Batches(data, cfg, 0).eval_batches("val"))
+    assert all(len(e) == len(whole_val) for e in evals)
+    assert torch.equal(torch.cat([e[0][1] for e in evals]), whole_val[0][1])
+
+
+def test_a_last_batch_too_small_for_every_replica_is_dropped() -> None:
+    assert steps_per_epoch(300, 64, replicas=1) == 5
+    assert steps_per_epoch(258, 64, replicas=2) == 5  # 2 left: one each
+    assert steps_per_epoch(257, 64, replicas=2) == 4  # 1 left: dropped
+    assert shard_bounds(5, 0, 2) == (0, 3) and shard_bounds(5, 1, 2) == (3, 5)
+    assert shard_bounds(1, 1, 2) == (1, 1)  # an empty evaluation shard

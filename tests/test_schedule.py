@@ -71,9 +71,40 @@ def test_max_steps_ends_early_with_evaluation() -> None:
     assert _kinds(stream) == "TTTTT|TTeeeD|CS"
 
 
+def _stop_after(n: int):
+    """A stop check that turns true at its n-th call (0-based); it is asked before every batch."""
+    calls = iter(range(1000))
+    return lambda: next(calls) >= n
+
+
 def test_stop_request_checkpoints_the_current_position() -> None:
-    calls = iter(range(100))
-    stream = _stream("train.epochs=2", stop=lambda: next(calls) >= 6)
-    assert _kinds(stream)[-3:] == "TCS"
-    ckpt = stream[-2]
+    # 5 train batches and 3 eval batches per epoch: call 9 is before epoch 1's second batch
+    stream = _stream("train.epochs=2", stop=_stop_after(9))
+    assert _kinds(stream) == "TTTTTeeeD|C" + "TCS"
+    ckpt, stop = stream[-2], stream[-1]
     assert (ckpt.epoch, ckpt.batch, ckpt.step, ckpt.final) == (1, 1, 6, False)
+    assert stop.preempted and not any(m.preempted for m in stream[:-1])
+
+
+def test_a_stop_during_evaluation_does_not_wait_for_all_of_it() -> None:
+    stream = _stream("train.epochs=2", "checkpoint.every_epochs=0", stop=_stop_after(6))  # 2nd eval batch
+    assert _kinds(stream) == "TTTTTe" + "CS"
+    ckpt = stream[-2]
+    # "after epoch 0's training batches": resuming repeats that evaluation, then goes on
+    assert (ckpt.epoch, ckpt.batch, ckpt.step) == (0, 5, 5)
+    resumed = _stream("train.epochs=2", "checkpoint.every_epochs=0", start=Position(0, 5, 5))
+    assert _kinds(resumed) == "eeeD|" + "TTTTTeeeD|CS"
+
+
+def test_no_second_checkpoint_at_the_position_of_the_last_one() -> None:
+    # SIGTERM on the first batch after an epoch-end checkpoint: that checkpoint already holds the
+    # position, so the stream stops without writing (and so without replacing) it
+    stream = _stream("train.epochs=2", stop=_stop_after(8))
+    assert _kinds(stream) == "TTTTTeeeD|C" + "S"
+    assert stream[-1].preempted
+    # the same when the run resumed from that checkpoint and is stopped before its first batch
+    resumed = _stream("train.epochs=2", start=Position(1, 0, 5), stop=_stop_after(0))
+    assert _kinds(resumed) == "S" and resumed[0].preempted
+    # and after a mid-epoch checkpoint
+    stream = _stream("train.epochs=2", "checkpoint.every_steps=3", stop=_stop_after(3))
+    assert _kinds(stream) == "TTTCS"

@@ -2,9 +2,14 @@
 
 Layout: ``OUT_DIR/checkpoints/<progress:010d>/module-<k>.pt`` and ``meta.json``. A checkpoint is
 complete exactly when ``meta.json`` exists; every file is written atomically (temporary file,
-flush, fsync, rename). In the pipeline, rank k writes its shard when the CHECKPOINT marker
-reaches it, *before* passing the marker on; so when the marker reaches the last rank every other
-shard is on disk, and the last rank writes ``meta.json``. No rank waits for another.
+flush, fsync, rename). In the pipeline, the rank of module k writes its shard when the CHECKPOINT
+marker reaches it, *before* passing the marker on; so when the marker reaches the last module
+every other shard is on disk, and the last module writes ``meta.json``. No rank waits for another.
+With data-parallel replicas, replica 0 of each stage writes (the replicas hold the same weights).
+
+A complete checkpoint is never removed before its successor is complete: if a complete one
+already holds the counter being written (a run resumed from an earlier checkpoint reaches it
+again), the new shards go to ``<counter>.next`` and replace it only once that is complete.
 
 Shards hold only tensors and plain containers and are read with ``torch.load(weights_only=True)``.
 """
@@ -102,10 +107,20 @@ def write_shard(folder: Path, index: int, state: dict[str, Any]) -> Path:
 
 
 def meta_for(
-    cfg: Config, partition: Partition, progress: Progress, regime: str, model_info: dict | None = None
+    cfg: Config,
+    partition: Partition,
+    progress: Progress,
+    regime: str,
+    model_info: dict | None = None,
+    steps_per_epoch: int | None = None,
 ) -> dict[str, Any]:
     return {
         "model": model_info or {},
+        "steps_per_epoch": steps_per_epoch,
+        "layout": {
+            "modules_per_rank": cfg.pipeline.modules_per_rank,
+            "replicas": cfg.pipeline.replicas,
+        },
         "format": FORMAT,
         "regime": regime,
         "num_modules": len(partition),
@@ -136,15 +151,26 @@ def write_meta(folder: Path, meta: dict[str, Any], keep: int) -> None:
 
 def prune(root: Path, keep: int) -> None:
     """Keep the newest ``keep`` complete checkpoints; drop older ones and stale partial ones."""
-    complete = sorted(p for p in root.iterdir() if p.is_dir() and (p / META).is_file())
+    complete = _complete_folders(root)
     if not complete:
         return
-    newest = complete[-1].name
+    newest = int(complete[-1].name.partition(".")[0])
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for partial in root.iterdir():
-        if partial.is_dir() and not (partial / META).is_file() and partial.name < newest:
+        counter = partial.name.partition(".")[0]
+        stale = counter.isdigit() and int(counter) < newest
+        if partial.is_dir() and not (partial / META).is_file() and stale:
             shutil.rmtree(partial, ignore_errors=True)
+
+
+def _replace(folder: Path, successor: Path) -> None:
+    """Put the complete ``successor`` in place of the complete ``folder`` (never neither)."""
+    retired = folder.with_name(folder.name + ".old")
+    shutil.rmtree(retired, ignore_errors=True)
+    folder.rename(retired)  # from here until the next rename, ``successor`` is the complete one
+    successor.rename(folder)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def folder_for(out_dir: str | Path, progress: Progress) -> Path:
@@ -155,11 +181,21 @@ def folder_for(out_dir: str | Path, progress: Progress) -> Path:
 # Finding and loading
 
 
+def _complete_folders(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (``<counter>.next`` after ``<counter>`` on a tie)."""
+    found = []
+    for p in root.iterdir():
+        counter, _, suffix = p.name.partition(".")
+        if p.is_dir() and counter.isdigit() and suffix in ("", "next") and (p / META).is_file():
+            found.append((int(counter), suffix == "next", p))
+    return [p for *_, p in sorted(found)]
+
+
 def latest_complete(out_dir: str | Path) -> Path | None:
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return None
-    complete = sorted(p for p in root.iterdir() if p.is_dir() and (p / META).is_file())
+    complete = _complete_folders(root)
     return complete[-1] if complete else None
 
 
@@ -194,7 +230,12 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def check_compatible(
-    meta: dict[str, Any], cfg: Config, partition: Partition, regime: str, folder: Path
+    meta: dict[str, Any],
+    cfg: Config,
+    partition: Partition,
+    regime: str,
+    folder: Path,
+    steps_per_epoch: int | None = None,
 ) -> None:
     """Refuse a checkpoint that was made for another network, split or regime."""
     arch = {
@@ -212,6 +253,11 @@ def check_compatible(
         problems.append(f"its model is {meta['arch']}, the config's {arch}")
     if meta["regime"] != regime:
         problems.append(f"it was made by regime {meta['regime']}, the config says {regime}")
+    if steps_per_epoch is not None and meta.get("steps_per_epoch") not in (None, steps_per_epoch):
+        problems.append(
+            f"it has {meta['steps_per_epoch']} batches per epoch, this run {steps_per_epoch} (a last "
+            "partial batch smaller than pipeline.replicas is dropped; keep the number of replicas)"
+        )
     if meta["data"]["batch_size"] != cfg.data.batch_size:
         problems.append(
             f"its data.batch_size is {meta['data']['batch_size']}, the config's {cfg.data.batch_size}"
@@ -246,12 +292,18 @@ class CheckpointWriter:
     """The workers' checkpoint hook: write this module's shard; the last module writes meta.json."""
 
     def __init__(
-        self, cfg: Config, partition: Partition, regime: str, model_info: dict | None = None
+        self,
+        cfg: Config,
+        partition: Partition,
+        regime: str,
+        model_info: dict | None = None,
+        steps_per_epoch: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.partition = partition
         self.regime = regime
         self.model_info = model_info
+        self.steps_per_epoch = steps_per_epoch
 
     def __call__(self, worker: Any, msg: Any) -> None:
         progress = Progress(
@@ -262,32 +314,40 @@ class CheckpointWriter:
     def write(self, progress: Progress, workers: list[Any]) -> Path:
         """Write the shards of ``workers``; if the last module is among them, complete the checkpoint."""
         folder = folder_for(self.cfg.out_dir, progress)
+        # a complete checkpoint already holds this counter: write beside it, swap when complete
+        target = folder.with_name(folder.name + ".next") if (folder / META).is_file() else folder
         try:
             for worker in workers:
-                if worker.index == 0:
-                    # a checkpoint at this position from an earlier attempt is being replaced
-                    with contextlib.suppress(FileNotFoundError):
-                        (folder / META).unlink()
-                write_shard(folder, worker.index, worker.state_dict())
+                write_shard(target, worker.index, worker.state_dict())
             if any(w.index == len(self.partition) - 1 for w in workers):
-                meta = meta_for(self.cfg, self.partition, progress, self.regime, self.model_info)
-                write_meta(folder, meta, self.cfg.checkpoint.keep)
+                meta = meta_for(
+                    self.cfg, self.partition, progress, self.regime, self.model_info, self.steps_per_epoch
+                )
+                write_meta(target, meta, self.cfg.checkpoint.keep)
+                if target != folder:
+                    _replace(folder, target)
         except OSError as error:
             raise CheckpointError(
-                f"cannot write checkpoint {folder} ({error.strerror or error}); earlier checkpoints are "
+                f"cannot write checkpoint {target} ({error.strerror or error}); earlier checkpoints are "
                 "intact: free space or fix the folder, then continue with resume=auto"
             ) from error
         return folder
 
 
-def find_resume(cfg: Config, partition: Partition, regime: str) -> Path | None:
-    """The checkpoint ``resume`` names, checked against this run; None to start fresh."""
+def find_resume(
+    cfg: Config, partition: Partition, regime: str, steps_per_epoch: int | None = None
+) -> Path | None:
+    """The checkpoint ``resume`` names, checked against this run; None to start fresh.
+
+    The number of replicas and modules per rank may differ from the run that wrote it (shards are
+    per module), as long as the number of batches per epoch is the same.
+    """
     folder = resolve_resume(cfg)
     if folder is None:
         if cfg.resume == "auto":
             print("resume=auto: no complete checkpoint yet, starting from scratch", flush=True)
         return None
-    check_compatible(read_meta(folder), cfg, partition, regime, folder)
+    check_compatible(read_meta(folder), cfg, partition, regime, folder, steps_per_epoch)
     return folder
 
 

@@ -166,9 +166,12 @@ class OptimConfig:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of training
     gamma: float = 0.1  # step: LR factor at each milestone
     warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0  # of the cross-entropy of every head (0: plain CE)
 
     def __post_init__(self) -> None:
         _positive("optim.lr", self.lr)
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _non_negative("optim.momentum", self.momentum)
         _non_negative("optim.weight_decay", self.weight_decay)
         _non_negative("optim.warmup_epochs", self.warmup_epochs)
@@ -214,10 +217,17 @@ class PipelineConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     buffer_size: int = 2  # batches a module may run ahead of the next one
     timeout_s: float = 60.0  # a wait this long for a peer means the peer failed
+    # Layout of the ranks (dist only): each rank holds modules_per_rank consecutive modules (a
+    # stage), and each stage runs on `replicas` data-parallel ranks; world size = K / M * R.
+    modules_per_rank: int = 1
+    replicas: int = 1
+    sync_batchnorm: bool = False  # replicas share BatchNorm batch statistics (CUDA only)
 
     def __post_init__(self) -> None:
         _positive("pipeline.buffer_size", self.buffer_size)
         _positive("pipeline.timeout_s", self.timeout_s)
+        _positive("pipeline.modules_per_rank", self.modules_per_rank)
+        _positive("pipeline.replicas", self.replicas)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -226,11 +236,12 @@ class LogConfig:
 
     every_steps: int = 50  # training-step averages per module (1 = every step)
     live: Literal["auto", "rich", "plain", "off"] = "auto"  # auto: rich on a terminal
-    live_interval_s: float = 2.0
+    live_interval_s: float | None = None  # null: 2 s for the rich view, 30 s for plain blocks
 
     def __post_init__(self) -> None:
         _positive("log.every_steps", self.every_steps)
-        _positive("log.live_interval_s", self.live_interval_s)
+        if self.live_interval_s is not None:
+            _positive("log.live_interval_s", self.live_interval_s)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -255,11 +266,13 @@ class DebugConfig:
     raise_on_module: int = 0
     slow_module: int | None = None  # this module sleeps `slow_s` seconds in every training step
     slow_s: float = 0.0
+    slow_eval_s: float = 0.0  # ... and `slow_eval_s` seconds in every evaluation step
     trace: bool = False  # write each send and each consumed message, with times, to trace.jsonl
 
     def __post_init__(self) -> None:
         _non_negative("debug.raise_on_module", self.raise_on_module)
         _non_negative("debug.slow_s", self.slow_s)
+        _non_negative("debug.slow_eval_s", self.slow_eval_s)
         if self.raise_at_step is not None:
             _positive("debug.raise_at_step", self.raise_at_step)
 
@@ -293,6 +306,12 @@ class Config:
             )
         if self.resume is not None and self.overwrite:
             raise ConfigError("resume and overwrite=true contradict each other; choose one")
+        k, m = self.model.num_modules, self.pipeline.modules_per_rank
+        if k % m:
+            raise ConfigError(
+                f"pipeline.modules_per_rank={m} does not divide model.num_modules={k}; use a divisor of {k} "
+                f"({', '.join(str(d) for d in range(1, k + 1) if k % d == 0)})"
+            )
 
     @property
     def num_modules(self) -> int:

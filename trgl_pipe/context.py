@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from trgl_pipe.config import Config
 from trgl_pipe.cost import aux_head_factory, measure_costs
@@ -119,6 +121,7 @@ class RunContext:
     batches: Batches | None = None
     resume_from: str | None = None  # the checkpoint folder to continue from
     normalization: dict | None = None  # per-channel mean and std of the training images, in [0, 1]
+    _split_sizes: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_modules(self) -> int:
@@ -132,7 +135,8 @@ class RunContext:
     def max_batch(self) -> int:
         return max(self.cfg.data.batch_size, self.cfg.data.eval_batch_size)
 
-    def build_stage(self, index: int) -> Stage:
+    def build_stage(self, index: int, transform: Callable[[nn.Module], nn.Module] | None = None) -> Stage:
+        """Stage ``index``; ``transform`` rewrites its body and head before the optimizer is built."""
         return build_stage(
             self.cfg,
             self.parts,
@@ -142,6 +146,7 @@ class RunContext:
             self.total_steps,
             self.steps_per_epoch,
             self.device,
+            transform,
         )
 
     def shape_info(self) -> dict:
@@ -152,7 +157,15 @@ class RunContext:
             "input_shape": list(self.input_shape),
             "steps_per_epoch": self.steps_per_epoch,
             "normalization": self.normalization,
+            "split_sizes": self.split_sizes,
         }
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """Images in train / val / test (what a rank needs to know every batch size it will see)."""
+        if self.data is None:
+            return dict(self._split_sizes)
+        return {"train": len(self.data.train), "val": len(self.data.val), "test": len(self.data.test)}
 
     def model_info(self) -> dict:
         """What an exported model needs besides weights (stored in checkpoint meta.json)."""
@@ -163,14 +176,24 @@ class RunContext:
         }
 
 
-def build_context(cfg: Config, device: torch.device, data: DataSplits | None = None) -> RunContext:
-    """Load data, build the network's parts, resolve the partition."""
+def build_context(
+    cfg: Config,
+    device: torch.device,
+    data: DataSplits | None = None,
+    shard: tuple[int, int] = (0, 1),
+    partition: Partition | None = None,
+) -> RunContext:
+    """Load data, build the network's parts, resolve the partition (unless given).
+
+    ``shard``: this process is replica r of R and batches only its shard of every batch.
+    """
     start = time.time()
     if data is None:
         data = load_data(cfg.data, cfg.seed)
-    batches = Batches(data, cfg.data, cfg.seed)
+    batches = Batches(data, cfg.data, cfg.seed, shard=shard, pin_memory=device.type == "cuda")
     parts = build_parts(cfg, data.channels, data.num_classes)
-    partition = resolve_partition(cfg, parts, batches, data.num_classes, device)
+    if partition is None:
+        partition = resolve_partition(cfg, parts, batches, data.num_classes, device)
     return RunContext(
         cfg,
         device,
@@ -200,4 +223,5 @@ def context_from_shape_info(cfg: Config, device: torch.device, info: dict) -> Ru
         info["steps_per_epoch"],
         time.time(),
         normalization=info["normalization"],
+        _split_sizes=info["split_sizes"],
     )

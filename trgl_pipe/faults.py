@@ -16,34 +16,36 @@ class InjectedFault(RuntimeError):
     """Raised on purpose by ``debug.raise_at_step``."""
 
 
-def fault_hook(cfg: DebugConfig, module: int) -> Callable[[Any], None] | None:
-    """A per-step hook for module ``module`` that sleeps or raises as the debug keys ask."""
+def fault_hook(cfg: DebugConfig, module: int) -> Callable[[Any, bool], None] | None:
+    """A per-batch hook ``hook(worker, training)`` for module ``module`` that sleeps or raises as
+    the debug keys ask."""
     raise_here = cfg.raise_at_step is not None and cfg.raise_on_module == module
-    slow_here = cfg.slow_module == module and cfg.slow_s > 0
+    slow_here = cfg.slow_module == module and (cfg.slow_s > 0 or cfg.slow_eval_s > 0)
     if not (raise_here or slow_here):
         return None
 
-    def hook(worker: Any) -> None:
+    def hook(worker: Any, training: bool) -> None:
         if slow_here:
-            time.sleep(cfg.slow_s)
-        if raise_here and worker.stage.num_steps + 1 == cfg.raise_at_step:
+            time.sleep(cfg.slow_s if training else cfg.slow_eval_s)
+        if training and raise_here and worker.stage.num_steps + 1 == cfg.raise_at_step:
             raise InjectedFault(f"debug.raise_at_step={cfg.raise_at_step} reached in module {module}")
 
     return hook
 
 
 class Tracer:
-    """Appends ``{"event", "module", "index", "t"}`` lines; ``t`` is CLOCK_MONOTONIC, comparable
-    between processes of one host."""
+    """Appends ``{"event", "module", "index", "kind", "t"}`` lines; ``t`` is CLOCK_MONOTONIC,
+    comparable between processes of one host."""
 
     def __init__(self, path: Path | None) -> None:
         self._file = open(path, "a", buffering=1) if path is not None else None  # noqa: SIM115
         self._lock = threading.Lock()
 
-    def __call__(self, event: str, module: int, index: int) -> None:
+    def __call__(self, event: str, module: int, index: int, kind: str = "") -> None:
         if self._file is None:
             return
-        line = json.dumps({"event": event, "module": module, "index": index, "t": time.monotonic()})
+        record = {"event": event, "module": module, "index": index, "kind": kind, "t": time.monotonic()}
+        line = json.dumps(record)
         with self._lock:
             self._file.write(line + "\n")
 

@@ -9,6 +9,7 @@ C_k = Σ_m mean_b ‖r_m‖² over the module's residual blocks m (see models.bl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,6 +45,8 @@ class LocalObjective:
         self.s = cfg.s
         self.lam = torch.tensor(float(cfg.lambda_init), device=device)
         self.num_steps = 0
+        # data-parallel replicas average the CE that updates λ, so λ stays equal on all of them
+        self.average: Callable[[Tensor], Tensor] = lambda t: t
 
     def __call__(self, ce: Tensor, kinetic: Tensor) -> Tensor:
         """The loss to backpropagate at this training step."""
@@ -52,7 +55,7 @@ class LocalObjective:
             return ce
         if self.adaptive:
             if self.num_steps > 1 and (self.num_steps - 1) % self.s == 0:
-                self.lam.add_(ce.detach().float(), alpha=self.h)
+                self.lam.add_(self.average(ce.detach().float()), alpha=self.h)
             return ce + kinetic * self.lam.reciprocal()
         return ce + kinetic * (0.5 / self.tau)
 

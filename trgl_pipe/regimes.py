@@ -117,7 +117,7 @@ def run_regime(
     writer: CheckpointWriter | None = None,
 ) -> None:
     for worker in workers:
-        worker.clock.restart()
+        worker.restart_clock()
     if ctx.cfg.train.regime in ("sequential", "multilap"):
         run_sequential(ctx, workers, publishers, progress, should_stop, writer)
     else:

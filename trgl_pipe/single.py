@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,14 @@ from trgl_pipe.checkpoint import CheckpointWriter, find_resume, restore_workers
 from trgl_pipe.config import Config, save_config
 from trgl_pipe.context import RunContext, build_context, configure_torch, prepare_out_dir, resolve_device
 from trgl_pipe.live import LiveView, LocalBoard, Publisher
-from trgl_pipe.metrics import MetricsLogger, describe_argv, peak_memory_bytes
+from trgl_pipe.metrics import MetricsLogger, describe_argv
 from trgl_pipe.regimes import run_regime
 from trgl_pipe.runtime import preemption
+from trgl_pipe.runtime.clock import Clock, clock_for
+from trgl_pipe.runtime.loop import rank_stats
 from trgl_pipe.runtime.worker import StageWorker, make_worker
 from trgl_pipe.summary import build_summary, print_summary, write_summary
+from trgl_pipe.telemetry import Telemetry
 
 
 class Preempted(Exception):
@@ -26,22 +28,10 @@ class Preempted(Exception):
     exit_code = preemption.EXIT_CODE
 
 
-def _process_report(ctx: RunContext, workers: list[StageWorker]) -> dict[str, Any]:
-    clock = workers[0].clock.as_dict()
-    return {
-        "rank": 0,
-        "modules": [w.index for w in workers],
-        "device": str(ctx.device),
-        "host": socket.gethostname(),
-        "elapsed_s": clock["elapsed_s"],
-        "train_samples": clock["train_samples"],
-        "samples_per_s": clock["samples_per_s"],
-        "compute_s": round(sum(w.clock.compute_s for w in workers), 4),
-        "recv_wait_s": 0.0,
-        "send_wait_s": 0.0,
-        "mean_buffer_occupancy": None,
-        "peak_memory_bytes": peak_memory_bytes(ctx.device),
-    }
+def _process_report(
+    ctx: RunContext, workers: list[StageWorker], clock: Clock, telemetry: Telemetry
+) -> dict[str, Any]:
+    return {**rank_stats(workers, None, clock, ctx.device, 0), **telemetry.summary()}
 
 
 def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
@@ -68,24 +58,29 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    writer = CheckpointWriter(cfg, ctx.partition, cfg.train.regime, ctx.model_info())
+    writer = CheckpointWriter(cfg, ctx.partition, cfg.train.regime, ctx.model_info(), ctx.steps_per_epoch)
     stages = [ctx.build_stage(i) for i in range(ctx.num_modules)]
-    workers = [make_worker(s, cfg, logger, writer) for s in stages]
-    folder = find_resume(cfg, ctx.partition, cfg.train.regime)
+    simulated = cfg.pipeline.transport == "sim"
+    clock = clock_for(device)  # one process: one clock for all modules (sim: one per thread)
+    workers = [make_worker(s, cfg, logger, writer, None if simulated else clock) for s in stages]
+    telemetry = Telemetry(device)
+    folder = find_resume(cfg, ctx.partition, cfg.train.regime, ctx.steps_per_epoch)
     progress = restore_workers(folder, workers, logger) if folder is not None else None
     preemption.install()
     t0 = time.time()
-    if cfg.pipeline.transport == "sim":
+    if simulated:
         from trgl_pipe.runtime.sim import run_simulated
 
-        ranks = run_simulated(ctx, workers, progress, preemption.requested)
+        ranks = run_simulated(ctx, workers, progress, preemption.requested, telemetry)
         transport = "sim"
     else:
         board = LocalBoard()
-        publishers = [Publisher(board, w.index, cfg.log.live_interval_s) for w in workers]
-        with LiveView(board, cfg.log.live, cfg.log.live_interval_s, f"trgl_pipe · {cfg.train.regime}"):
+        publishers = [Publisher(board, f"module/{w.index}", cfg.log.live_interval_s) for w in workers]
+        title = f"trgl_pipe · {cfg.train.regime}"
+        with LiveView(board, cfg.log.live, cfg.log.live_interval_s, title, telemetry):
             run_regime(ctx, workers, publishers, progress, preemption.requested, writer)
-        ranks = [_process_report(ctx, workers)]
+        clock.settle()
+        ranks = [_process_report(ctx, workers, clock, telemetry)]
         transport = "none"
     wall = time.time() - t0
     if preemption.requested():

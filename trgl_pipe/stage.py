@@ -8,6 +8,7 @@ nothing about how its input arrives or where its output goes (see runtime and tr
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,21 @@ class ModuleBody(nn.Module):
         return x, total
 
 
+class LocalNet(nn.Module):
+    """T_k then F_k as one module: what a data-parallel replica wraps (one gradient all-reduce)."""
+
+    def __init__(self, body: ModuleBody, head: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(
+        self, x: Tensor, kinetic_grad: bool = True, per_block: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        out, energy = self.body(x, kinetic_grad=kinetic_grad, per_block=per_block)
+        return out, energy, self.head(out)
+
+
 @dataclass(frozen=True, slots=True)
 class StagePlan:
     """What module ``index`` of ``num_modules`` holds: blocks ``start..stop-1``."""
@@ -106,8 +122,18 @@ class _Sums:
         return {"loss": loss, "ce": ce, "kinetic": kinetic, "accuracy": correct}
 
 
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
 class Stage:
-    """Module k, its head, optimizer, schedule and objective; one per rank in the pipeline."""
+    """Module k, its head, optimizer, schedule and objective; one per rank in the pipeline.
+
+    Data parallelism is applied from outside (:mod:`trgl_pipe.runtime.replicas`): it wraps
+    ``net`` and sets ``reduce_sum`` (evaluation counts summed over the replicas) and
+    ``sync_buffers`` (BatchNorm statistics from replica 0 before an evaluation). Alone, both are
+    no-ops.
+    """
 
     def __init__(
         self,
@@ -129,17 +155,25 @@ class Stage:
             self.body.to(memory_format=torch.channels_last)
             self.head.to(memory_format=torch.channels_last)
         self.objective = LocalObjective(cfg.trgl, plan.index, plan.num_modules, device)
+        self.label_smoothing = cfg.optim.label_smoothing
         self.optimizer = build_optimizer(self.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps, steps_per_epoch)
         self.total_steps = total_steps
         self.autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+        self.compiled = cfg.train.compile
         if cfg.train.compile:
             self.body.compile()
             self.head.compile()
+        self.local_net = LocalNet(self.body, self.head)
+        self.net: nn.Module = self.local_net  # a DDP wrapper when the stage has replicas
+        self.reduce_sum: Callable[[Tensor], Tensor] = _identity
+        self.sync_buffers: Callable[[], None] = lambda: None
+        self._buffers_stale = True  # trained since the last evaluation: sync before evaluating
+        self.output_shape: tuple[int, ...] | None = None
+        self.output_dtype: torch.dtype | None = None
         self.num_steps = 0
         self.train_sums = _Sums(device)
-        self.eval_sums: dict[str, _Sums] = {}
-        self.eval_block_sums: dict[str, Tensor] = {}
+        self.eval_sums: dict[str, Tensor] = {}
         self._bad_step = torch.full((), -1, device=device, dtype=torch.int64)
         self.last_loss: Tensor | None = None
         self.last_kinetic: Tensor | None = None
@@ -170,21 +204,23 @@ class Stage:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)
 
+    def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        with self._autocast():
+            out, kinetic, logits = self.net(x, kinetic_grad=self.objective.enabled)
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        return out, kinetic, logits, ce, self.objective(ce, kinetic)
+
     def train_step(self, x: Tensor, y: Tensor) -> Tensor:
         """One local update of T_k and F_k; returns T_k(x) detached from the graph."""
         x, y = self._prepare(x, y)
-        self.body.train()
-        self.head.train()
-        with self._autocast():
-            out, kinetic = self.body(x, kinetic_grad=self.objective.enabled)
-            logits = self.head(out)
-        ce = F.cross_entropy(logits.float(), y)
-        loss = self.objective(ce, kinetic)
+        self.local_net.train()
+        out, kinetic, logits, ce, loss = self._loss(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         self.num_steps += 1
+        self._buffers_stale = True
         correct = (logits.detach().argmax(1) == y).sum()
         self.train_sums.add(loss, ce, kinetic, correct, int(y.shape[0]))
         bad = ~torch.isfinite(loss.detach())
@@ -200,40 +236,62 @@ class Stage:
         self.body.eval()
         with self._autocast():
             out, _ = self.body(x, kinetic_grad=False)
+        self.output_shape, self.output_dtype = tuple(out.shape[1:]), out.dtype
         return out
 
     @torch.no_grad()
     def eval_step(self, x: Tensor, y: Tensor, split: str) -> Tensor:
-        """Accumulate the accuracy of F_k∘G_k on ``split``; returns T_k(x) for the next module."""
+        """Accumulate the accuracy of F_k∘G_k on ``split``; returns T_k(x) for the next module.
+
+        Runs the module itself, not a replica wrapper: replicas evaluate their shards alone and
+        sum their counts at the end (:meth:`pop_eval_results`).
+        """
+        if self._buffers_stale:
+            self.sync_buffers()
+            self._buffers_stale = False
         x, y = self._prepare(x, y)
-        self.body.eval()
-        self.head.eval()
-        with self._autocast():
-            out, energies = self.body(x, kinetic_grad=False, per_block=True)
-            logits = self.head(out)
-        ce = F.cross_entropy(logits.float(), y)
-        correct = (logits.argmax(1) == y).sum()
         n = int(y.shape[0])
-        sums = self.eval_sums.setdefault(split, _Sums(self.device))
-        sums.add(ce, ce, energies.sum(), correct, n)
-        block_sums = self.eval_block_sums.get(split)
-        self.eval_block_sums[split] = energies.double() * n + (0 if block_sums is None else block_sums)
+        if n == 0:  # an empty shard of a last, small evaluation batch: nothing to count
+            shape = self.output_shape or tuple(self.body(x[:0], kinetic_grad=False)[0].shape[1:])
+            return torch.empty((0, *shape), device=self.device, dtype=self.output_dtype or x.dtype)
+        self.local_net.eval()
+        with self._autocast():
+            out, energies, logits = self.local_net(x, kinetic_grad=False, per_block=True)
+        ce = F.cross_entropy(logits.float(), y, reduction="sum")
+        correct = (logits.argmax(1) == y).sum()
+        # per split: [CE sum, correct, count, each block's kinetic energy summed over samples]
+        row = torch.cat(
+            [
+                torch.stack(
+                    [
+                        ce.double(),
+                        correct.double(),
+                        torch.tensor(float(n), device=self.device, dtype=torch.float64),
+                    ]
+                ),
+                energies.double() * n,
+            ]
+        )
+        total = self.eval_sums.get(split)
+        self.eval_sums[split] = row if total is None else total + row
         return out
 
-    def pop_eval_results(self) -> dict[str, dict[str, float]]:
-        """Accuracy, CE and kinetic energy per split since the last call, then reset."""
+    def pop_eval_results(self) -> dict[str, dict[str, Any]]:
+        """Accuracy, CE and kinetic energy per split since the last call (over all replicas)."""
         results = {}
         for split, sums in self.eval_sums.items():
-            means = sums.means()
+            total = self.reduce_sum(sums).tolist()
+            ce_sum, correct, count, blocks = total[0], total[1], total[2], total[3:]
+            count_or_one = max(1.0, count)
+            block_means = [b / count_or_one for b in blocks]
             results[split] = {
-                "accuracy": means["accuracy"],
-                "ce": means["ce"],
-                "kinetic_energy": means["kinetic"],
-                "block_kinetic_energy": (self.eval_block_sums[split] / max(1, sums.samples)).tolist(),
-                "count": sums.samples,
+                "accuracy": correct / count_or_one,
+                "ce": ce_sum / count_or_one,
+                "kinetic_energy": sum(block_means),
+                "block_kinetic_energy": block_means,
+                "count": int(count),
             }
         self.eval_sums = {}
-        self.eval_block_sums = {}
         return results
 
     def pop_train_stats(self) -> dict[str, float]:
@@ -242,6 +300,40 @@ class Stage:
         stats["samples"] = self.train_sums.samples
         self.train_sums.reset()
         return stats
+
+    def warm_up(
+        self,
+        feature_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        train_sizes: list[int],
+        eval_sizes: list[int],
+    ) -> None:
+        """Compile every batch size and mode this stage will see, before training starts.
+
+        torch.compile is lazy: without this, the first training step, the first evaluation and the
+        first partial batch would each stop this rank for a compile while its neighbours wait.
+        Runs forward and backward without an optimizer step and restores the BatchNorm buffers,
+        so the stage's state is unchanged. A no-op for eager stages.
+        """
+        if not self.compiled:
+            return
+        net = self.local_net
+        saved = {name: b.clone() for name, b in net.named_buffers()}
+        for n in dict.fromkeys(train_sizes):  # distinct sizes, in order
+            x = torch.zeros((n, *feature_shape), dtype=dtype, device=self.device)
+            net.train()
+            with self._autocast():
+                _, kinetic, logits = net(x, kinetic_grad=self.objective.enabled)
+            (logits.float().sum() + kinetic.float()).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            net.eval()
+            for n in dict.fromkeys(s for s in eval_sizes if s > 0):
+                x = torch.zeros((n, *feature_shape), dtype=dtype, device=self.device)
+                with self._autocast():
+                    net(x, kinetic_grad=False, per_block=True)
+            for name, b in net.named_buffers():
+                b.copy_(saved[name])
 
     def check_finite(self) -> None:
         """Raise if any local loss so far was NaN or infinite (one host sync)."""
@@ -300,12 +392,19 @@ def build_stage(
     total_steps: int,
     steps_per_epoch: int,
     device: torch.device,
+    transform: Callable[[nn.Module], nn.Module] | None = None,
 ) -> Stage:
-    """Stage ``index`` of ``partition`` (the stem goes with module 0)."""
+    """Stage ``index`` of ``partition`` (the stem goes with module 0).
+
+    ``transform`` rewrites the body and the head before the optimizer sees their parameters
+    (SyncBatchNorm for data-parallel replicas).
+    """
     start, stop = partition[index]
     plan = StagePlan(index, len(partition), start, stop)
     body = ModuleBody(
         parts.stem if plan.is_first else None, parts.blocks[start:stop], start, cfg.trgl.reduction
     )
     head = build_head(parts, plan, num_classes, cfg)
+    if transform is not None:
+        body, head = transform(body), transform(head)
     return Stage(plan, body, head, cfg, total_steps, steps_per_epoch, device)

@@ -49,7 +49,8 @@ def build_summary(
     modules = sorted(modules, key=lambda m: m["index"])
     best = best_module(modules)
     by_index = {m["index"]: m for m in modules}
-    train_samples = max((r.get("train_samples", 0) for r in ranks), default=0)
+    # samples through the network: what the first module's ranks (all replicas) trained on
+    train_samples = sum(r.get("train_samples", 0) for r in ranks if modules[0]["index"] in r["modules"])
     return {
         "regime": cfg.train.regime,
         "transport": transport,
@@ -78,6 +79,30 @@ def build_summary(
         "ranks": ranks,
         "versions": versions(),
     }
+
+
+def stage_figures(ranks: list[dict[str, Any]], num_stages: int) -> list[dict[str, Any]]:
+    """Per stage (its replicas together): throughput summed, times and memory of the slowest."""
+    stages = []
+    for s in range(num_stages):
+        members = [r for r in ranks if r.get("stage") == s]
+        if not members:
+            continue
+        stages.append(
+            {
+                "stage": s,
+                "modules": members[0]["modules"],
+                "ranks": [r["rank"] for r in members],
+                "replicas": len(members),
+                "train_samples": sum(r["train_samples"] for r in members),
+                "samples_per_s": round(sum(r["samples_per_s"] for r in members), 2),
+                "compute_s_max": max(r["compute_s"] for r in members),
+                "recv_wait_s_max": max(r["recv_wait_s"] for r in members),
+                "send_wait_s_max": max(r["send_wait_s"] for r in members),
+                "peak_memory_bytes_max": max(r["peak_memory_bytes"] for r in members),
+            }
+        )
+    return stages
 
 
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:

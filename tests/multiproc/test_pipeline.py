@@ -119,8 +119,12 @@ def test_a_rank_that_raises_ends_the_job_naming_it(tmp_path: Path) -> None:
     result = run_torchrun(3, args, timeout=200)
     elapsed = time.monotonic() - t0
     assert result.returncode != 0
-    assert "rank 1 failed: InjectedFault" in result.stderr
-    assert "stopping because rank 1 failed" in result.stderr or "lost rank 1" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    cause = "rank 1 (module 1) failed: InjectedFault: debug.raise_at_step=3 reached in module 1"
+    assert f"error: {cause}" in errors  # the failing rank, with its module
+    # its neighbours name the same cause, not only "lost rank 1"
+    assert f"error: rank 0: stopping because {cause}" in errors
+    assert f"error: rank 2: stopping because {cause}" in errors
     assert elapsed < 20 + 60  # the timeout, plus start-up of three processes on two cores
     assert not (tmp_path / "run" / "summary.json").exists()
 
@@ -174,8 +178,9 @@ def test_world_size_must_match_the_number_of_modules(tmp_path: Path) -> None:
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
-        "error: torchrun started 2 ranks but model.num_modules=3; start one rank per module "
-        "(--nproc_per_node=3) or set model.num_modules=2"
+        "error: torchrun started 2 ranks but model.num_modules=3 with pipeline.modules_per_rank=1 and "
+        "pipeline.replicas=1 needs (K/M)×R = (3/1)×1 = 3 ranks; start torchrun --nproc_per_node=3 ..., "
+        "or set pipeline.modules_per_rank=3 pipeline.replicas=2, or set model.num_modules=2"
     ]
 
 

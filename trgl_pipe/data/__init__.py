@@ -20,7 +20,15 @@ from trgl_pipe.data import readers
 from trgl_pipe.data.readers import ImageSet, RawDataset
 from trgl_pipe.errors import DataError
 
-__all__ = ["Batches", "DataSplits", "ImageSet", "load_data", "resolve_source"]
+__all__ = [
+    "Batches",
+    "DataSplits",
+    "ImageSet",
+    "load_data",
+    "resolve_source",
+    "shard_bounds",
+    "steps_per_epoch",
+]
 
 
 @dataclass(slots=True)
@@ -157,23 +165,54 @@ def _balanced(order: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Ten
     return order[keep[order]]  # in the seeded order, not grouped by class
 
 
-class Batches:
-    """Deterministic float batches of a :class:`DataSplits` for training and evaluation."""
+def shard_bounds(n: int, replica: int, replicas: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of a batch of ``n`` that replica ``replica`` of ``replicas`` takes.
 
-    def __init__(self, data: DataSplits, cfg: DataConfig, seed: int) -> None:
+    Contiguous shards whose sizes differ by at most one (the first ``n % replicas`` get one more).
+    """
+    base, extra = divmod(n, replicas)
+    start = replica * base + min(replica, extra)
+    return start, start + base + (1 if replica < extra else 0)
+
+
+def steps_per_epoch(num_train: int, batch_size: int, replicas: int = 1) -> int:
+    """Training batches per epoch; a last partial batch too small to give every replica a sample
+    is dropped (a replica cannot take a step on no data)."""
+    full, rest = divmod(num_train, batch_size)
+    return full + (1 if rest >= replicas else 0)
+
+
+class Batches:
+    """Deterministic float batches of a :class:`DataSplits` for training and evaluation.
+
+    ``shard=(r, R)``: replica r of R data-parallel replicas gets rows :func:`shard_bounds` of
+    every batch, and gathers, augments and normalises only those (so the input of each replica
+    shrinks as R grows). The global batch and its augmentation do not depend on R.
+    """
+
+    def __init__(
+        self,
+        data: DataSplits,
+        cfg: DataConfig,
+        seed: int,
+        shard: tuple[int, int] = (0, 1),
+        pin_memory: bool = False,
+    ) -> None:
         self.data = data
         self.batch_size = cfg.batch_size
         self.eval_batch_size = cfg.eval_batch_size
         self.augment = cfg.augment
         self.prefetch = cfg.num_workers
         self.seed = seed
+        self.replica, self.replicas = shard
+        self.pin_memory = pin_memory  # page-locked batches: non_blocking copies to a GPU really are
         self.padding = 2 if data.image_size <= 28 else 4
         self._mean = data.mean.view(1, -1, 1, 1)
         self._std = data.std.view(1, -1, 1, 1)
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-len(self.data.train) // self.batch_size)
+        return steps_per_epoch(len(self.data.train), self.batch_size, self.replicas)
 
     @property
     def max_batch(self) -> int:
@@ -187,40 +226,54 @@ class Batches:
         """uint8 images to standardised floats, with the same operations an exported model uses."""
         return (images.float() / 255 - self._mean) / self._std
 
+    def _finish(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.normalize(images)
+        if self.pin_memory:
+            x, labels = x.pin_memory(), labels.pin_memory()
+        return x, labels
+
     def train_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches ``start..`` of ``epoch``; the last one may be smaller than batch_size."""
+        """Batches ``start..`` of ``epoch`` (this replica's shard); the last may be smaller."""
         gen = torch.Generator().manual_seed(_mix(self.seed, 1, epoch))
         order = torch.randperm(len(self.data.train), generator=gen)
 
         def produce() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for b in range(start, self.steps_per_epoch):
                 index = order[b * self.batch_size : (b + 1) * self.batch_size]
-                images = self.data.train.images[index]
+                lo, hi = shard_bounds(len(index), self.replica, self.replicas)
+                images = self.data.train.images[index[lo:hi]]
                 if self.augment:
-                    images = self._augment(images, _mix(self.seed, 2, epoch, b))
-                yield self.normalize(images), self.data.train.labels[index]
+                    images = self._augment(images, _mix(self.seed, 2, epoch, b), len(index), lo)
+                yield self._finish(images, self.data.train.labels[index[lo:hi]])
 
         return _prefetched(produce(), self.prefetch) if self.prefetch else produce()
 
     def eval_batches(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every batch of ``split`` in order (this replica's shard, which may be empty)."""
         images = getattr(self.data, split)
         for i in range(0, len(images), self.eval_batch_size):
-            chunk = slice(i, i + self.eval_batch_size)
-            yield self.normalize(images.images[chunk]), images.labels[chunk]
+            n = min(self.eval_batch_size, len(images) - i)
+            lo, hi = shard_bounds(n, self.replica, self.replicas)
+            chunk = slice(i + lo, i + hi)
+            yield self._finish(images.images[chunk], images.labels[chunk])
 
-    def _augment(self, images: torch.Tensor, seed: int) -> torch.Tensor:
-        """Random crop after zero padding, and a random horizontal flip, per image."""
+    def _augment(self, images: torch.Tensor, seed: int, n: int, first: int) -> torch.Tensor:
+        """Random crop after zero padding, and a random horizontal flip, per image.
+
+        The random numbers are drawn for the whole batch of ``n`` and this shard uses rows
+        ``first..``, so an image is augmented the same way whatever the number of replicas.
+        """
         gen = torch.Generator().manual_seed(seed)
-        n, _, h, w = images.shape
+        m, _, h, w = images.shape
         p = self.padding
         padded = torch.nn.functional.pad(images, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-        flip = torch.rand(n, generator=gen) < 0.5
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=gen)[first : first + m]
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=gen)[first : first + m]
+        flip = (torch.rand(n, generator=gen) < 0.5)[first : first + m]
         rows = dy[:, None] + torch.arange(h)[None, :]
         cols = dx[:, None] + torch.arange(w)[None, :]
         cols = torch.where(flip[:, None], cols.flip(1), cols)
-        batch = torch.arange(n)[:, None, None]
+        batch = torch.arange(m)[:, None, None]
         out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
         return out.permute(0, 3, 1, 2).contiguous()
 

@@ -1,55 +1,77 @@
 """The loop every pipeline worker runs: receive → handle → release → send, until STOP.
 
-The same loop drives the threads of the ``sim`` transport and the torch.distributed ranks; only
-the inbox and outbox differ (see :mod:`trgl_pipe.runtime.transport`).
+A worker is a chain of one or more consecutive modules (``pipeline.modules_per_rank``): each
+module steps on its own loss right after its forward and hands its detached output to the next,
+exactly as the single-process parallel regime does. The same loop drives the threads of the
+``sim`` transport and the torch.distributed ranks; only the inbox and outbox differ (see
+:mod:`trgl_pipe.runtime.transport`).
 """
 
 from __future__ import annotations
 
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from trgl_pipe.live import Publisher
 from trgl_pipe.metrics import peak_memory_bytes
 from trgl_pipe.runtime.buffer import Waiter
-from trgl_pipe.runtime.messages import Kind
+from trgl_pipe.runtime.clock import Clock
+from trgl_pipe.runtime.messages import Kind, Message
 from trgl_pipe.runtime.transport import Inbox, Outbox
 from trgl_pipe.runtime.worker import StageWorker
+from trgl_pipe.telemetry import Telemetry
+
+
+def handle_chain(chain: Sequence[StageWorker], msg: Message) -> Message:
+    """Pass ``msg`` through consecutive modules in order (no locking between them)."""
+    for worker in chain:
+        msg = worker.handle(msg)
+    return msg
 
 
 def run_worker(
-    worker: StageWorker,
+    chain: Sequence[StageWorker],
     inbox: Inbox,
     outbox: Outbox | None,
     waiter: Waiter,
-    publisher: Publisher | None = None,
+    clock: Clock,
+    publishers: Sequence[Publisher] = (),
     poll: Callable[[], Any] | None = None,
-    tracer: Callable[[str, int, int], None] | None = None,
-) -> None:
-    """Process messages until STOP has been handled and passed on."""
-    clock = worker.clock
-    clock.restart()
+    tracer: Callable[..., None] | None = None,
+    monitor: tuple[Publisher, Telemetry] | None = None,
+) -> Message:
+    """Process messages until STOP has been handled and passed on; returns the STOP message."""
+    for worker in chain:
+        worker.restart_clock()
+    trace_id = chain[0].index
     received = sent = 0
     while True:
         t0 = time.perf_counter()
         msg = inbox.recv(waiter)
-        clock.recv_wait_s += time.perf_counter() - t0
-        out = worker.handle(msg)
+        clock.add_wait("recv_wait", time.perf_counter() - t0)
+        out = handle_chain(chain, msg)
         if tracer is not None:  # before the credit goes back, so the sender's next send is later
-            tracer("consumed", worker.index, received)
+            tracer("consumed", trace_id, received, msg.kind.name)
         received += 1
         inbox.release(msg)
         if outbox is not None:
-            clock.send_wait_s += outbox.send(out, waiter)
+            clock.add_wait("send_wait", outbox.send(out, waiter))
             if tracer is not None:
-                tracer("sent", worker.index, sent)
+                tracer("sent", trace_id, sent, out.kind.name)
             sent += 1
-        if publisher is not None and msg.kind is Kind.TRAIN and publisher.due():
-            snapshot = worker.live_snapshot()
-            if outbox is not None:
-                snapshot["buffer"] = outbox.gate.mean_occupancy
-            publisher.publish(snapshot)
+        if msg.kind is Kind.TRAIN:
+            for worker, publisher in zip(chain, publishers, strict=False):
+                if publisher.due():
+                    snapshot = worker.live_snapshot()
+                    snapshot["recv_wait_s"] = round(clock.total("recv_wait"), 2)
+                    snapshot["send_wait_s"] = round(clock.total("send_wait"), 2)
+                    if outbox is not None:
+                        snapshot["buffer"] = outbox.gate.mean_occupancy
+                    publisher.publish(snapshot)
+            if monitor is not None and monitor[0].due():
+                monitor[0].publish(monitor[1].sample())
         if poll is not None:
             poll()
         if msg.kind is Kind.STOP:
@@ -57,19 +79,29 @@ def run_worker(
     if outbox is not None:
         outbox.close(waiter)
     inbox.close(waiter)
+    clock.settle()
+    return msg
 
 
-def worker_stats(worker: StageWorker, outbox: Outbox | None, device: Any, rank: int) -> dict[str, Any]:
-    """Per-rank statistics for summary.json."""
-    import socket
-
-    clock = worker.clock.as_dict()
+def rank_stats(
+    chain: Sequence[StageWorker], outbox: Outbox | None, clock: Clock, device: Any, rank: int
+) -> dict[str, Any]:
+    """Per-rank (or per-thread) statistics for summary.json."""
+    elapsed = max(w.elapsed_s for w in chain)
+    samples = chain[0].train_samples
     return {
         "rank": rank,
-        "modules": [worker.index],
+        "modules": [w.index for w in chain],
         "device": str(device),
         "host": socket.gethostname(),
-        **clock,
+        "clock": clock.kind,
+        "elapsed_s": round(elapsed, 4),
+        "train_samples": samples,
+        "samples_per_s": round(samples / elapsed, 2) if elapsed > 0 else 0.0,
+        "compute_s": round(sum(w.compute_s for w in chain), 4),
+        "train_compute_s": round(sum(w.train_compute_s for w in chain), 4),
+        "recv_wait_s": round(clock.total("recv_wait"), 4),
+        "send_wait_s": round(clock.total("send_wait"), 4),
         "mean_buffer_occupancy": None if outbox is None else outbox.gate.mean_occupancy,
         "max_buffer_occupancy": None if outbox is None else outbox.gate.max_in_flight,
         "buffer_size": None if outbox is None else outbox.gate.capacity,

@@ -1,9 +1,11 @@
-"""Process-group setup for the pipeline: one rank per module, started by torchrun.
+"""Process groups of the pipeline: a ("pp", "dp") DeviceMesh over the ranks torchrun started.
 
 Control (headers, credits, abort flag, progress, results) goes over gloo and the rendezvous
 key-value store; activations go over NCCL when every rank has a GPU of its own, else over gloo
-(with host-staged copies when the ranks share GPUs: NCCL refuses two ranks on one GPU and gloo
-cannot send CUDA tensors).
+(host-staged when ranks share a GPU: NCCL refuses two ranks on one GPU and gloo cannot send CUDA
+tensors). One default group carries both: ``cpu:gloo,cuda:nccl`` dispatches each tensor to the
+backend of its device, so the mesh's groups need no bookkeeping of their own. A stage's replicas
+average gradients over the mesh's "dp" group; neighbouring stages talk over the "pp" group.
 """
 
 from __future__ import annotations
@@ -11,17 +13,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from trgl_pipe.config import Config
 from trgl_pipe.errors import ConfigError, PipelineError
-from trgl_pipe.runtime.transport import PairGroups, create_pair_groups
+from trgl_pipe.runtime.layout import Layout, check_world_size
 
 
 @dataclass(frozen=True)
@@ -58,22 +63,59 @@ class LaunchEnv:
             agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true",
         )
 
+    @property
+    def nnodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
 
-def check_launch(cfg: Config, env: LaunchEnv) -> None:
+
+def layout_of(cfg: Config) -> Layout:
+    return Layout(cfg.model.num_modules, cfg.pipeline.modules_per_rank, cfg.pipeline.replicas)
+
+
+def check_launch(cfg: Config, env: LaunchEnv) -> Layout:
     """One-line errors for launches that cannot work, before any process group exists."""
     if cfg.train.regime != "parallel":
         raise ConfigError(
             f"train.regime={cfg.train.regime} cannot run across ranks (only parallel can: sequential "
             "regimes train one module at a time); run it in one process with python -m trgl_pipe.run"
         )
-    if env.world_size != cfg.model.num_modules:
-        raise ConfigError(
-            f"torchrun started {env.world_size} ranks but model.num_modules={cfg.model.num_modules}; "
-            f"start one rank per module (--nproc_per_node={cfg.model.num_modules}) or set "
-            f"model.num_modules={env.world_size}"
-        )
     if cfg.pipeline.transport == "sim":
         raise ConfigError("pipeline.transport=sim runs in one process; start it without torchrun")
+    layout = layout_of(cfg)
+    check_world_size(layout, env.world_size, env.nnodes)
+    return layout
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures: one record on the store names the rank that failed first and why
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The first failure of the run, as every rank learns it from the store."""
+
+    rank: int
+    modules: list[int]
+    message: str  # follows "rank k (module m)": ": <reason>" or " failed: <exception>"
+    code: int
+    user_error: bool  # the cause is bad input the failing rank already explained
+
+    def describe(self) -> str:
+        where = f"rank {self.rank}" + (f" (module {_modules_text(self.modules)})" if self.modules else "")
+        return f"{where}{self.message}"
+
+
+def _modules_text(modules: list[int]) -> str:
+    return str(modules[0]) if len(modules) == 1 else f"{modules[0]}-{modules[-1]}"
+
+
+class AbortedError(PipelineError):
+    """Another rank failed first; ``failure`` says which and why."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(f"stopping because {failure.describe()}")
+        self.failure = failure
+        self.exit_code = failure.code
 
 
 class StoreControl:
@@ -89,23 +131,94 @@ class StoreControl:
         if now < self._next:
             return
         self._next = now + self.every_s
-        if self.store.check(["abort"]):
-            raise PipelineError(f"stopping because {self.store.get('abort').decode()}")
+        failure = self.failure()
+        if failure is not None:
+            raise AbortedError(failure)
 
-    def abort(self, message: str) -> None:
-        # the store may be gone with the failed rank; torchrun still stops the others then
+    def failure(self) -> Failure | None:
+        """The recorded failure, if any (one store round trip)."""
+        try:
+            if not self.store.check(["abort"]):
+                return None
+            raw = self.store.get("abort").decode()
+        except Exception:  # the store went down with rank 0: the caller's own error stands
+            return None
+        try:
+            return Failure(**json.loads(raw))
+        except (ValueError, TypeError):
+            return Failure(-1, [], f": {raw}", 1, False)
+
+    def wait_for_failure(self, grace_s: float) -> Failure | None:
+        """A failure recorded within ``grace_s``: a rank posts its cause before its sockets close,
+        so a neighbour that sees the connection drop finds the cause here."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            failure = self.failure()
+            if failure is not None or time.monotonic() >= deadline:
+                return failure
+            time.sleep(0.05)
+
+    def abort(self, failure: Failure) -> None:
+        """Record ``failure`` unless another rank recorded one first."""
+        record = json.dumps(failure.__dict__)
+        # the store may be gone with a failed rank 0; torchrun still stops the others then
         with contextlib.suppress(Exception):
-            self.store.compare_set("abort", "", message)
+            self.store.compare_set("abort", "", record)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and backends
+
+
+def device_identity(device: torch.device) -> str:
+    """The physical device behind ``device``: host and GPU UUID (CUDA_VISIBLE_DEVICES-proof)."""
+    if device.type != "cuda":
+        return "cpu"
+    uuid = str(getattr(torch.cuda.get_device_properties(device), "uuid", device.index))
+    return f"{socket.gethostname()}/{uuid}"
+
+
+def choose_data_backend(requested: str, identities: list[str]) -> str:
+    """NCCL when every rank has a GPU no other rank uses, else gloo (host-staged for GPUs).
+
+    ``identities`` holds :func:`device_identity` of every rank. One visible GPU per rank (Slurm's
+    ``CUDA_VISIBLE_DEVICES`` per task) is a GPU of its own, however the devices are numbered.
+    """
+    on_gpu = [i for i in identities if i != "cpu"]
+    own = len(on_gpu) == len(identities) and len(set(on_gpu)) == len(on_gpu)
+    if requested == "nccl" and not own:
+        shared = len(on_gpu) - len(set(on_gpu))
+        why = (
+            f"{len(identities) - len(on_gpu)} ranks have no GPU"
+            if len(on_gpu) < len(identities)
+            else f"{shared} ranks share a GPU with another rank"
+        )
+        raise ConfigError(
+            f"pipeline.backend=nccl needs a GPU of its own on every rank, but {why}; "
+            "use pipeline.backend=gloo or auto"
+        )
+    return "nccl" if own and requested in ("auto", "nccl") else "gloo"
 
 
 @dataclass
 class DistSession:
     env: LaunchEnv
+    layout: Layout
     store: Any
     control: StoreControl
     data_backend: str
-    staged: bool
-    pairs: list[PairGroups]
+    staged: bool  # activations on a GPU sent by gloo through pinned host memory
+    mesh: Any  # DeviceMesh ("pp", "dp")
+    pp_group: Any
+    dp_group: Any
+
+    @property
+    def stage(self) -> int:
+        return self.layout.stage_of(self.env.rank)
+
+    @property
+    def replica(self) -> int:
+        return self.layout.replica_of(self.env.rank)
 
     def publish_json(self, key: str, value: Any) -> None:
         self.store.set(key, json.dumps(value))
@@ -120,15 +233,9 @@ class DistSession:
         return json.loads(self.store.get(key))
 
 
-def _own_gpu(device: torch.device, env: LaunchEnv) -> bool:
-    return device.type == "cuda" and env.local_world_size <= torch.cuda.device_count()
-
-
-def init_distributed(
-    cfg: Config, env: LaunchEnv, device: torch.device, startup_timeout_s: float
-) -> DistSession:
-    """Connect to the rendezvous store, agree on the data backend, create the process groups."""
-    raw_store = dist.TCPStore(
+def connect_store(env: LaunchEnv, startup_timeout_s: float) -> Any:
+    """The rendezvous store (torchrun's own when it offers one), namespaced by restart."""
+    raw = dist.TCPStore(
         env.master_addr,
         env.master_port,
         env.world_size,
@@ -136,35 +243,76 @@ def init_distributed(
         timeout=timedelta(seconds=startup_timeout_s),
         wait_for_workers=False,
     )
-    store = dist.PrefixStore(f"trgl_pipe/{env.restart_count}", raw_store)
-    control = StoreControl(store)
-    requested = cfg.pipeline.backend
-    if requested == "nccl" and not _own_gpu(device, env):
-        raise ConfigError(
-            f"pipeline.backend=nccl but rank {env.rank} has no GPU of its own ({torch.cuda.device_count()} "
-            f"GPUs for {env.local_world_size} ranks on this host); use pipeline.backend=gloo or auto"
-        )
-    mine = "nccl" if requested in ("auto", "nccl") and _own_gpu(device, env) else "gloo"
-    store.set(f"backend/{env.rank}", mine)
-    store.wait([f"backend/{r}" for r in range(env.world_size)], timedelta(seconds=startup_timeout_s))
-    choices = {store.get(f"backend/{r}").decode() for r in range(env.world_size)}
-    data_backend = "nccl" if choices == {"nccl"} else "gloo"
+    return dist.PrefixStore(f"trgl_pipe/{env.restart_count}", raw)
+
+
+def agree_on_backend(
+    cfg: Config,
+    env: LaunchEnv,
+    store: Any,
+    control: StoreControl,
+    device: torch.device,
+    startup_timeout_s: float,
+) -> str:
+    """Every rank posts its device; all compute the same backend from the same list."""
+    store.set(f"device/{env.rank}", device_identity(device))
+    keys = [f"device/{r}" for r in range(env.world_size)]
+    deadline = time.monotonic() + startup_timeout_s
+    while not store.check(keys):
+        control.check()  # a rank that failed before posting its device has recorded why
+        if time.monotonic() > deadline:
+            raise PipelineError(f"rank {env.rank}: waited {startup_timeout_s:g} s for every rank to start")
+        time.sleep(0.05)
+    identities = [store.get(k).decode() for k in keys]
+    return choose_data_backend(cfg.pipeline.backend, identities)
+
+
+def init_distributed(
+    cfg: Config,
+    env: LaunchEnv,
+    layout: Layout,
+    device: torch.device,
+    store: Any,
+    control: StoreControl,
+    startup_timeout_s: float,
+) -> DistSession:
+    """Agree on the data backend, create the default group and the ("pp", "dp") mesh."""
+    data_backend = agree_on_backend(cfg, env, store, control, device, startup_timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    group_timeout = timedelta(seconds=max(1800.0, 10 * cfg.pipeline.timeout_s))
+    backend = "cpu:gloo,cuda:nccl" if data_backend == "nccl" else "gloo"
+    timeout = timedelta(seconds=cfg.pipeline.timeout_s)
     dist.init_process_group(
-        "gloo",
+        backend,
         store=dist.PrefixStore("pg", store),
         rank=env.rank,
         world_size=env.world_size,
-        timeout=group_timeout,
+        timeout=timedelta(seconds=max(startup_timeout_s, cfg.pipeline.timeout_s)),
     )
-    pairs = create_pair_groups(env.world_size, data_backend)
+    mesh = init_device_mesh(device.type, layout.mesh_shape, mesh_dim_names=("pp", "dp"))
+    pp_group, dp_group = mesh.get_group("pp"), mesh.get_group("dp")
+    # A peer that does not answer within pipeline.timeout_s has failed: the same limit for every
+    # wait inside torch.distributed (NCCL's watchdog included) as for the runtime's own waits.
+    # (torchtitan sets its mesh groups' timeouts the same way; newer torch renamed the function
+    # set_timeout and warns about the old name, which every supported version still has.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for group in (pp_group, dp_group):
+            dist.distributed_c10d._set_pg_timeout(timeout, group)
     staged = device.type == "cuda" and data_backend == "gloo"
-    return DistSession(env, store, control, data_backend, staged, pairs)
+    return DistSession(env, layout, store, control, data_backend, staged, mesh, pp_group, dp_group)
 
 
 def shutdown(session: DistSession, timeout_s: float) -> None:
-    """Every rank meets here, then the process groups are destroyed."""
-    dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+    """Every rank meets here (on the store, so any backend works), then the groups are destroyed."""
+    env = session.env
+    session.store.set(f"done/{env.rank}", "1")
+    keys = [f"done/{r}" for r in range(env.world_size)]
+    deadline = time.monotonic() + timeout_s
+    while not session.store.check(keys):
+        session.control.check()
+        if time.monotonic() > deadline:
+            missing = [r for r in range(env.world_size) if not session.store.check([f"done/{r}"])]
+            raise PipelineError(f"rank {env.rank}: waited {timeout_s:g} s for ranks {missing} to finish")
+        time.sleep(0.05)
     dist.destroy_process_group()

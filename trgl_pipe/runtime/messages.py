@@ -40,6 +40,7 @@ class Message:
     step: int = 0  # TRAIN: global step; CHECKPOINT: number of steps done
     split: int = 0  # EVAL: index into SPLITS
     final: bool = False  # EVAL_DONE / CHECKPOINT: the last one of the run
+    preempted: bool = False  # STOP: the run stops early (SIGTERM); every rank exits with 143
 
     @property
     def num_samples(self) -> int:

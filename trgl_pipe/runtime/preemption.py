@@ -1,8 +1,12 @@
 """SIGTERM (Slurm preemption, scancel, torchrun stopping a job) asks training to stop cleanly.
 
-The handler only sets a flag. The data stream checks it between batches and ends the stream
-with a checkpoint at the current position followed by STOP, so every module saves the same cut
-and every process exits in order. ``resume=auto`` continues from there.
+The handler only sets a flag. The data stream checks it before every training and evaluation
+batch and ends the stream with a checkpoint at the current position followed by a STOP marked
+"preempted", so every module saves the same cut and every rank learns the decision from the
+stream it receives: all exit with 143 or none does. ``resume=auto`` continues from there.
+In the pipeline a rank that gets SIGTERM alone tells the first stage through the store; the
+replicas of the first stage agree on the batch to stop at with an all-reduce, since their
+streams must stay in step.
 """
 
 from __future__ import annotations
@@ -47,3 +51,21 @@ def shared_flag(store: Any, rank: int, every_s: float = 0.5) -> Callable[[], boo
         return _requested.is_set() or state["seen"]
 
     return check
+
+
+def agreed(check: Callable[[], bool], group: Any) -> Callable[[], bool]:
+    """``check`` made collective over ``group``: true on every member as soon as it is on one.
+
+    Every member must call it at the same points of its stream (the first stage's replicas do).
+    """
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.zeros(1, dtype=torch.int64)
+
+    def collective() -> bool:
+        flag.fill_(1 if check() else 0)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item())
+
+    return collective

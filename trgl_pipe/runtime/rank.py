@@ -1,8 +1,16 @@
-"""The program of one pipeline rank under torchrun: rank k trains module k.
+"""The program of one pipeline rank under torchrun.
 
-Rank 0 reads the data and sends batches into the pipeline; every rank receives from the rank
-before it, trains its module on each batch, and sends the detached output on. At the end rank 0
-collects every rank's results through the store and writes summary.json.
+Ranks form a (stage, replica) mesh (:mod:`trgl_pipe.runtime.layout`): the rank of stage s holds
+modules s·M … s·M+M−1 and, with R replicas, trains on shard r of every batch. Global rank 0 reads
+the data first, decides the split and whether to resume, and shares that through the store; the
+first stage's other replicas read their shards themselves. Every rank receives from the rank
+before it (same replica), trains its modules on each batch, and sends the detached output on.
+At the end rank 0 collects every rank's results through the store and writes summary.json.
+
+Failures: a rank that fails records its rank, modules and reason on the store before it exits
+and prints one line; the others stop at their next wait and report that cause (a neighbour that
+only saw the connection drop looks the cause up first). Exit codes are those of the same error
+in one process (2 for bad input, 3 for a non-finite loss, 1 otherwise, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -25,50 +33,83 @@ from trgl_pipe.context import (
     prepare_out_dir,
     resolve_device,
 )
+from trgl_pipe.data import load_data, shard_bounds
 from trgl_pipe.errors import PipelineError, UserError
 from trgl_pipe.faults import Tracer
 from trgl_pipe.live import LiveView, Publisher, StoreBoard
 from trgl_pipe.metrics import MetricsLogger, describe_argv
 from trgl_pipe.runtime import preemption
 from trgl_pipe.runtime.buffer import Waiter
-from trgl_pipe.runtime.loop import run_worker, worker_stats
-from trgl_pipe.runtime.mesh import DistSession, LaunchEnv, check_launch, init_distributed, shutdown
+from trgl_pipe.runtime.clock import clock_for
+from trgl_pipe.runtime.layout import Layout
+from trgl_pipe.runtime.loop import rank_stats, run_worker
+from trgl_pipe.runtime.mesh import (
+    AbortedError,
+    DistSession,
+    Failure,
+    LaunchEnv,
+    StoreControl,
+    check_launch,
+    connect_store,
+    init_distributed,
+    shutdown,
+)
+from trgl_pipe.runtime.replicas import replicate, sync_batchnorm
 from trgl_pipe.runtime.schedule import Position, parallel_stream
 from trgl_pipe.runtime.transport import DistInbox, DistOutbox, StreamInbox
 from trgl_pipe.runtime.worker import make_worker
-from trgl_pipe.summary import build_summary, print_summary, write_summary
+from trgl_pipe.summary import build_summary, print_summary, stage_figures, write_summary
+from trgl_pipe.telemetry import Telemetry
 
-STARTUP_TIMEOUT_S = 900.0  # rank 0 may spend minutes reading a large image folder
+STARTUP_TIMEOUT_S = 900.0  # rank 0 may spend minutes reading a large image folder, ranks compiling
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: what to build, from the data rank 0 reads
 
 
 def _setup(cfg: Config, session: DistSession, device: torch.device) -> RunContext:
-    """Rank 0 reads the data and shares the shapes; the others build from those."""
-    rank = session.env.rank
+    """Rank 0 reads the data and decides split and resume; the others build from what it shares."""
+    rank, layout = session.env.rank, session.layout
+    shard = (session.replica, layout.replicas)
     if rank == 0:
-        try:
-            prepare_out_dir(cfg)
-            ctx = build_context(cfg, device)
-            save_config(cfg, Path(cfg.out_dir) / "config.yaml")
-            folder = find_resume(cfg, ctx.partition, "parallel")
-        except UserError as error:  # the other ranks exit quietly with the same code
-            session.publish_json("setup", {"error": str(error), "code": error.exit_code})
-            raise
+        prepare_out_dir(cfg)
+        ctx = build_context(cfg, device, shard=shard)
+        save_config(cfg, Path(cfg.out_dir) / "config.yaml")
+        folder = find_resume(cfg, ctx.partition, "parallel", ctx.steps_per_epoch)
         ctx.resume_from = None if folder is None else str(folder)
         session.publish_json("setup", {**ctx.shape_info(), "resume": ctx.resume_from})
         return ctx
     info = session.wait_json("setup", STARTUP_TIMEOUT_S, "rank 0 to read the data")
-    if "error" in info:
-        raise _QuietExit(info["code"])
-    ctx = context_from_shape_info(cfg, device, info)
+    if session.stage == 0:  # another replica of the first stage: it reads its own shards
+        data = load_data(cfg.data, cfg.seed)
+        partition = [tuple(r) for r in info["partition"]]
+        ctx = build_context(cfg, device, data, shard=shard, partition=partition)
+    else:
+        ctx = context_from_shape_info(cfg, device, info)
     ctx.resume_from = info["resume"]
     return ctx
 
 
-class _QuietExit(Exception):
-    """Rank 0 already printed the user's error; the others just exit with its code."""
+def batch_sizes(cfg: Config, ctx: RunContext, replica: int, replicas: int) -> tuple[list[int], list[int]]:
+    """Every batch size this replica's modules will see: training shards, evaluation shards."""
+    sizes = ctx.split_sizes
+    b, spe = cfg.data.batch_size, ctx.steps_per_epoch
+    train = [b]
+    if spe * b > sizes["train"]:  # the last batch is partial
+        train.append(sizes["train"] - (spe - 1) * b)
+    evals = []
+    for split in ("val", "test"):
+        n = sizes[split]
+        evals.append(min(cfg.data.eval_batch_size, n))
+        if n % cfg.data.eval_batch_size:
+            evals.append(n % cfg.data.eval_batch_size)
 
-    def __init__(self, code: int) -> None:
-        self.code = code
+    def shard(n: int) -> int:
+        lo, hi = shard_bounds(n, replica, replicas)
+        return hi - lo
+
+    return [shard(n) for n in train], [shard(n) for n in evals]
 
 
 def _metrics_path(out_dir: Path, rank: int) -> Path:
@@ -85,10 +126,22 @@ def _merge_metrics(out_dir: Path, world_size: int) -> None:
                 path.unlink()
 
 
-def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
-    """Train this rank's module; False if training stopped early on SIGTERM."""
+def _ready_barrier(session: DistSession) -> None:
+    """All ranks start training together: none waits on a neighbour still compiling."""
     env = session.env
-    rank, world = env.rank, env.world_size
+    session.store.set(f"ready/{env.rank}", "1")
+    for r in range(env.world_size):
+        session.wait_json(f"ready/{r}", STARTUP_TIMEOUT_S, f"rank {r} to get ready")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
+    """Train this rank's modules; False if the run stopped early on SIGTERM (every rank agrees)."""
+    env, layout = session.env, session.layout
+    rank, stage_index, replica = env.rank, session.stage, session.replica
     out_dir = Path(cfg.out_dir)
     logger = MetricsLogger(_metrics_path(out_dir, rank), start_time=ctx.start_time)
     if rank == 0:
@@ -98,97 +151,169 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
             regime="parallel",
             partition=ctx.partition,
             data=ctx.data.describe(),
-            world_size=world,
+            world_size=env.world_size,
             backend=session.data_backend,
+            layout=layout.describe(),
         )
         print(f"data: {ctx.data.describe()}", flush=True)
         print(
-            f"pipeline: {world} ranks · blocks per module {[b - a for a, b in ctx.partition]} · "
+            f"pipeline: {layout.describe()} · blocks per module {[b - a for a, b in ctx.partition]} · "
             f"activations over {session.data_backend}{' (host-staged)' if session.staged else ''}",
             flush=True,
         )
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-    stage = ctx.build_stage(rank)
-    worker = make_worker(
-        stage, cfg, logger, CheckpointWriter(cfg, ctx.partition, "parallel", ctx.model_info())
-    )
+    device = ctx.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    transform = None
+    if cfg.pipeline.sync_batchnorm and layout.replicas > 1:
+        transform = lambda module: sync_batchnorm(module, session.dp_group)  # noqa: E731
+    stages = [ctx.build_stage(k, transform) for k in layout.modules_of_stage(stage_index)]
+    for stage in stages:
+        replicate(stage, session.dp_group)
+    writer = None
+    if replica == 0:  # the replicas hold the same weights: one of them writes
+        writer = CheckpointWriter(cfg, ctx.partition, "parallel", ctx.model_info(), ctx.steps_per_epoch)
+    clock = clock_for(device)
+    fields = {"replica": replica} if layout.replicas > 1 else {}
+    chain = [make_worker(stage, cfg, logger, writer, clock, fields) for stage in stages]
     start = Position()
     if ctx.resume_from is not None:
-        progress = restore_workers(Path(ctx.resume_from), [worker], logger, announce=rank == 0)
+        progress = restore_workers(Path(ctx.resume_from), chain, logger, announce=rank == 0)
         start = Position(progress.epoch, progress.batch, progress.step)
     should_stop = preemption.shared_flag(session.store, rank)
     capacity = cfg.pipeline.buffer_size
+    previous, following = layout.previous_rank(rank), layout.next_rank(rank)
     inbox: Any
-    if rank == 0:
-        inbox = StreamInbox(parallel_stream(cfg, ctx.batches, start, should_stop))
+    if previous is None:
+        stream_stop = should_stop
+        if layout.replicas > 1:
+            stream_stop = preemption.agreed(should_stop, session.dp_group)
+        inbox = StreamInbox(parallel_stream(cfg, ctx.batches, start, stream_stop))
         in_shape, in_dtype = ctx.input_shape, torch.float32
     else:
         inbox = DistInbox(
             rank,
-            rank - 1,
-            session.pairs[rank - 1],
+            previous,
+            session.pp_group,
             capacity,
             ctx.max_batch,
-            ctx.device,
+            device,
+            cfg.pipeline.timeout_s,
             session.staged,
         )
         in_shape, in_dtype = inbox.handshake()
+    with torch.no_grad():  # the shape and dtype of each module's output, for the next one
+        probe = torch.zeros((1, *in_shape), dtype=in_dtype)
+        shapes = []
+        for stage in stages:
+            shapes.append((tuple(probe.shape[1:]), probe.dtype))
+            probe = stage.forward_frozen(probe)
     outbox = None
-    if rank < world - 1:
-        outbox = DistOutbox(rank, rank + 1, session.pairs[rank], capacity, ctx.max_batch, session.staged)
-        probe = stage.forward_frozen(torch.zeros((1, *in_shape), dtype=in_dtype))
+    if following is not None:
+        outbox = DistOutbox(
+            rank,
+            following,
+            session.pp_group,
+            capacity,
+            ctx.max_batch,
+            device,
+            cfg.pipeline.timeout_s,
+            session.staged,
+        )
         outbox.handshake(tuple(probe.shape[1:]), probe.dtype)
+    train_sizes, eval_sizes = batch_sizes(cfg, ctx, replica, layout.replicas)
+    for stage, (shape, dtype) in zip(stages, shapes, strict=True):
+        stage.warm_up(shape, dtype, train_sizes, eval_sizes)
+    _ready_barrier(session)
+
     tracer = Tracer(out_dir / f"trace.rank{rank}.jsonl" if cfg.debug.trace else None)
     waiter = Waiter(session.control, cfg.pipeline.timeout_s, f"rank {rank}")
-    board = StoreBoard(session.store, world)
-    publisher = Publisher(board, rank, cfg.log.live_interval_s)
+    keys = [f"module/{k}" for k in range(layout.num_modules)] + [f"rank/{r}" for r in range(env.world_size)]
+    board = StoreBoard(session.store, keys)
+    interval = cfg.log.live_interval_s
+    publishers = [Publisher(board if replica == 0 else None, f"module/{w.index}", interval) for w in chain]
+    telemetry = Telemetry(device)
+    monitor = (Publisher(board, f"rank/{rank}", interval), telemetry)
     t0 = time.time()
-    view = LiveView(
-        board,
-        cfg.log.live if rank == 0 else "off",
-        cfg.log.live_interval_s,
-        f"trgl_pipe · pipeline of {world} ranks",
-    )
+    view = LiveView(board, cfg.log.live if rank == 0 else "off", interval, f"trgl_pipe · {layout.describe()}")
     with view:
-        run_worker(
-            worker, inbox, outbox, waiter, publisher, poll=None if rank == 0 else should_stop, tracer=tracer
+        stop = run_worker(
+            chain,
+            inbox,
+            outbox,
+            waiter,
+            clock,
+            publishers,
+            poll=None if previous is None else should_stop,
+            tracer=tracer,
+            monitor=monitor,
         )
     tracer.close()
-    if should_stop():
-        logger.log("preempted", module=rank, wall_time_s=time.time() - t0)
+    if stop.preempted:
+        logger.log("preempted", module=chain[0].index, rank=rank, wall_time_s=time.time() - t0)
         logger.close()
         return False
-    logger.log("end", module=rank, wall_time_s=time.time() - t0)
+    logger.log("end", module=chain[0].index, rank=rank, wall_time_s=time.time() - t0)
     logger.close()
-    session.publish_json(
-        f"result/{rank}",
-        {
-            "module": worker.report(),
-            "rank": worker_stats(worker, outbox, ctx.device, rank),
-        },
-    )
+    stats = {
+        **rank_stats(chain, outbox, clock, device, rank),
+        "stage": stage_index,
+        "replica": replica,
+        **telemetry.summary(),
+    }
+    session.publish_json(f"result/{rank}", {"modules": [w.report() for w in chain], "rank": stats})
     if rank == 0:
         results = [
             session.wait_json(f"result/{r}", cfg.pipeline.timeout_s, f"the results of rank {r}")
-            for r in range(world)
+            for r in range(env.world_size)
         ]
-        wall = time.time() - t0
+        modules = [m for r in results if r["rank"]["replica"] == 0 for m in r["modules"]]
+        ranks = [r["rank"] for r in results]
         summary = build_summary(
-            cfg,
-            [r["module"] for r in results],
-            [r["rank"] for r in results],
-            wall,
-            ctx.data,
-            ctx.partition,
-            "dist",
-            world,
+            cfg, modules, ranks, time.time() - t0, ctx.data, ctx.partition, "dist", env.world_size
         )
         summary["data_backend"] = session.data_backend
-        _merge_metrics(out_dir, world)
+        summary["layout"] = {
+            "modules_per_rank": layout.modules_per_rank,
+            "replicas": layout.replicas,
+            "stages": layout.num_stages,
+        }
+        summary["stages"] = stage_figures(ranks, layout.num_stages)
+        _merge_metrics(out_dir, env.world_size)
         write_summary(out_dir, summary)
         print_summary(summary)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point and failures
+
+
+def _report_failure(error: BaseException, rank: int, modules: list[int], control: StoreControl | None) -> int:
+    """Print one line for ``error`` on this rank, record it for the others; returns the exit code."""
+    failure = error.failure if isinstance(error, AbortedError) else None
+    if failure is None and isinstance(error, PipelineError) and control is not None:
+        # a lost connection or a timeout is often the echo of a neighbour's own failure
+        earlier = control.wait_for_failure(grace_s=2.0)
+        if earlier is not None and earlier.rank != rank:
+            failure = earlier
+            error = AbortedError(earlier)
+    if failure is not None:  # another rank failed first: repeat its cause unless it said it already
+        if not failure.user_error:
+            print(f"error: rank {rank}: {error}", file=sys.stderr, flush=True)
+        return failure.code
+    code = int(getattr(error, "exit_code", 1))
+    if isinstance(error, UserError):
+        message = f": {error}"
+    elif isinstance(error, PipelineError):
+        message = f": {str(error).removeprefix(f'rank {rank}: ')}"
+    else:
+        message = f" failed: {type(error).__name__}: {error}"
+    failure = Failure(rank, modules, message, code, isinstance(error, UserError))
+    if control is not None:
+        control.abort(failure)
+    print(f"error: {failure.describe()}", file=sys.stderr, flush=True)
+    return code
 
 
 def run_rank(cfg: Config) -> None:
@@ -198,44 +323,31 @@ def run_rank(cfg: Config) -> None:
         raise UserError(
             "pipeline.transport=dist needs several ranks: torchrun --nproc_per_node=K -m trgl_pipe.run ..."
         )
-    check_launch(cfg, env)
+    layout: Layout = check_launch(cfg, env)  # every rank finds the same error; rank 0 prints it
     configure_torch(cfg, ranks_on_host=env.local_world_size)
-    device = resolve_device(cfg.device, env.local_rank)
-    session = init_distributed(cfg, env, device, STARTUP_TIMEOUT_S)
+    modules = layout.modules_of(env.rank)
+    control: StoreControl | None = None
     preemption.install()
     code = 0
     try:
+        store = connect_store(env, STARTUP_TIMEOUT_S)
+        control = StoreControl(store)
+        device = resolve_device(cfg.device, env.local_rank)
+        session = init_distributed(cfg, env, layout, device, store, control, STARTUP_TIMEOUT_S)
         ctx = _setup(cfg, session, device)
         completed = _train(cfg, session, ctx)
         shutdown(session, cfg.pipeline.timeout_s)
-        if completed:
-            return
-        if env.rank == 0:
-            print(
-                f"stopped: SIGTERM; the checkpoint in {Path(cfg.out_dir) / 'checkpoints'} is complete, "
-                "continue with resume=auto",
-                file=sys.stderr,
-                flush=True,
-            )
-        code = preemption.EXIT_CODE
-    except _QuietExit as quiet:
-        code = quiet.code
-    except UserError as error:
-        code = error.exit_code
-        if env.rank == 0:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-    except PipelineError as error:
-        code = error.exit_code
-        print(
-            f"error: rank {env.rank}: {error}" if not str(error).startswith("rank") else f"error: {error}",
-            file=sys.stderr,
-            flush=True,
-        )
+        if not completed:
+            code = preemption.EXIT_CODE
+            if env.rank == 0:
+                print(
+                    f"stopped: SIGTERM; the checkpoint in {Path(cfg.out_dir) / 'checkpoints'} is complete, "
+                    "continue with resume=auto",
+                    file=sys.stderr,
+                    flush=True,
+                )
     except BaseException as error:
-        code = getattr(error, "exit_code", 1)
-        message = f"rank {env.rank} failed: {type(error).__name__}: {error}"
-        session.control.abort(message)
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        code = _report_failure(error, env.rank, modules, control)
     # A failed pipeline cannot be torn down politely (peers may be gone mid-transfer): leave now.
     sys.stdout.flush()
     sys.stderr.flush()

@@ -29,10 +29,16 @@ def eval_due(cfg: Config, epoch: int, last_epoch: int) -> bool:
     return epoch == last_epoch or (every > 0 and (epoch + 1) % every == 0)
 
 
-def eval_messages(batches: Batches, epoch: int, final: bool) -> Iterator[Message]:
-    """Every validation then test batch, then EVAL_DONE."""
+def eval_messages(
+    batches: Batches, epoch: int, final: bool, should_stop: Callable[[], bool] | None = None
+) -> Iterator[Message | None]:
+    """Every validation then test batch, then EVAL_DONE. With ``should_stop``, a None in place of
+    the next batch means "stop now" (a SIGTERM during evaluation does not wait for all of it)."""
     for split_index, split in enumerate(SPLITS):
         for x, y in batches.eval_batches(split):
+            if should_stop is not None and should_stop():
+                yield None
+                return
             yield Message(Kind.EVAL, x, y, epoch=epoch, split=split_index)
     yield Message(Kind.EVAL_DONE, epoch=epoch, final=final)
 
@@ -52,37 +58,54 @@ def parallel_stream(
 ) -> Iterator[Message]:
     """Messages of the parallel regime from ``start`` to the end of training.
 
-    When ``should_stop()`` turns true (SIGTERM), the stream ends early with a checkpoint of the
-    current position and STOP.
+    ``should_stop()`` is asked before every training and evaluation batch. When it turns true
+    (SIGTERM), the stream ends with a checkpoint of the current position, unless the last
+    checkpoint (or the one this run resumed from) is already there, and a STOP that says the run
+    was preempted, so every module and every rank learns the same decision from the stream. A
+    stop during an evaluation checkpoints "after the epoch's training batches": resuming from it
+    repeats that evaluation, then goes on.
     """
     start = start or Position()
     epochs = cfg.train.epochs
-    limit = total_steps(cfg, batches.steps_per_epoch)
+    spe = batches.steps_per_epoch
+    limit = total_steps(cfg, spe)
     step = start.step
     every_steps = cfg.checkpoint.every_steps
     every_epochs = cfg.checkpoint.every_epochs
+    saved = (start.epoch, start.batch, start.step)  # the position the last checkpoint holds
+
+    def stop_here(epoch: int, batch: int) -> Iterator[Message]:
+        if (epoch, batch, step) != saved:
+            yield Message(Kind.CHECKPOINT, epoch=epoch, batch=batch, step=step)
+        yield Message(Kind.STOP, preempted=True)
+
     for epoch in range(start.epoch, epochs):
         first = start.batch if epoch == start.epoch else 0
         for b, (x, y) in enumerate(batches.train_batches(epoch, first), start=first):
             if step >= limit:
                 break
             if should_stop():
-                yield Message(Kind.CHECKPOINT, epoch=epoch, batch=b, step=step)
-                yield Message(Kind.STOP)
+                yield from stop_here(epoch, b)
                 return
             yield Message(Kind.TRAIN, x, y, epoch=epoch, batch=b, step=step)
             step += 1
-            last_in_epoch = b + 1 == batches.steps_per_epoch
+            last_in_epoch = b + 1 == spe
             if every_steps and step % every_steps == 0 and not last_in_epoch and step < limit:
                 yield Message(Kind.CHECKPOINT, epoch=epoch, batch=b + 1, step=step)
+                saved = (epoch, b + 1, step)
         done = step >= limit
         last = epochs - 1 if not done else epoch
         if eval_due(cfg, epoch, last):
-            yield from eval_messages(batches, epoch, final=epoch == last)
+            for msg in eval_messages(batches, epoch, final=epoch == last, should_stop=should_stop):
+                if msg is None:
+                    yield from stop_here(epoch, spe)
+                    return
+                yield msg
         yield Message(Kind.EPOCH_END, epoch=epoch)
         if epoch == last:
             yield Message(Kind.CHECKPOINT, epoch=epoch + 1, batch=0, step=step, final=True)
             break
         if every_epochs and (epoch + 1) % every_epochs == 0:
             yield Message(Kind.CHECKPOINT, epoch=epoch + 1, batch=0, step=step)
+            saved = (epoch + 1, 0, step)
     yield Message(Kind.STOP)

@@ -15,14 +15,19 @@ from trgl_pipe.errors import PipelineError
 from trgl_pipe.faults import Tracer
 from trgl_pipe.live import LiveView, LocalBoard, Publisher
 from trgl_pipe.runtime.buffer import LocalControl, Waiter
-from trgl_pipe.runtime.loop import run_worker, worker_stats
+from trgl_pipe.runtime.loop import rank_stats, run_worker
 from trgl_pipe.runtime.schedule import Position, parallel_stream
 from trgl_pipe.runtime.transport import StreamInbox, local_link
 from trgl_pipe.runtime.worker import StageWorker
+from trgl_pipe.telemetry import Telemetry
 
 
 def run_simulated(
-    ctx: Any, workers: list[StageWorker], progress: Any = None, should_stop: Any = None
+    ctx: Any,
+    workers: list[StageWorker],
+    progress: Any = None,
+    should_stop: Any = None,
+    telemetry: Telemetry | None = None,
 ) -> list[dict[str, Any]]:
     """The pipeline inside one process: one thread per module, bounded in-process buffers.
 
@@ -45,16 +50,18 @@ def run_simulated(
 
     def body(i: int) -> None:
         waiter = Waiter(control, cfg.pipeline.timeout_s, f"module {i}")
-        publisher = Publisher(board, i, cfg.log.live_interval_s)
+        publisher = Publisher(board, f"module/{i}", cfg.log.live_interval_s)
         try:
-            run_worker(workers[i], inboxes[i], outboxes[i], waiter, publisher, tracer=tracer)
+            run_worker(
+                [workers[i]], inboxes[i], outboxes[i], waiter, workers[i].clock, [publisher], tracer=tracer
+            )
         except BaseException as error:
             errors.append(error)
             if not isinstance(error, PipelineError) or not control.aborted:
                 control.abort(f"module {i} failed: {error}")
 
     threads = [threading.Thread(target=body, args=(i,), name=f"module-{i}", daemon=True) for i in range(k)]
-    with LiveView(board, cfg.log.live, cfg.log.live_interval_s, "trgl_pipe · sim pipeline"):
+    with LiveView(board, cfg.log.live, cfg.log.live_interval_s, "trgl_pipe · sim pipeline", telemetry):
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -64,4 +71,5 @@ def run_simulated(
     if errors:
         primary = [e for e in errors if not isinstance(e, PipelineError)]
         raise (primary or errors)[0]
-    return [worker_stats(w, outboxes[i], ctx.device, i) for i, w in enumerate(workers)]
+    device = telemetry.summary() if telemetry is not None else {}
+    return [{**rank_stats([w], outboxes[i], w.clock, ctx.device, i), **device} for i, w in enumerate(workers)]

@@ -1,12 +1,14 @@
 """How messages move between consecutive modules: inboxes and outboxes.
 
 - :func:`local_link`: two threads of one process (the ``sim`` transport).
-- :class:`DistOutbox` / :class:`DistInbox`: two torch.distributed ranks. Each message is a small
-  header (kind, counters, labels) over a gloo group plus, for batches, the activation over the
-  data group (NCCL when each rank has its own GPU, else gloo). Credits flow back over a third
-  group. A background thread per inbox receives ahead into pre-allocated slots; a background
-  thread per outbox collects credits; sends are non-blocking. The main thread never waits on a
-  peer's backward pass, only on data (its input) or credits (room downstream).
+- :class:`DistOutbox` / :class:`DistInbox`: two torch.distributed ranks of the mesh's "pp" group.
+  Each message is a small header (kind, counters, labels; a CPU tensor, so gloo carries it) plus,
+  for batches, the activation (NCCL when each rank has its own GPU, else gloo). Credits flow back
+  the same way. Header, data and credits use their own tags, so the three streams never mix. A
+  background thread per inbox receives ahead into pre-allocated slots; a background thread per
+  outbox collects credits; sends are non-blocking and a third thread waits for their completion.
+  The main thread never waits on a peer's backward pass, only on data (its input) or credits
+  (room downstream). Every wait on a peer ends after ``pipeline.timeout_s``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any, Protocol
 
 import torch
@@ -27,7 +29,13 @@ from trgl_pipe.errors import PipelineError
 from trgl_pipe.runtime.buffer import CreditGate, Waiter
 from trgl_pipe.runtime.messages import Kind, Message
 
-HEADER = 8  # kind, n, epoch, batch, step, split, final, spare; then up to max_batch labels
+HEADER = 8  # kind, n, epoch, batch, step, split, final, preempted; then up to max_batch labels
+HEADER_TAG, DATA_TAG, CREDIT_TAG = 1, 2, 3
+# Waits that may legitimately last long: the handshake (a neighbour may still be reading data or
+# compiling) and the next header or credit (the main thread bounds these by pipeline.timeout_s
+# from the moment it needs them; a dead peer ends them at once by closing its connection).
+STARTUP_TIMEOUT = timedelta(seconds=900)
+IDLE_TIMEOUT = timedelta(days=7)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -124,49 +132,32 @@ def local_link(capacity: int, sender: str, receiver: str) -> tuple[LocalOutbox, 
 # torch.distributed link between two ranks
 
 
-@dataclass(frozen=True)
-class PairGroups:
-    """The three process groups between ranks k and k+1."""
-
-    header: Any  # gloo: message headers, k -> k+1 (and the one-time shape handshake)
-    credit: Any  # gloo: credits, k+1 -> k
-    data: Any  # nccl or gloo: activations, k -> k+1
-
-
-def create_pair_groups(world_size: int, data_backend: str) -> list[PairGroups]:
-    """Groups for every pair of consecutive ranks; every rank must call this, in the same order."""
-    pairs = []
-    for k in range(world_size - 1):
-        ranks = [k, k + 1]
-        pairs.append(
-            PairGroups(
-                header=dist.new_group(ranks, backend="gloo"),
-                credit=dist.new_group(ranks, backend="gloo"),
-                data=dist.new_group(ranks, backend=data_backend),
-            )
-        )
-    return pairs
-
-
 def _short(error: BaseException) -> str:
     """The first line of an error, without gloo's ``[file.cc:123]`` prefix, at most 160 characters."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return re.sub(r"^\[[^\]]*\]\s*", "", text)[:160]
 
 
-def _isend(tensor: torch.Tensor, rank: int, peer: int, group: Any) -> Any:
+def _isend(tensor: torch.Tensor, rank: int, peer: int, group: Any, tag: int) -> Any:
     """A non-blocking send; a peer that is already gone is reported as such."""
     try:
-        return dist.isend(tensor, peer, group=group)
+        return dist.isend(tensor, peer, group=group, tag=tag)
     except RuntimeError as error:
         raise PipelineError(f"rank {rank}: lost rank {peer} ({_short(error)})") from error
+
+
+def use_device(device: torch.device) -> None:
+    """Make ``device`` current in this thread: a thread starts on GPU 0, and touching CUDA there
+    would create a context on GPU 0 for every rank."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def _encode_header(msg: Message, max_batch: int) -> torch.Tensor:
     header = torch.zeros(HEADER + max_batch, dtype=torch.int64)
     n = msg.num_samples
-    header[:7] = torch.tensor(
-        [int(msg.kind), n, msg.epoch, msg.batch, msg.step, msg.split, int(msg.final)],
+    header[:HEADER] = torch.tensor(
+        [int(msg.kind), n, msg.epoch, msg.batch, msg.step, msg.split, int(msg.final), int(msg.preempted)],
         dtype=torch.int64,
     )
     if n:
@@ -174,16 +165,55 @@ def _encode_header(msg: Message, max_batch: int) -> torch.Tensor:
     return header
 
 
+class StagingBuffers:
+    """Host buffers that activations of a GPU pass through when gloo carries them (ranks sharing a
+    GPU): buffer i is free again once the send that used it has completed.
+
+    A failed send stops the completer thread, so later buffers would never be freed: the wait
+    for a buffer therefore checks ``failure()`` as it polls and raises that error at once,
+    instead of timing out ``pipeline.timeout_s`` later with a misleading message.
+    """
+
+    def __init__(self, buffers: list[torch.Tensor]) -> None:
+        self.buffers = buffers
+        self.free = [threading.Event() for _ in buffers]
+        for event in self.free:
+            event.set()
+
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+    def take(
+        self, i: int, waiter: Waiter, failure: Callable[[], BaseException | None], what: str
+    ) -> tuple[torch.Tensor, threading.Event]:
+        """Buffer ``i`` once its previous send has completed; its event, to set when this one has."""
+        done = self.free[i]
+
+        def attempt(timeout: float) -> bool | None:
+            ready = done.wait(timeout)
+            error = failure()
+            if error is not None:  # the completer sets `done` also when its send fails
+                raise error
+            return True if ready else None
+
+        waiter.wait(attempt, what)
+        done.clear()
+        return self.buffers[i], done
+
+
 class _Completer:
     """Waits for non-blocking sends in a background thread, in order, keeping their tensors alive.
 
-    (A gloo send completes only once the peer has posted the matching receive, and its work
-    reports completion only through ``wait()``, so waiting is delegated to this thread.)
+    A gloo send completes only once the peer has posted the matching receive, and an NCCL work's
+    plain ``wait()`` returns at once on the host; waiting with a timeout blocks this thread until
+    the transfer is done or ``timeout_s`` has passed, which is what makes a dead peer visible.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, device: torch.device, timeout_s: float) -> None:
         self._items: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
+        self.device = device
+        self.timeout = timedelta(seconds=timeout_s)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -191,6 +221,7 @@ class _Completer:
         self._items.put((works, tensors, done))
 
     def _run(self) -> None:
+        use_device(self.device)
         while True:
             item = self._items.get()
             if item is None:
@@ -198,7 +229,7 @@ class _Completer:
             works, _, done = item
             try:
                 for work in works:
-                    work.wait()
+                    work.wait(self.timeout)
             except Exception as error:
                 self.error = error
                 return
@@ -214,27 +245,29 @@ class _Completer:
 
 
 class DistOutbox:
-    """Rank k's end of the link to rank k+1."""
+    """Rank k's end of the link to the rank after it (``peer``, a global rank of ``group``)."""
 
     def __init__(
         self,
         rank: int,
         peer: int,
-        groups: PairGroups,
+        group: Any,
         capacity: int,
         max_batch: int,
+        device: torch.device,
+        timeout_s: float,
         staged: bool = False,
     ) -> None:
         self.rank = rank
         self.peer = peer
-        self.groups = groups
+        self.group = group
         self.gate = CreditGate(capacity)
         self.max_batch = max_batch
+        self.device = device
         self.staged = staged  # activations on a GPU but sent by gloo: copy to host first
-        self._completer = _Completer(f"sends-to-{peer}")
+        self._completer = _Completer(f"sends-to-{peer}", device, timeout_s)
         self._error: BaseException | None = None
-        self._staging: list[torch.Tensor] = []
-        self._staging_free: list[threading.Event] = []
+        self._staging: StagingBuffers | None = None
         self._num_sent = 0
         self._credit_thread = threading.Thread(
             target=self._collect_credits, name=f"credits-from-{peer}", daemon=True
@@ -242,26 +275,26 @@ class DistOutbox:
         self._credit_thread.start()
 
     def handshake(self, feature_shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        """Tell rank k+1 the shape and dtype of one sample of our output (once)."""
+        """Tell the next rank the shape and dtype of one sample of our output (once)."""
         info = torch.zeros(8, dtype=torch.int64)
         info[0] = len(feature_shape)
         info[1 : 1 + len(feature_shape)] = torch.tensor(feature_shape)
         info[7] = DTYPES.index(dtype)
-        dist.send(info, self.peer, group=self.groups.header)
+        dist.isend(info, self.peer, group=self.group, tag=HEADER_TAG).wait(STARTUP_TIMEOUT)
         if self.staged:
-            self._staging = [
-                torch.empty((self.max_batch, *feature_shape), dtype=dtype).pin_memory()
-                for _ in range(self.gate.capacity + 1)
-            ]
-            self._staging_free = [threading.Event() for _ in self._staging]
-            for event in self._staging_free:
-                event.set()
+            self._staging = StagingBuffers(
+                [
+                    torch.empty((self.max_batch, *feature_shape), dtype=dtype).pin_memory()
+                    for _ in range(self.gate.capacity + 1)
+                ]
+            )
 
     def _collect_credits(self) -> None:
+        use_device(self.device)
         credit = torch.zeros(1, dtype=torch.int64)
         try:
             while True:
-                dist.recv(credit, self.peer, group=self.groups.credit)
+                dist.irecv(credit, self.peer, group=self.group, tag=CREDIT_TAG).wait(IDLE_TIMEOUT)
                 if int(credit) < 0:
                     return
                 self.gate.release()
@@ -271,20 +304,20 @@ class DistOutbox:
     def send(self, msg: Message, waiter: Waiter) -> float:
         waited = self.gate.acquire(waiter, f"room in the buffer of rank {self.peer}", self._failure)
         header = _encode_header(msg, self.max_batch)
-        works = [_isend(header, self.rank, self.peer, self.groups.header)]
+        works = [_isend(header, self.rank, self.peer, self.group, HEADER_TAG)]
         keep = [header]
         done = None
         if msg.kind.has_payload:
             x = msg.x.contiguous()
-            if self.staged:
-                i = self._num_sent % len(self._staging)
-                done = self._staging_free[i]
+            if self._staging is not None:
                 t0 = time.perf_counter()
-                waiter.wait(lambda t: True if done.wait(t) else None, f"rank {self.peer} to receive")
+                buffer, done = self._staging.take(
+                    self._num_sent % len(self._staging), waiter, self._failure, f"rank {self.peer} to receive"
+                )
                 waited += time.perf_counter() - t0
-                done.clear()
-                x = self._staging[i][: x.shape[0]].copy_(x)
-            works.append(_isend(x, self.rank, self.peer, self.groups.data))
+                x = buffer[: x.shape[0]].copy_(x)
+            if x.shape[0]:  # an empty evaluation shard sends its header only
+                works.append(_isend(x, self.rank, self.peer, self.group, DATA_TAG))
             keep.append(x)
         self._num_sent += 1
         self._completer.add(works, keep, done)
@@ -309,31 +342,33 @@ class DistOutbox:
 
 
 class DistInbox:
-    """Rank k+1's end of the link from rank k: receives ahead into ``capacity`` slots."""
+    """The receiving end of the link from rank ``peer``: receives ahead into ``capacity`` slots."""
 
     def __init__(
         self,
         rank: int,
         peer: int,
-        groups: PairGroups,
+        group: Any,
         capacity: int,
         max_batch: int,
         device: torch.device,
+        timeout_s: float,
         staged: bool = False,
     ) -> None:
         self.rank = rank
         self.peer = peer
-        self.groups = groups
+        self.group = group
         self.capacity = capacity
         self.max_batch = max_batch
         self.device = device
+        self.timeout = timedelta(seconds=timeout_s)
         self.staged = staged
         self.on_gpu = device.type == "cuda"
         self._ready: queue.Queue = queue.Queue()
         self._free_slots = threading.Semaphore(capacity)
         self._in_use: deque[int] = deque()
         self._free_events: list[Any] = [None] * capacity
-        self._credits = _Completer(f"credits-to-{peer}")
+        self._credits = _Completer(f"credits-to-{peer}", device, timeout_s)
         self._closing = threading.Event()
         self._slots: list[torch.Tensor] = []
         self._thread: threading.Thread | None = None
@@ -341,9 +376,9 @@ class DistInbox:
         self.dtype = torch.float32
 
     def handshake(self) -> tuple[tuple[int, ...], torch.dtype]:
-        """Receive the sample shape and dtype from rank k, allocate the slots, start receiving."""
+        """Receive the sample shape and dtype, allocate the slots, start receiving."""
         info = torch.zeros(8, dtype=torch.int64)
-        dist.recv(info, self.peer, group=self.groups.header)
+        dist.irecv(info, self.peer, group=self.group, tag=HEADER_TAG).wait(STARTUP_TIMEOUT)
         ndim = int(info[0])
         self.feature_shape = tuple(int(v) for v in info[1 : 1 + ndim])
         self.dtype = DTYPES[int(info[7])]
@@ -368,14 +403,15 @@ class DistInbox:
         return False
 
     def _receive(self) -> None:
+        use_device(self.device)
         header = torch.zeros(HEADER + self.max_batch, dtype=torch.int64)
         index = 0
         try:
             while self._take_slot():
                 slot = index % self.capacity
                 index += 1
-                dist.recv(header, self.peer, group=self.groups.header)
-                kind, n, epoch, batch, step, split, final = header[:7].tolist()
+                dist.irecv(header, self.peer, group=self.group, tag=HEADER_TAG).wait(IDLE_TIMEOUT)
+                kind, n, epoch, batch, step, split, final, preempted = header[:HEADER].tolist()
                 y = header[HEADER : HEADER + n].clone() if n else None
                 x, ready = None, None
                 if Kind(kind).has_payload:
@@ -389,6 +425,7 @@ class DistInbox:
                     step=step,
                     split=split,
                     final=bool(final),
+                    preempted=bool(preempted),
                 )
                 self._ready.put((msg, slot, ready))
                 if kind == Kind.STOP:
@@ -398,19 +435,23 @@ class DistInbox:
 
     def _receive_payload(self, slot: int, n: int) -> tuple[torch.Tensor, Any]:
         view = self._slots[slot][:n]
+        if n == 0:  # an empty evaluation shard: no data follows its header
+            return (view.to(self.device) if self.staged else view), None
         if self._stream is None:  # CPU ranks
-            dist.recv(view, self.peer, group=self.groups.data)
+            dist.irecv(view, self.peer, group=self.group, tag=DATA_TAG).wait(self.timeout)
             return view, None
         with torch.cuda.stream(self._stream):
             if self.staged:  # gloo into pinned host memory, then to this rank's GPU
-                dist.recv(view, self.peer, group=self.groups.data)
+                dist.irecv(view, self.peer, group=self.group, tag=DATA_TAG).wait(self.timeout)
                 x = view.to(self.device, non_blocking=True)
                 self._stream.synchronize()  # the host slot may be reused once this returns
                 x.record_stream(self._compute_stream)  # keep its memory until the training loop is done
                 return x, None
             if self._free_events[slot] is not None:  # the compute that read this slot is done
                 self._stream.wait_event(self._free_events[slot])
-            dist.irecv(view, self.peer, group=self.groups.data).wait()
+            # With a timeout, an NCCL wait blocks this thread until the data is here: a message is
+            # handed over only once it has arrived, and a dead sender surfaces as an error.
+            dist.irecv(view, self.peer, group=self.group, tag=DATA_TAG).wait(self.timeout)
             ready = torch.cuda.Event()
             ready.record(self._stream)
             return view, ready
@@ -426,7 +467,7 @@ class DistInbox:
         return msg
 
     def release(self, msg: Message) -> None:
-        """The message is consumed: free its slot and give rank k a credit (the last one: -1)."""
+        """The message is consumed: free its slot and give the sender a credit (the last one: -1)."""
         slot = self._in_use.popleft()
         if self.on_gpu and not self.staged:
             event = torch.cuda.Event()
@@ -434,7 +475,7 @@ class DistInbox:
             self._free_events[slot] = event
         self._free_slots.release()
         credit = torch.tensor([-1 if msg.kind is Kind.STOP else 0], dtype=torch.int64)
-        self._credits.add([_isend(credit, self.rank, self.peer, self.groups.credit)], [credit])
+        self._credits.add([_isend(credit, self.rank, self.peer, self.group, CREDIT_TAG)], [credit])
 
     def close(self, waiter: Waiter) -> None:
         self._closing.set()

@@ -6,49 +6,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 
 from trgl_pipe.metrics import MetricsLogger, peak_memory_bytes
+from trgl_pipe.runtime.clock import Clock, HostClock
 from trgl_pipe.runtime.messages import SPLITS, Kind, Message
 from trgl_pipe.stage import Stage
 
 CheckpointHook = Callable[["StageWorker", Message], None]
-
-
-@dataclass(slots=True)
-class WorkerClock:
-    """Where a worker's time goes, in seconds, and how many training samples it processed."""
-
-    compute_s: float = 0.0  # training and evaluation compute (host-side wall time)
-    train_compute_s: float = 0.0
-    recv_wait_s: float = 0.0  # waiting for the previous module (or the data)
-    send_wait_s: float = 0.0  # waiting for room in the next module's buffer (backpressure)
-    train_samples: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    stopped: float | None = None
-
-    def restart(self) -> None:
-        """Start counting now (training begins), not when the worker was built."""
-        self.started = time.perf_counter()
-
-    @property
-    def elapsed_s(self) -> float:
-        return (self.stopped or time.perf_counter()) - self.started
-
-    def as_dict(self) -> dict[str, float]:
-        elapsed = self.elapsed_s
-        return {
-            "elapsed_s": round(elapsed, 4),
-            "compute_s": round(self.compute_s, 4),
-            "train_compute_s": round(self.train_compute_s, 4),
-            "recv_wait_s": round(self.recv_wait_s, 4),
-            "send_wait_s": round(self.send_wait_s, 4),
-            "train_samples": self.train_samples,
-            "samples_per_s": round(self.train_samples / elapsed, 2) if elapsed > 0 else 0.0,
-        }
 
 
 class StageWorker:
@@ -60,17 +27,26 @@ class StageWorker:
         logger: MetricsLogger,
         log_every_steps: int,
         checkpoint_hook: CheckpointHook | None = None,
+        clock: Clock | None = None,
+        log_fields: dict[str, Any] | None = None,
     ) -> None:
         self.stage = stage
+        self.log_fields = log_fields or {}  # added to every event (the replica of a stage)
         self.logger = logger
         self.log_every_steps = log_every_steps
         self.checkpoint_hook = checkpoint_hook
-        self.clock = WorkerClock()
+        self.clock: Clock = clock or HostClock()  # shared by the modules of one rank
         self.eval_history: list[dict[str, Any]] = []
         self.last_eval: dict[str, dict[str, float]] = {}
         self.epoch = 0
         self.stopped = False
-        self.faults: Callable[[StageWorker], None] | None = None
+        self.stop_message: Message | None = None
+        self.train_samples = 0
+        self.started = time.perf_counter()
+        self.finished: float | None = None
+        self.faults: Callable[[StageWorker, bool], None] | None = None
+        self.total_steps = stage.total_steps
+        self.epochs = 0  # set by the run: for progress and ETA
 
     @property
     def index(self) -> int:
@@ -81,21 +57,19 @@ class StageWorker:
         kind = msg.kind
         if kind is Kind.TRAIN:
             if self.faults is not None:
-                self.faults(self)
-            t0 = time.perf_counter()
-            out = self.stage.train_step(msg.x, msg.y)
-            dt = time.perf_counter() - t0
-            self.clock.compute_s += dt
-            self.clock.train_compute_s += dt
-            self.clock.train_samples += msg.num_samples
+                self.faults(self, True)
+            with self.clock.region(f"train/{self.index}"):
+                out = self.stage.train_step(msg.x, msg.y)
+            self.train_samples += msg.num_samples
             self.epoch = msg.epoch
             if self.stage.num_steps % self.log_every_steps == 0:
                 self._log_train()
             return msg.forward(out)
         if kind is Kind.EVAL:
-            t0 = time.perf_counter()
-            out = self.stage.eval_step(msg.x, msg.y, SPLITS[msg.split])
-            self.clock.compute_s += time.perf_counter() - t0
+            if self.faults is not None:
+                self.faults(self, False)
+            with self.clock.region(f"eval/{self.index}"):
+                out = self.stage.eval_step(msg.x, msg.y, SPLITS[msg.split])
             return msg.forward(out)
         if kind is Kind.EVAL_DONE:
             self._finish_eval(msg.epoch)
@@ -116,9 +90,26 @@ class StageWorker:
         elif kind is Kind.STOP:
             if self.stage.train_sums.steps:
                 self._log_train()
-            self.clock.stopped = time.perf_counter()
+            self.finished = time.perf_counter()
             self.stopped = True
+            self.stop_message = msg
         return msg
+
+    def restart_clock(self) -> None:
+        """Count elapsed time from now (training begins), not from when the worker was built."""
+        self.started = time.perf_counter()
+
+    @property
+    def elapsed_s(self) -> float:
+        return (self.finished or time.perf_counter()) - self.started
+
+    @property
+    def train_compute_s(self) -> float:
+        return self.clock.total(f"train/{self.index}")
+
+    @property
+    def compute_s(self) -> float:
+        return self.train_compute_s + self.clock.total(f"eval/{self.index}")
 
     def _log_train(self) -> None:
         self.stage.check_finite()
@@ -126,6 +117,7 @@ class StageWorker:
         self.logger.log(
             "train",
             module=self.index,
+            **self.log_fields,
             epoch=self.epoch,
             step=self.stage.num_steps,
             lr=self.stage.lr,
@@ -142,7 +134,7 @@ class StageWorker:
         }
         self.eval_history.append(record)
         for split, values in results.items():
-            self.logger.log("eval", module=self.index, epoch=epoch, split=split, **values)
+            self.logger.log("eval", module=self.index, **self.log_fields, epoch=epoch, split=split, **values)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this module exactly: stage state and eval history."""
@@ -169,17 +161,20 @@ class StageWorker:
             shown = f"λ={weight['lambda']:.4g}"
         else:
             shown = "VanGL"
-        clock = self.clock.as_dict()
+        elapsed = self.elapsed_s
+        val = self.last_eval.get("val", {}).get("accuracy")
         return {
             "module": self.index,
             "epoch": self.epoch,
+            "epochs": self.epochs,
             "step": stage.num_steps,
-            "samples_per_s": clock["samples_per_s"],
+            "total_steps": self.total_steps,
+            "elapsed_s": round(elapsed, 2),
+            "samples_per_s": round(self.train_samples / elapsed, 2) if elapsed > 0 else 0.0,
             "loss": None if stage.last_loss is None else float(stage.last_loss),
             "kinetic": None if stage.last_kinetic is None else float(stage.last_kinetic),
             "weight": shown,
-            "recv_wait_s": clock["recv_wait_s"],
-            "send_wait_s": clock["send_wait_s"],
+            "val_accuracy": val,
         }
 
     def report(self) -> dict[str, Any]:
@@ -197,17 +192,23 @@ class StageWorker:
             **self.stage.objective.describe(),
             "num_params": self.stage.num_params,
             "num_steps": self.stage.num_steps,
-            "compute_s": round(self.clock.train_compute_s, 4),
+            "compute_s": round(self.train_compute_s, 4),
             "history": self.eval_history,
         }
 
 
 def make_worker(
-    stage: Stage, cfg: Any, logger: MetricsLogger, checkpoint_hook: CheckpointHook | None
+    stage: Stage,
+    cfg: Any,
+    logger: MetricsLogger,
+    checkpoint_hook: CheckpointHook | None,
+    clock: Clock | None = None,
+    log_fields: dict[str, Any] | None = None,
 ) -> StageWorker:
     """A worker for ``stage`` with the run's logging, checkpoint hook and any injected faults."""
     from trgl_pipe.faults import fault_hook
 
-    worker = StageWorker(stage, logger, cfg.log.every_steps, checkpoint_hook)
+    worker = StageWorker(stage, logger, cfg.log.every_steps, checkpoint_hook, clock, log_fields)
     worker.faults = fault_hook(cfg.debug, stage.index)
+    worker.epochs = cfg.train.epochs
     return worker

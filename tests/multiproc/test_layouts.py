@@ -1,0 +1,295 @@
+"""Pipeline layouts across real ranks (torchrun, gloo, CPU): several modules per rank, replicas."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import ROOT, TINY, run_cli, run_torchrun, torchrun_cmd
+
+from trgl_pipe.config import load_config
+from trgl_pipe.context import build_context
+from trgl_pipe.data import Batches
+from trgl_pipe.metrics import read_metrics
+from trgl_pipe.runtime.schedule import eval_due, total_steps
+
+pytestmark = pytest.mark.multiproc
+
+
+def _losses(out: Path) -> dict[tuple[int, int, int], tuple[float, float, float]]:
+    """(module, step, replica) -> (loss, ce, kinetic), for every training step."""
+    return {
+        (e["module"], e["step"], e.get("replica", 0)): (e["loss"], e["ce"], e["kinetic"])
+        for e in read_metrics(out / "metrics.jsonl")
+        if e["event"] == "train"
+    }
+
+
+def _final_shards(out: Path, k: int) -> list[dict]:
+    folders = sorted(p for p in (out / "checkpoints").iterdir() if (p / "meta.json").is_file())
+    return [torch.load(folders[-1] / f"module-{i}.pt", weights_only=True)["stage"] for i in range(k)]
+
+
+def _assert_same_parameters(a: list[dict], b: list[dict]) -> None:
+    for sa, sb in zip(a, b, strict=True):
+        for part in ("body", "head"):
+            for name, tensor in sa[part].items():
+                assert torch.equal(tensor, sb[part][name]), (part, name)
+        assert torch.equal(sa["objective"]["lam"], sb["objective"]["lam"])
+
+
+@pytest.mark.parametrize(("k", "per_rank", "depth"), [(4, 2, 14), (8, 2, 20)])
+def test_several_modules_per_rank_compute_exactly_what_one_process_computes(
+    tmp_path: Path, k: int, per_rank: int, depth: int
+) -> None:
+    common = [
+        *TINY,
+        f"model.depth={depth}",
+        f"model.num_modules={k}",
+        "trgl.tau_schedule=adaptive",
+        "trgl.lambda_init=20000",
+        "trgl.s=2",
+    ]
+    single = run_cli([*common, f"out_dir={tmp_path / 'single'}"])
+    assert single.returncode == 0, single.stderr
+    ranks = k // per_rank
+    piped = run_torchrun(
+        ranks, [*common, f"pipeline.modules_per_rank={per_rank}", f"out_dir={tmp_path / 'pipe'}"]
+    )
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "pipe")
+    assert len(a) == k * 10 and a == b  # every module, every step, bitwise
+    _assert_same_parameters(_final_shards(tmp_path / "single", k), _final_shards(tmp_path / "pipe", k))
+    summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
+    assert summary["world_size"] == ranks and summary["layout"]["modules_per_rank"] == per_rank
+    assert [r["modules"] for r in summary["ranks"]] == [
+        list(range(s * per_rank, (s + 1) * per_rank)) for s in range(ranks)
+    ]
+
+
+def _data_parallel_reference(overrides: list[str], replicas: int) -> tuple[dict, list[dict], list[float]]:
+    """The computation of a K-module pipeline with ``replicas`` replicas per stage, in one process.
+
+    Each batch is split into shards; module k computes the gradient of each shard separately
+    (each shard normalised with its own BatchNorm statistics), the gradients are averaged as DDP
+    does (each scaled by 1/R, then summed), and one optimizer step follows. BatchNorm running
+    statistics follow replica 0 (DDP copies them to the others before each forward). The
+    adaptive λ is updated from the replicas' mean CE. Evaluation: each replica's shard through
+    replica 0's weights, counts summed.
+    Returns per-step (loss, CE, kinetic) per (module, step, replica), the final states and the
+    final validation accuracies.
+    """
+    cfg = load_config(None, overrides)
+    torch.set_num_threads(1)
+    ctx = build_context(cfg, torch.device("cpu"))
+    stages = [ctx.build_stage(i) for i in range(ctx.num_modules)]
+    shards = [Batches(ctx.data, cfg.data, cfg.seed, shard=(r, replicas)) for r in range(replicas)]
+    spe = shards[0].steps_per_epoch
+    limit = total_steps(cfg, spe)
+    losses: dict = {}
+    accuracies: list[float] = []
+    for epoch in range(cfg.train.epochs):
+        streams = [s.train_batches(epoch) for s in shards]
+        for _ in range(min(spe, limit)):
+            xs = [next(stream) for stream in streams]  # (x_r, y_r) per replica
+            for stage in stages:
+                net = stage.local_net
+                net.train()
+                outputs = []
+                replica_0_buffers = {}
+                for r, (x, y) in enumerate(xs):
+                    if r >= 1:  # the other replicas update copies: replica 0's statistics survive
+                        for m in net.modules():
+                            for name, b in m._buffers.items():
+                                if b is not None:
+                                    replica_0_buffers.setdefault((m, name), b)
+                                    m._buffers[name] = b.clone()
+                    out, kinetic, logits = net(x, kinetic_grad=stage.objective.enabled)
+                    ce = F.cross_entropy(logits.float(), y)
+                    outputs.append((out, kinetic, logits, ce))
+                # λ: once per step, from the mean CE of the replicas (LocalObjective's order)
+                objective = stage.objective
+                objective.num_steps += 1
+                if (
+                    objective.adaptive
+                    and objective.num_steps > 1
+                    and (objective.num_steps - 1) % objective.s == 0
+                ):
+                    ces = [o[3].detach().float() for o in outputs]
+                    total = ces[0].clone()
+                    for c in ces[1:]:
+                        total = total + c
+                    objective.lam.add_(total / replicas, alpha=objective.h)
+                grads = []
+                params = stage.parameters()
+                for r, (_, kinetic, _, ce) in enumerate(outputs):
+                    if objective.adaptive:
+                        loss = ce + kinetic * objective.lam.reciprocal()
+                    else:
+                        loss = ce + kinetic * (0.5 / objective.tau)
+                    n = len(xs[r][1])
+                    # as the stage logs them: (value x n) in float32, to float64, / n
+                    logged = [((t.detach() * n).double() / n).item() for t in (loss, ce, kinetic)]
+                    losses[(stage.index, stage.num_steps + 1, r)] = tuple(logged)
+                    grads.append(torch.autograd.grad(loss, params))
+                for (m, name), b in replica_0_buffers.items():
+                    m._buffers[name] = b
+                for p, *per_replica in zip(params, *grads, strict=True):
+                    total = per_replica[0] * (1.0 / replicas)
+                    for g in per_replica[1:]:
+                        total = total + g * (1.0 / replicas)
+                    p.grad = total
+                stage.optimizer.step()
+                stage.scheduler.step()
+                stage.num_steps += 1
+                xs = [(o[0].detach(), y) for o, (_, y) in zip(outputs, xs, strict=True)]
+        if eval_due(cfg, epoch, cfg.train.epochs - 1):
+            correct = [0] * len(stages)
+            count = 0
+            for shard in shards:
+                for x, y in shard.eval_batches("val"):
+                    count += len(y)
+                    with torch.no_grad():
+                        for i, stage in enumerate(stages):
+                            stage.local_net.eval()
+                            x, _, logits = stage.local_net(x, kinetic_grad=False, per_block=True)
+                            correct[i] += int((logits.argmax(1) == y).sum())
+            accuracies = [c / count for c in correct]
+    states = [
+        {"body": s.body.state_dict(), "head": s.head.state_dict(), "objective": {"lam": s.objective.lam}}
+        for s in stages
+    ]
+    return losses, states, accuracies
+
+
+def test_replicas_compute_the_data_parallel_reference(tmp_path: Path) -> None:
+    # K=2 stages x R=2 replicas on 4 ranks; 300 images in batches of 64 (a last batch of 44, so
+    # shards of 32 and 22), adaptive λ. Gloo sums the two scaled gradients in a fixed order and
+    # 1/2 is exact, so the pipeline can match the reference bit for bit.
+    common = [
+        *TINY,
+        "model.num_modules=2",
+        "trgl.tau_schedule=adaptive",
+        "trgl.lambda_init=20000",
+        "trgl.s=2",
+    ]
+    piped = run_torchrun(4, [*common, "pipeline.replicas=2", f"out_dir={tmp_path / 'pipe'}"])
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    losses, states, accuracies = _data_parallel_reference([*common, f"out_dir={tmp_path / 'ref'}"], 2)
+    got = _losses(tmp_path / "pipe")
+    assert len(got) == len(losses) == 2 * 10 * 2
+    assert got == losses
+    _assert_same_parameters(states, _final_shards(tmp_path / "pipe", 2))
+    summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
+    assert [m["val_accuracy"] for m in summary["modules"]] == accuracies
+    assert [m["history"][-1]["val_accuracy"] for m in summary["modules"]] == accuracies
+    evals = [e for e in read_metrics(tmp_path / "pipe" / "metrics.jsonl") if e["event"] == "eval"]
+    assert {e["count"] for e in evals if e["split"] == "val"} == {100}  # counts over both replicas
+    assert [s["replicas"] for s in summary["stages"]] == [2, 2]
+    assert [s["train_samples"] for s in summary["stages"]] == [600, 600]
+    assert [(r["stage"], r["replica"]) for r in summary["ranks"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def _rank_pid(launcher: psutil.Process, rank: int) -> int | None:
+    for child in launcher.children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "trgl_pipe.run" in " ".join(child.cmdline()):
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def _start(args: list[str], nproc: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        torchrun_cmd(nproc, args),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(path: Path, text: str, deadline_s: float) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{text} never appeared in {path}")
+
+
+def test_sigkill_of_a_replica_ends_the_whole_job(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [
+        *TINY,
+        f"out_dir={out}",
+        "model.num_modules=2",
+        "pipeline.replicas=2",
+        "train.epochs=50",
+        "data.train_size=1000",
+        "pipeline.timeout_s=20",
+        "debug.trace=true",
+    ]
+    proc = _start(args, 4)
+    _wait_for(out / "trace.rank3.jsonl", "TRAIN", 120)
+    launcher = psutil.Process(proc.pid)
+    workers = [c for c in launcher.children(recursive=True) if "trgl_pipe.run" in " ".join(c.cmdline())]
+    victim = _rank_pid(launcher, 1)  # stage 0, replica 1
+    t0 = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 20 + 10
+    assert "exitcode  : -9" in stderr and "rank      : 1" in stderr
+    time.sleep(0.5)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_sigterm_checkpoints_and_the_run_resumes_with_another_number_of_replicas(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    common = [*TINY, f"out_dir={out}", "model.num_modules=2", "train.epochs=3", "checkpoint.every_epochs=0"]
+    proc = _start(
+        [*common, "pipeline.replicas=2", "debug.slow_module=0", "debug.slow_s=0.2", "debug.trace=true"], 4
+    )
+    _wait_for(out / "trace.rank3.jsonl", "TRAIN", 120)
+    os.kill(_rank_pid(psutil.Process(proc.pid), 3), signal.SIGTERM)  # the last stage, replica 1
+    _, stderr = proc.communicate(timeout=120)
+    assert "stopped: SIGTERM" in stderr
+    for rank in range(4):  # every rank learned the stop from the stream: all agree
+        events = read_metrics(out / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl"))
+        assert any(e["event"] == "preempted" for e in events), rank
+    folders = sorted(p for p in (out / "checkpoints").iterdir() if (p / "meta.json").is_file())
+    meta = json.loads((folders[-1] / "meta.json").read_text())
+    assert meta["layout"]["replicas"] == 2 and not meta["progress"]["final"]
+    done = run_torchrun(2, [*common, "resume=auto"])  # one replica per stage now
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {folders[-1]}" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert [m["num_steps"] for m in summary["modules"]] == [15, 15]  # 3 epochs of 5 steps in all
+    assert summary["layout"]["replicas"] == 1
+
+
+def test_a_layout_that_does_not_fit_the_ranks_is_one_line(tmp_path: Path) -> None:
+    result = run_torchrun(
+        3, [*TINY, f"out_dir={tmp_path / 'run'}", "model.num_modules=4", "pipeline.replicas=2"]
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: torchrun started 3 ranks but model.num_modules=4 with pipeline.modules_per_rank=1 and "
+        "pipeline.replicas=2 needs (K/M)×R = (4/1)×2 = 8 ranks; start torchrun --nproc_per_node=8 ..., "
+        "or set pipeline.modules_per_rank=4 pipeline.replicas=3"
+    ]
