@@ -6,11 +6,12 @@ import threading
 import time
 
 import pytest
+import torch
 
 from trgl_pipe.errors import PipelineError
 from trgl_pipe.runtime.buffer import CreditGate, LocalControl, Waiter
 from trgl_pipe.runtime.messages import Kind, Message
-from trgl_pipe.runtime.transport import local_link
+from trgl_pipe.runtime.transport import StagingBuffers, local_link
 
 
 def test_sender_is_never_more_than_capacity_ahead() -> None:
@@ -63,3 +64,30 @@ def test_a_wait_stops_when_a_peer_aborts() -> None:
     with pytest.raises(PipelineError, match="stopping because module 2 failed: boom"):
         gate.acquire(waiter, "room")
     assert time.monotonic() - t0 < 5
+
+
+def test_a_failed_send_ends_the_wait_for_a_staging_buffer_at_once() -> None:
+    # Ranks sharing a GPU send through host staging buffers, freed as sends complete. When the
+    # send-completion thread fails it frees no more buffers: the wait must raise its error, not
+    # run into pipeline.timeout_s with "waited 60 s for rank 1 to receive".
+    staging = StagingBuffers([torch.zeros(2), torch.zeros(2)])
+    waiter = Waiter(LocalControl(), timeout_s=30, who="rank 0")
+    _, first = staging.take(0, waiter, lambda: None, "rank 1 to receive")
+    assert not first.is_set()  # in use until its send completes
+    failure: list[BaseException] = []
+    threading.Timer(
+        0.2, lambda: failure.append(PipelineError("rank 0: sending to rank 1 failed (boom)"))
+    ).start()
+    t0 = time.monotonic()
+    with pytest.raises(PipelineError, match="sending to rank 1 failed"):
+        staging.take(0, waiter, lambda: failure[0] if failure else None, "rank 1 to receive")
+    assert time.monotonic() - t0 < 2
+
+
+def test_a_staging_buffer_is_reused_once_its_send_completed() -> None:
+    staging = StagingBuffers([torch.zeros(2)])
+    waiter = Waiter(LocalControl(), timeout_s=5, who="rank 0")
+    _, done = staging.take(0, waiter, lambda: None, "x")
+    threading.Timer(0.1, done.set).start()
+    buffer, _ = staging.take(0, waiter, lambda: None, "x")
+    assert buffer is staging.buffers[0]

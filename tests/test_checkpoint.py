@@ -95,18 +95,19 @@ def test_bad_checkpoints_are_refused(tiny, tmp_path: Path) -> None:
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny) -> None:
+    # module 1's weights turn NaN before its 4th step; a checkpoint follows every step
     cfg = tiny(
-        "optim.lr=1e6", "trgl.tau=1e-6", "checkpoint.every_steps=1", "log.every_steps=100", "train.epochs=1"
+        "debug.nan_at_step=4", "debug.raise_on_module=1", "checkpoint.every_steps=1", "log.every_steps=100"
     )
     with pytest.raises(
-        NonFiniteLossError, match=r"module \d: the local loss became NaN or infinite at its step"
+        NonFiniteLossError, match=r"module 1: the local loss became NaN or infinite at its step 4"
     ):
         run_single(cfg, console_summary=False)
     good = latest_complete(cfg.out_dir)
-    if good is not None:  # every shard of the last complete checkpoint is finite
-        for shard in good.glob("module-*.pt"):
-            state = torch.load(shard, weights_only=True)["stage"]["body"]
-            assert all(torch.isfinite(t.float()).all() for t in state.values())
+    assert good == Path(cfg.out_dir) / "checkpoints" / "0000000003"  # the last one before the NaN
+    for k in (0, 1):
+        state = torch.load(good / f"module-{k}.pt", weights_only=True)["stage"]
+        assert all(torch.isfinite(t.float()).all() for part in ("body", "head") for t in state[part].values())
 
 
 def test_disk_full_mid_write_keeps_the_previous_checkpoint(tiny, monkeypatch) -> None:
@@ -128,3 +129,44 @@ def test_disk_full_mid_write_keeps_the_previous_checkpoint(tiny, monkeypatch) ->
     root = Path(cfg.out_dir) / "checkpoints"
     assert latest_complete(cfg.out_dir) == root / "0000000004"
     assert not list(root.rglob("*.tmp"))
+
+
+class _Worker:
+    def __init__(self, index: int, value: float) -> None:
+        self.index = index
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"w": torch.full((2,), self.value)}
+
+
+def test_a_complete_checkpoint_is_replaced_only_by_a_complete_one(tiny, monkeypatch) -> None:
+    # A run resumed from an earlier checkpoint reaches a counter that already holds a complete
+    # checkpoint: the new one is written beside it and swapped in once complete.
+    import trgl_pipe.checkpoint as ckpt
+
+    cfg = tiny("checkpoint.keep=5")
+    writer = ckpt.CheckpointWriter(cfg, [(0, 3), (3, 6)], "parallel")
+    progress = ckpt.Progress(counter=7, step=7)
+    folder = writer.write(progress, [_Worker(0, 1.0), _Worker(1, 1.0)])
+    assert (folder / "meta.json").is_file()
+
+    real = ckpt.atomic_write_json
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "atomic_write_json", disk_full)  # the successor never completes
+    with pytest.raises(CheckpointError):
+        writer.write(progress, [_Worker(0, 2.0), _Worker(1, 2.0)])
+    assert latest_complete(cfg.out_dir) == folder
+    assert torch.equal(torch.load(folder / "module-0.pt", weights_only=True)["w"], torch.full((2,), 1.0))
+
+    monkeypatch.setattr(ckpt, "atomic_write_json", real)
+    assert writer.write(progress, [_Worker(0, 3.0), _Worker(1, 3.0)]) == folder
+    assert latest_complete(cfg.out_dir) == folder
+    for k in (0, 1):
+        assert torch.equal(
+            torch.load(folder / f"module-{k}.pt", weights_only=True)["w"], torch.full((2,), 3.0)
+        )
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no .next or .old left

@@ -98,3 +98,50 @@ def test_speed_options_train(tmp_path: Path, options: list[str]) -> None:
         assert all(v == v for v in ce) and ce[-1] < ce[0], (module, ce)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["best_test_accuracy"] > 0.2
+
+
+WARM_UP_SCRIPT = """
+import sys, torch
+from torch._dynamo.utils import counters
+from trgl_pipe.config import load_config
+from trgl_pipe.context import build_context
+cfg = load_config(None, sys.argv[1:])
+torch.set_num_threads(1)
+ctx = build_context(cfg, torch.device("cpu"))
+stage = ctx.build_stage(1)
+x0 = torch.zeros(1, *ctx.input_shape)
+shape = tuple(ctx.build_stage(0).forward_frozen(x0).shape[1:])
+stage.forward_frozen(torch.zeros(1, *shape))  # the handshake's probe
+# the sizes of this run: batches of 64 and a last one of 44; evaluation 100 then 100 (test: 200)
+stage.warm_up(shape, torch.float32, [64, 44], [100, 100])
+compiled = counters["stats"]["unique_graphs"]
+for n in (64, 44, 64):
+    stage.train_step(torch.randn(n, *shape), torch.randint(0, 10, (n,)))
+for n in (100, 100):
+    stage.eval_step(torch.randn(n, *shape), torch.randint(0, 10, (n,)), "val")
+stage.pop_eval_results()
+print("graphs", compiled, counters["stats"]["unique_graphs"])
+"""
+
+
+def test_a_compiled_stage_compiles_nothing_after_its_warm_up(tmp_path: Path) -> None:
+    # torch.compile is lazy: without the warm-up the first step, first evaluation and first partial
+    # batch each compile while the neighbours' waits run
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    args = cli_args(f"out_dir={tmp_path / 'run'}", "model.width=8", "train.compile=true")
+    result = subprocess.run(
+        [sys.executable, "-c", WARM_UP_SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, before, after = result.stdout.split()[-3:]
+    assert int(before) > 0 and int(after) == int(before), result.stdout

@@ -264,6 +264,7 @@ class DebugConfig:
 
     raise_at_step: int | None = None  # module `raise_on_module` raises at this training step
     raise_on_module: int = 0
+    nan_at_step: int | None = None  # module `raise_on_module`'s weights turn NaN before this step
     slow_module: int | None = None  # this module sleeps `slow_s` seconds in every training step
     slow_s: float = 0.0
     slow_eval_s: float = 0.0  # ... and `slow_eval_s` seconds in every evaluation step
@@ -275,6 +276,8 @@ class DebugConfig:
         _non_negative("debug.slow_eval_s", self.slow_eval_s)
         if self.raise_at_step is not None:
             _positive("debug.raise_at_step", self.raise_at_step)
+        if self.nan_at_step is not None:
+            _positive("debug.nan_at_step", self.nan_at_step)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from trgl_pipe.config import DebugConfig
 
 
@@ -20,15 +22,21 @@ def fault_hook(cfg: DebugConfig, module: int) -> Callable[[Any, bool], None] | N
     """A per-batch hook ``hook(worker, training)`` for module ``module`` that sleeps or raises as
     the debug keys ask."""
     raise_here = cfg.raise_at_step is not None and cfg.raise_on_module == module
+    nan_here = cfg.nan_at_step is not None and cfg.raise_on_module == module
     slow_here = cfg.slow_module == module and (cfg.slow_s > 0 or cfg.slow_eval_s > 0)
-    if not (raise_here or slow_here):
+    if not (raise_here or nan_here or slow_here):
         return None
 
     def hook(worker: Any, training: bool) -> None:
         if slow_here:
             time.sleep(cfg.slow_s if training else cfg.slow_eval_s)
-        if training and raise_here and worker.stage.num_steps + 1 == cfg.raise_at_step:
+        step = worker.stage.num_steps + 1
+        if training and raise_here and step == cfg.raise_at_step:
             raise InjectedFault(f"debug.raise_at_step={cfg.raise_at_step} reached in module {module}")
+        if training and nan_here and step == cfg.nan_at_step:
+            with torch.no_grad():
+                for p in worker.stage.parameters():
+                    p.fill_(float("nan"))
 
     return hook
 

@@ -286,3 +286,59 @@ def test_a_hung_rank_is_named_by_its_neighbours_within_the_timeout(tmp_path: Pat
     assert result.returncode != 0
     assert "waited 5 s for" in result.stderr and "rank 1" in result.stderr
     assert elapsed < 60, elapsed  # well before the hung rank would wake up
+
+
+def test_a_bad_shard_on_a_later_rank_is_named_by_that_rank(tmp_path: Path) -> None:
+    # rank 2 (module 2) finds its shard corrupt on resume: it says so with its rank and module,
+    # and the other ranks stop with its exit code instead of reporting "lost rank 2"
+    out = tmp_path / "run"
+    common = [*TINY, f"out_dir={out}", "model.num_modules=3", "train.epochs=1"]
+    first = run_torchrun(3, common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = sorted(p for p in (out / "checkpoints").iterdir() if (p / "meta.json").is_file())[-1]
+    (folder / "module-2.pt").write_bytes(b"not a checkpoint")
+    result = run_torchrun(3, [*common, "resume=auto", "train.epochs=2"])
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: rank 2 (module 2): checkpoint shard {folder / 'module-2.pt'} is corrupt (UnpicklingError); "
+        "resume from an earlier checkpoint"
+    ]
+    assert "lost rank" not in result.stderr
+    assert "exitcode  : 2" in result.stderr  # as the same error in one process
+
+
+def test_sigterm_during_an_evaluation_stops_without_waiting_for_all_of_it(tmp_path: Path) -> None:
+    # 40 evaluation batches at 0.25 s each in module 1: 10 s of evaluation; SIGTERM comes during it
+    out = tmp_path / "run"
+    args = [
+        *TINY,
+        f"out_dir={out}",
+        "model.num_modules=3",
+        "train.epochs=2",
+        "data.eval_batch_size=10",
+        "data.test_size=300",
+        "debug.slow_module=1",
+        "debug.slow_eval_s=0.25",
+        "debug.trace=true",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        torchrun_cmd(3, args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    trace = out / "trace.rank1.jsonl"
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and not (trace.exists() and '"EVAL"' in trace.read_text()):
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    os.kill(_rank_pid(psutil.Process(proc.pid), 0), signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert time.monotonic() - t0 < 8, "the stop waited for the whole evaluation"
+    assert "stopped: SIGTERM" in stderr
+    for rank in range(3):  # every rank took the stop from the stream: all exit 143 together
+        events = read_metrics(out / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl"))
+        assert any(e["event"] == "preempted" for e in events), rank
+    assert stderr.count("exitcode  : 143") >= 1 and "exitcode  : 0" not in stderr
+    folder = sorted(p for p in (out / "checkpoints").iterdir() if (p / "meta.json").is_file())[-1]
+    progress = json.loads((folder / "meta.json").read_text())["progress"]
+    assert (progress["epoch"], progress["batch"], progress["step"]) == (0, 5, 5)  # after epoch 0's batches

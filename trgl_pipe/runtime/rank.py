@@ -292,8 +292,9 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
 def _report_failure(error: BaseException, rank: int, modules: list[int], control: StoreControl | None) -> int:
     """Print one line for ``error`` on this rank, record it for the others; returns the exit code."""
     failure = error.failure if isinstance(error, AbortedError) else None
-    if failure is None and isinstance(error, PipelineError) and control is not None:
-        # a lost connection or a timeout is often the echo of a neighbour's own failure
+    if failure is None and not isinstance(error, UserError) and control is not None:
+        # a lost connection, a timeout or a transfer error is often the echo of a neighbour's own
+        # failure, which that neighbour recorded before its sockets closed
         earlier = control.wait_for_failure(grace_s=2.0)
         if earlier is not None and earlier.rank != rank:
             failure = earlier
