@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# Start the pipeline with one rank per module: K is read from the config.
+# Start the pipeline with as many ranks as the config's layout needs:
+#   (model.num_modules / pipeline.modules_per_rank) x pipeline.replicas
 #
 #   launch/torchrun.sh CONFIG.yaml [section.key=value ...]
 #
 # Several nodes: set NNODES and MASTER_ADDR (a host every node reaches) on every node, and run
-# this on each; torchrun's c10d rendezvous numbers the ranks. K must equal NNODES * ranks per node. Extra torchrun flags go in TORCHRUN_ARGS, e.g.
-# TORCHRUN_ARGS="--max-restarts=3" together with resume=auto to restart a failed rank by itself.
+# this on each; torchrun's c10d rendezvous numbers the ranks, a stage's replicas on neighbouring
+# ranks (the same node where possible). The world size must be a multiple of NNODES.
+# Extra torchrun flags go in TORCHRUN_ARGS, e.g. TORCHRUN_ARGS="--max-restarts=3" together with
+# resume=auto to restart a failed rank by itself.
+# Network: across nodes, name the interface the nodes share if a host has several:
+#   export GLOO_SOCKET_IFNAME=eth0 NCCL_SOCKET_IFNAME=eth0
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: launch/torchrun.sh CONFIG.yaml [section.key=value ...]" >&2
   exit 2
 fi
-K=$(python -c 'import sys; from trgl_pipe.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).model.num_modules)' "$@")
+WORLD=$(python -c 'import sys
+from trgl_pipe.config import load_config
+c = load_config(sys.argv[1], sys.argv[2:])
+print(c.model.num_modules // c.pipeline.modules_per_rank * c.pipeline.replicas)' "$@")
 NNODES=${NNODES:-1}
-if [ $((K % NNODES)) -ne 0 ]; then
-  echo "error: model.num_modules=$K is not a multiple of NNODES=$NNODES" >&2
+if [ $((WORLD % NNODES)) -ne 0 ]; then
+  echo "error: the layout needs $WORLD ranks, not a multiple of NNODES=$NNODES" >&2
   exit 2
 fi
-PER_NODE=$((K / NNODES))
+PER_NODE=$((WORLD / NNODES))
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}  # SIGTERM → checkpoint time
 if [ "$NNODES" -eq 1 ]; then
   exec torchrun --standalone --nproc_per_node="$PER_NODE" ${TORCHRUN_ARGS:-} -m trgl_pipe.run "$@"
 fi

@@ -293,3 +293,18 @@ def test_a_layout_that_does_not_fit_the_ranks_is_one_line(tmp_path: Path) -> Non
         "pipeline.replicas=2 needs (K/M)×R = (4/1)×2 = 8 ranks; start torchrun --nproc_per_node=8 ..., "
         "or set pipeline.modules_per_rank=4 pipeline.replicas=3"
     ]
+
+
+def test_sync_batchnorm_on_cpu_ranks_is_one_line(tmp_path: Path) -> None:
+    args = [
+        *TINY,
+        f"out_dir={tmp_path / 'run'}",
+        "model.num_modules=2",
+        "pipeline.replicas=2",
+        "pipeline.sync_batchnorm=true",
+    ]
+    result = run_torchrun(4, args)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    # every rank finds it; the first to record it says it, once
+    assert len(errors) == 1 and "pipeline.sync_batchnorm=true needs GPUs" in errors[0]

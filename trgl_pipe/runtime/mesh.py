@@ -158,12 +158,13 @@ class StoreControl:
                 return failure
             time.sleep(0.05)
 
-    def abort(self, failure: Failure) -> None:
-        """Record ``failure`` unless another rank recorded one first."""
+    def abort(self, failure: Failure) -> Failure:
+        """Record ``failure`` unless another rank recorded one first; returns the one on record."""
         record = json.dumps(failure.__dict__)
         # the store may be gone with a failed rank 0; torchrun still stops the others then
         with contextlib.suppress(Exception):
             self.store.compare_set("abort", "", record)
+        return self.failure() or failure
 
 
 # ---------------------------------------------------------------------------------------------

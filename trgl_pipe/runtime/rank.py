@@ -34,7 +34,7 @@ from trgl_pipe.context import (
     resolve_device,
 )
 from trgl_pipe.data import load_data, shard_bounds
-from trgl_pipe.errors import PipelineError, UserError
+from trgl_pipe.errors import ConfigError, PipelineError, UserError
 from trgl_pipe.faults import Tracer
 from trgl_pipe.live import LiveView, Publisher, StoreBoard
 from trgl_pipe.metrics import MetricsLogger, describe_argv
@@ -165,6 +165,11 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     transform = None
+    if cfg.pipeline.sync_batchnorm and layout.replicas > 1 and device.type != "cuda":
+        raise ConfigError(
+            "pipeline.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm runs on CUDA only; "
+            "drop it (each replica then normalises with its own shard's statistics)"
+        )
     if cfg.pipeline.sync_batchnorm and layout.replicas > 1:
         transform = lambda module: sync_batchnorm(module, session.dp_group)  # noqa: E731
     stages = [ctx.build_stage(k, transform) for k in layout.modules_of_stage(stage_index)]
@@ -311,8 +316,9 @@ def _report_failure(error: BaseException, rank: int, modules: list[int], control
     else:
         message = f" failed: {type(error).__name__}: {error}"
     failure = Failure(rank, modules, message, code, isinstance(error, UserError))
-    if control is not None:
-        control.abort(failure)
+    recorded = control.abort(failure) if control is not None else failure
+    if recorded.rank != rank and recorded.message == message:
+        return code  # every rank found the same problem: the first to record it says it
     print(f"error: {failure.describe()}", file=sys.stderr, flush=True)
     return code
 

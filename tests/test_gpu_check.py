@@ -1,0 +1,32 @@
+"""The GPU acceptance script in its CPU mode, so it cannot rot between GPU runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
+
+
+def test_gpu_check_passes_in_cpu_mode(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    payload = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
+    checks = {c["check"]: c for c in payload["checks"]}
+    assert list(checks) == ["regimes", "equivalence", "throughput", "memory", "speed_options", "sigkill"]
+    assert all(c["ok"] for c in checks.values())
+    assert checks["equivalence"]["bitwise"] is True  # gloo on CPU: the pipeline is the same computation
+    assert checks["sigkill"]["seconds_to_end"] < checks["sigkill"]["pipeline_timeout_s"]
+    assert payload["machine"]["torch"] and payload["command"].startswith("python benchmarks/gpu_check.py")
+    assert (tmp_path / "gpu_check_cpu.md").read_text().startswith("# GPU acceptance run, CPU mode")
