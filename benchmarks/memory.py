@@ -107,7 +107,7 @@ def rank_peak(args: argparse.Namespace, cfg: Any, partition: list, k: int, in_sh
     num_modules = len(partition)
 
     def run() -> None:
-        parts = build_parts(cfg, 3, 10)
+        parts = build_parts(cfg, (3, args.image_size, args.image_size), 10)
         stage = build_stage(cfg, parts, partition, k, 10, 100, 10, device)
         slots = []
         if k > 0:  # pre-allocated receive slots (DistInbox)
@@ -129,7 +129,7 @@ def single_process_peak(args: argparse.Namespace, cfg: Any, partition: list) -> 
     device = torch.device(args.device)
 
     def run() -> None:
-        parts = build_parts(cfg, 3, 10)
+        parts = build_parts(cfg, (3, args.image_size, args.image_size), 10)
         stages = [build_stage(cfg, parts, partition, k, 10, 100, 10, device) for k in range(len(partition))]
         y = torch.randint(0, 10, (args.batch,), device=device)
         for _ in range(2):
@@ -141,16 +141,9 @@ def single_process_peak(args: argparse.Namespace, cfg: Any, partition: list) -> 
 
 
 def input_shapes(args: argparse.Namespace, cfg: Any) -> list[tuple]:
-    """Sample shape entering each block (and after the last one), from a meta forward."""
-    parts = build_parts(cfg, 3, 10)
-    h = torch.empty(1, 3, args.image_size, args.image_size, device="meta")
-    stem = parts.stem.to("meta")
-    h = stem(h)
-    shapes = [tuple(h.shape[1:])]
-    for block in parts.blocks:
-        h, _ = block.to("meta")(h)
-        shapes.append(tuple(h.shape[1:]))
-    return shapes
+    """Sample shape entering each block."""
+    parts = build_parts(cfg, (3, args.image_size, args.image_size), 10)
+    return [parts.input_of(i) for i in range(parts.num_blocks)]
 
 
 def memory_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -187,7 +180,7 @@ def memory_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
     cost_cfg = config(args, 2)
     parts = build_parts(cost_cfg, 3, 10)
-    heads = aux_head_factory(parts, 10, args.pool, None, 0)
+    heads = aux_head_factory(parts, 10, cost_cfg)
     block_costs, end_costs = measure_costs(
         parts, image, args.batch, 10, heads, "memory", torch.device("meta")
     )
@@ -199,7 +192,7 @@ def memory_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             )
             peaks = []
             for i, (a, _) in enumerate(partition):
-                in_shape = image if i == 0 else shapes[a]
+                in_shape = image if i == 0 else shapes[a]  # module 0 starts with the stem
                 peaks.append(rank_peak(args, cfg, partition, i, in_shape))
             single = single_process_peak(args, cfg, partition)
             heaviest = max(peaks)

@@ -41,7 +41,7 @@ class StageModule(nn.Module):
         if self.stem is not None:
             x = self.stem(x)
         for block in self.blocks:
-            x, _ = block(x)
+            x, _ = block(x)  # (output, residuals)
         return self.head(x) if self.head is not None else x
 
 
@@ -50,14 +50,16 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    from trgl_pipe.models import ResNetParts
+    from trgl_pipe.config import load_config
     from trgl_pipe.partition import split_at
+    from trgl_pipe.stage import build_parts
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cpu")
-    parts = ResNetParts(args.depth, args.width, 1, 10, "preact", seed=0)
+    cfg = load_config(None, [f"model.depth={args.depth}", f"model.width={args.width}"])
+    parts = build_parts(cfg, (1, 28, 28), 10)
     partition = split_at(parts.num_blocks, json.loads(args.cuts))
     a, b = partition[rank]
     module = StageModule(parts, a, b, rank == 0, rank == world - 1)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from trgl_pipe.config import load_config
 from trgl_pipe.cost import aux_head_factory, measure_costs, saved_bytes
-from trgl_pipe.models import ResNetParts
 from trgl_pipe.partition import module_costs, split_balanced, split_by_depth
+from trgl_pipe.stage import build_parts
 
 
 def test_saved_bytes_counts_each_storage_once_on_any_device() -> None:
@@ -23,8 +24,9 @@ def test_saved_bytes_counts_each_storage_once_on_any_device() -> None:
 
 
 def test_memory_balanced_split_relieves_the_full_resolution_module() -> None:
-    parts = ResNetParts(32, 16, 3, 10, "postact", seed=0)
-    heads = aux_head_factory(parts, 10, 8, None, 0)
+    cfg = load_config(None, ["model.depth=32", "model.block=postact", "aux.pool_size=8"])
+    parts = build_parts(cfg, (3, 32, 32), 10)
+    heads = aux_head_factory(parts, 10, cfg)
     costs, ends = measure_costs(parts, (3, 32, 32), 16, 10, heads, "memory", torch.device("meta"))
     assert len(costs) == len(ends) == parts.num_blocks
     assert costs[0] > costs[-1] > 0  # full resolution costs more than 8x8, even with 4x the channels

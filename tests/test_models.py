@@ -4,8 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trgl_pipe.models import PostActBlock, PreActBlock, ResNetParts, block_shapes, kinetic_energy
+from trgl_pipe.config import load_config
+from trgl_pipe.models import PostActBlock, PreActBlock, block_shapes, kinetic_energy
 from trgl_pipe.models.blocks import PointwiseConv
+from trgl_pipe.stage import build_parts
+
+
+def _resnet(seed: int, *overrides: str):
+    return build_parts(load_config(None, [f"seed={seed}", *overrides]), (3, 32, 32), 10)
 
 
 def test_kinetic_energy_by_hand() -> None:
@@ -18,14 +24,14 @@ def test_kinetic_energy_by_hand() -> None:
 def test_preact_identity_block_output_is_input_plus_residual() -> None:
     block = PreActBlock(4, 4).eval()
     x = torch.randn(3, 4, 8, 8)
-    out, r = block(x)
+    out, (r,) = block(x)
     torch.testing.assert_close(out, x + r, rtol=0, atol=0)
 
 
 def test_downsampling_block_returns_the_residual_branch_not_the_difference() -> None:
     block = PreActBlock(4, 8, stride=2).eval()
     x = torch.randn(2, 4, 8, 8)
-    out, r = block(x)
+    out, (r,) = block(x)
     pre = F.relu(block.bn1(x))
     expected_r = block.conv2(F.relu(block.bn2(block.conv1(pre))))
     torch.testing.assert_close(r, expected_r)
@@ -53,7 +59,7 @@ def test_pointwise_conv_is_the_strided_1x1_convolution(size: int) -> None:
 def test_postact_block_applies_relu_after_the_sum() -> None:
     block = PostActBlock(4, 4).eval()
     x = torch.randn(2, 4, 6, 6)
-    out, r = block(x)
+    out, (r,) = block(x)
     torch.testing.assert_close(out, F.relu(x + r))
 
 
@@ -66,9 +72,9 @@ def test_resnet_depth_gives_3n_blocks(depth: int, blocks: int) -> None:
 
 
 def test_weights_do_not_depend_on_anything_but_the_seed() -> None:
-    a = ResNetParts(20, 8, 3, 10, "preact", seed=5)
-    b = ResNetParts(20, 8, 3, 10, "preact", seed=5)
-    c = ResNetParts(20, 8, 3, 10, "preact", seed=6)
+    a = _resnet(5, "model.width=8")
+    b = _resnet(5, "model.width=8")
+    c = _resnet(6, "model.width=8")
     for x, y, z in zip(a.blocks, b.blocks, c.blocks, strict=True):
         wx, wy, wz = x.conv1.weight, y.conv1.weight, z.conv1.weight
         assert torch.equal(wx, wy)
@@ -84,7 +90,7 @@ def test_fused_energy_has_the_gradients_of_the_plain_formula(block_cls, reductio
     w = torch.randn(4, 6, 4, 4, dtype=torch.double)
 
     def plain(x):
-        out, r = block(x)
+        out, (r,) = block(x)
         return (out * w).sum() + 0.3 * kinetic_energy(r, reduction)
 
     def fused(x):

@@ -106,6 +106,19 @@ def write_shard(folder: Path, index: int, state: dict[str, Any]) -> Path:
     return path
 
 
+def arch_identity(cfg: Config) -> dict[str, Any]:
+    """The model keys that decide the shapes of the weights (what a shard must match)."""
+    m = cfg.model
+    if m.arch == "cifar_resnet":
+        return {"arch": m.arch, "depth": m.depth, "width": m.width, "block": m.block, "shortcut": m.shortcut}
+    identity: dict[str, Any] = {"arch": m.arch}
+    if m.arch.startswith("swin"):
+        identity.update(patch_size=m.patch_size, window_size=m.window_size)
+    if m.arch.startswith("resnet"):
+        identity["small_input"] = m.small_input
+    return identity
+
+
 def meta_for(
     cfg: Config,
     partition: Partition,
@@ -125,12 +138,7 @@ def meta_for(
         "regime": regime,
         "num_modules": len(partition),
         "partition": [list(r) for r in partition],
-        "arch": {
-            "arch": cfg.model.arch,
-            "depth": cfg.model.depth,
-            "width": cfg.model.width,
-            "block": cfg.model.block,
-        },
+        "arch": arch_identity(cfg),
         "data": {"name": cfg.data.name, "batch_size": cfg.data.batch_size, "seed": cfg.seed},
         "shards": [shard_name(k) for k in range(len(partition))],
         "progress": progress.as_dict(),
@@ -238,12 +246,7 @@ def check_compatible(
     steps_per_epoch: int | None = None,
 ) -> None:
     """Refuse a checkpoint that was made for another network, split or regime."""
-    arch = {
-        "arch": cfg.model.arch,
-        "depth": cfg.model.depth,
-        "width": cfg.model.width,
-        "block": cfg.model.block,
-    }
+    arch = arch_identity(cfg)
     problems = []
     if meta["num_modules"] != len(partition):
         problems.append(f"it has {meta['num_modules']} modules, the config {len(partition)}")

@@ -53,40 +53,94 @@ class DataConfig:
             value = getattr(self, key)
             if value is not None:
                 _positive(f"data.{key}", value)
-        if self.source == "root" and not self.root:
+        if self.source == "root" and not self.root and self.name != "synthetic":
             raise ConfigError("data.source=root needs data.root (the folder that holds the dataset)")
+
+
+Arch = Literal[
+    "cifar_resnet",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "vgg11_bn",
+    "vgg13_bn",
+    "vgg16_bn",
+    "vgg19_bn",
+    "vgg19",
+    "swin_t",
+    "swin_s",
+    "swin_b",
+]
+# residual blocks (transport blocks) of each fixed architecture; cifar_resnet has 3n for depth 6n+2
+ARCH_BLOCKS = {
+    "resnet18": 8,
+    "resnet34": 16,
+    "resnet50": 16,
+    "resnet101": 33,
+    "resnet152": 50,
+    "vgg11_bn": 8,
+    "vgg13_bn": 10,
+    "vgg16_bn": 13,
+    "vgg19_bn": 16,
+    "vgg19": 16,
+    "swin_t": 15,  # 12 Swin blocks and the 3 patch-merging layers between the 4 stages
+    "swin_s": 27,
+    "swin_b": 27,
+}
 
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    """The backbone and how its residual blocks are cut into modules."""
+    """The backbone and how its blocks are cut into modules."""
 
-    arch: Literal["resnet"] = "resnet"
+    arch: Arch = "cifar_resnet"
+    # cifar_resnet: ResNet-(6n+2) with 3n blocks of widths w, 2w, 4w
     depth: int = 20  # 6n+2: 8, 14, 20, 32, 56, 110, ...
     width: int = 16  # channels of the first stage; the stages use width, 2*width, 4*width
     block: Literal["preact", "postact"] = "preact"
+    shortcut: Literal["conv", "pad"] = "conv"  # downsampling shortcut: 1x1 conv, or pool + zero channels
+    # initialisation: default (the architecture's own), or the authors' kaiming / orthogonal
+    init: Literal["default", "kaiming", "orthogonal"] = "default"
+    init_gain: float = 0.05  # orthogonal
+    init_from: str | None = None  # torchvision backbones: a torchvision state_dict to start from
+    small_input: bool = False  # torchvision ResNets: no max-pool in the stem (64x64 images)
+    patch_size: int = 4  # Swin
+    window_size: int = 7  # Swin
+    stochastic_depth: float | None = None  # Swin; null: torchvision's value for the variant
+    vgg_transport: Literal["displacement", "off"] = "displacement"  # VGG: ||T(x) - x||^2 where shapes match
     num_modules: int = 4  # K
-    # depth: equal numbers of blocks; balanced: equal measured cost; or the K-1 indices of the
-    # blocks where modules 2..K start.
-    split: Literal["depth", "balanced"] | list[int] = "depth"
+    # depth: equal numbers of blocks; balanced: equal measured cost; preset: the authors' split for
+    # this backbone and K; or the K-1 indices of the blocks where modules 2..K start.
+    split: Literal["depth", "balanced", "preset"] | list[int] = "depth"
     balance_by: Literal["time", "memory"] = "time"
 
     @property
     def num_blocks(self) -> int:
-        return 3 * ((self.depth - 2) // 6)
+        if self.arch == "cifar_resnet":
+            return 3 * ((self.depth - 2) // 6)
+        return ARCH_BLOCKS[self.arch]
+
+    @property
+    def name(self) -> str:
+        return f"ResNet-{self.depth}" if self.arch == "cifar_resnet" else self.arch
 
     def __post_init__(self) -> None:
-        if self.depth < 8 or (self.depth - 2) % 6 != 0:
+        if self.arch == "cifar_resnet" and (self.depth < 8 or (self.depth - 2) % 6 != 0):
             raise ConfigError(
                 f"model.depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, 110, ...), got {self.depth}"
             )
         _positive("model.width", self.width)
         _positive("model.num_modules", self.num_modules)
+        _positive("model.patch_size", self.patch_size)
+        _positive("model.window_size", self.window_size)
+        _positive("model.init_gain", self.init_gain)
         if self.num_modules > self.num_blocks:
             raise ConfigError(
                 f"model.num_modules={self.num_modules} is larger than the {self.num_blocks} "
-                f"residual blocks of a ResNet-{self.depth}; use at most {self.num_blocks} "
-                "modules or a deeper model.depth"
+                f"residual blocks of a {self.name}; use at most {self.num_blocks} modules"
+                + (" or a deeper model.depth" if self.arch == "cifar_resnet" else "")
             )
         if isinstance(self.split, list):
             cuts = self.split
@@ -104,17 +158,38 @@ class ModelConfig:
 
 @dataclass(kw_only=True, slots=True)
 class AuxConfig:
-    """The auxiliary classifier F_k of every module but the last (DGL style)."""
+    """The auxiliary classifier F_k of every module (DGL style; the last one's by ``last``).
 
-    pool_size: int = 2  # p: the feature map is average-pooled to p x p
+    CNN backbones: 3x3 conv -> ReLU -> average pool -> BatchNorm -> linear. Swin: LayerNorm ->
+    mean over tokens -> linear. Pooling and width may differ per module: a list gives one value
+    per module.
+    """
+
+    pool_size: int | list[int] = 2  # p: the feature map is average-pooled to p x p
+    pool_kernel: int | list[int] | None = None  # instead: the authors' AvgPool2d(kernel) per module
     channels: int | None = None  # of the 3x3 conv; None = the module's output channels
     hidden: int = 0  # 0: one linear layer; >0: linear -> ReLU -> linear with this width
+    last: Literal["own", "aux"] = "own"  # the last module's head: the network's own, or an aux head
 
     def __post_init__(self) -> None:
-        _positive("aux.pool_size", self.pool_size)
+        for key in ("pool_size", "pool_kernel"):
+            value = getattr(self, key)
+            for v in value if isinstance(value, list) else [] if value is None else [value]:
+                _positive(f"aux.{key}", v)
         _non_negative("aux.hidden", self.hidden)
         if self.channels is not None:
             _positive("aux.channels", self.channels)
+
+    def for_module(self, key: str, index: int, num_modules: int) -> int | None:
+        """``pool_size`` or ``pool_kernel`` of module ``index`` (a list gives one per module)."""
+        value = getattr(self, key)
+        if not isinstance(value, list):
+            return value
+        if len(value) != num_modules:
+            raise ConfigError(
+                f"aux.{key} lists {len(value)} values for {num_modules} modules; give one per module"
+            )
+        return value[index]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -195,6 +270,9 @@ class TrglConfig:
     # Euclidean norm); mean: divided by the feature count C*H*W (one tau fits every resolution)
     reduction: Literal["sum", "mean"] = "sum"
     tau_schedule: Literal["constant", "halves", "adaptive"] = "constant"
+    # halves: which half trgl.tau belongs to. first: tau for modules k < K/2, 2 tau after (ours);
+    # second: tau/2 then tau (the authors' scripts take tau as the second half's value)
+    halves_tau_of: Literal["first", "second"] = "first"
     lambda_init: float = 2.0e5  # adaptive: L = CE + C / lambda, lambda starts here (lambda = 2 tau)
     h: float = 1.0e4  # adaptive: lambda <- lambda + h * CE ... (in the units of lambda)
     s: int = 50  # adaptive: ... every s steps

@@ -16,7 +16,7 @@ from trgl_pipe.config import Config
 from trgl_pipe.cost import aux_head_factory, measure_costs
 from trgl_pipe.data import Batches, DataSplits, load_data
 from trgl_pipe.errors import ConfigError
-from trgl_pipe.models import ResNetParts
+from trgl_pipe.models import Backbone
 from trgl_pipe.partition import Partition, split_at, split_balanced, split_by_depth
 from trgl_pipe.runtime.schedule import total_steps
 from trgl_pipe.stage import Stage, build_parts, build_stage
@@ -78,18 +78,28 @@ def prepare_out_dir(cfg: Config) -> Path:
 
 
 def resolve_partition(
-    cfg: Config, parts: ResNetParts, batches: Batches, num_classes: int, device: torch.device
+    cfg: Config, parts: Backbone, batches: Batches, num_classes: int, device: torch.device
 ) -> Partition:
     """The K block ranges of the run: all blocks in one module for e2e."""
     n = parts.num_blocks
+    k = cfg.model.num_modules
     if cfg.train.regime == "e2e":
         return [(0, n)]
     split = cfg.model.split
     if isinstance(split, list):
         return split_at(n, split)
     if split == "depth":
-        return split_by_depth(n, cfg.model.num_modules)
-    heads = aux_head_factory(parts, num_classes, cfg.aux.pool_size, cfg.aux.channels, cfg.aux.hidden)
+        return split_by_depth(n, k)
+    if split == "preset":
+        if k not in parts.presets:
+            known = ", ".join(f"K={key}: {value}" for key, value in parts.presets.items()) or "none"
+            raise ConfigError(
+                f"model.split=preset: {cfg.model.name} has no preset split for K={k} (presets: {known}); "
+                "use model.split=depth, balanced or explicit block indices"
+            )
+        sizes = parts.presets[k]
+        return split_at(n, [sum(sizes[:i]) for i in range(1, k)])
+    heads = aux_head_factory(parts, num_classes, cfg)
     block_costs, end_costs = measure_costs(
         parts,
         batches.input_shape,
@@ -111,7 +121,7 @@ class RunContext:
 
     cfg: Config
     device: torch.device
-    parts: ResNetParts
+    parts: Backbone
     partition: Partition
     num_classes: int
     input_shape: tuple[int, int, int]
@@ -191,7 +201,7 @@ def build_context(
     if data is None:
         data = load_data(cfg.data, cfg.seed)
     batches = Batches(data, cfg.data, cfg.seed, shard=shard, pin_memory=device.type == "cuda")
-    parts = build_parts(cfg, data.channels, data.num_classes)
+    parts = build_parts(cfg, (data.channels, data.image_size, data.image_size), data.num_classes)
     if partition is None:
         partition = resolve_partition(cfg, parts, batches, data.num_classes, device)
     return RunContext(
@@ -212,7 +222,7 @@ def build_context(
 def context_from_shape_info(cfg: Config, device: torch.device, info: dict) -> RunContext:
     """A context for a rank that reads no data, from rank 0's :meth:`RunContext.shape_info`."""
     input_shape = tuple(info["input_shape"])
-    parts = build_parts(cfg, input_shape[0], info["num_classes"])
+    parts = build_parts(cfg, input_shape, info["num_classes"])
     return RunContext(
         cfg,
         device,

@@ -11,11 +11,12 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from trgl_pipe.models import AuxHead, ResNetParts, kinetic_energy
+from trgl_pipe.models import Backbone, kinetic_energy
 
 
 def saved_bytes(fn: Callable[[], Tensor]) -> int:
@@ -55,7 +56,7 @@ def _time_it(fn: Callable[[], None], device: torch.device, repeats: int) -> floa
 
 
 def measure_costs(
-    parts: ResNetParts,
+    parts: Backbone,
     input_shape: tuple[int, int, int],
     batch_size: int,
     num_classes: int,
@@ -72,17 +73,20 @@ def measure_costs(
     x = torch.randn(batch_size, *input_shape, generator=gen).to(device)
     y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(device)
     block_costs, end_costs = [], []
-    stem = copy.deepcopy(parts.stem).to(device)
-    with torch.no_grad():
-        h = stem(x)
-    stem_cost = _cost_of(lambda: stem(x.requires_grad_(False)).sum(), stem, by, device, repeats)
+    if parts.stem is not None:
+        stem = copy.deepcopy(parts.stem).to(device)
+        with torch.no_grad():
+            h = stem(x)
+        stem_cost = _cost_of(lambda: stem(x.requires_grad_(False)).sum(), stem, by, device, repeats)
+    else:
+        h, stem_cost = x, 0.0
     for i, block in enumerate(parts.blocks):
         block = copy.deepcopy(block).to(device)
         inp = h.detach()
 
         def run_block(block: nn.Module = block, inp: Tensor = inp) -> Tensor:
-            out, r = block(inp)
-            return out.sum() + kinetic_energy(r)
+            out, residuals = block(inp)
+            return out.sum() + sum((kinetic_energy(r) for r in residuals), out.new_zeros(()))
 
         cost = _cost_of(run_block, block, by, device, repeats)
         block_costs.append(cost + (stem_cost if i == 0 else 0.0))
@@ -111,12 +115,16 @@ def _cost_of(
     return _time_it(step, device, repeats)
 
 
-def aux_head_factory(parts: ResNetParts, num_classes: int, pool_size: int, channels: int | None, hidden: int):
-    """Heads as :func:`trgl_pipe.stage.build_head` would make them (seeding aside)."""
+def aux_head_factory(parts: Backbone, num_classes: int, cfg: Any) -> Callable[[int], nn.Module]:
+    """The head a module ending after block i would get (as :func:`trgl_pipe.stage.build_head`
+    makes it; per-module pooling lists count with their first value)."""
+    from trgl_pipe.stage import make_aux_head
+
+    k = cfg.model.num_modules
 
     def make(i: int) -> nn.Module:
-        if i == len(parts.blocks) - 1:
+        if i == len(parts.blocks) - 1 and cfg.aux.last == "own":
             return copy.deepcopy(parts.head)
-        return AuxHead(parts.shapes[i].out_channels, num_classes, pool_size, channels, hidden)
+        return make_aux_head(parts, i, 0, k, num_classes, cfg)
 
     return make

@@ -22,12 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from trgl_pipe.checkpoint import latest_complete, load_shard, read_meta
+from trgl_pipe.config import Config, from_dict
 from trgl_pipe.errors import CheckpointError, UserError
 from trgl_pipe.io import atomic_write, atomic_write_json
-from trgl_pipe.models import AuxHead, ResNetParts
-from trgl_pipe.stage import ModuleBody
+from trgl_pipe.stage import ModuleBody, StagePlan, build_head, build_parts
 
-FORMAT = 1
+FORMAT = 2  # 2: the model is rebuilt from the run's config (every backbone)
 
 
 class ExportedClassifier(nn.Module):
@@ -50,21 +50,20 @@ class ExportedClassifier(nn.Module):
 
 
 def build_exported(spec: dict[str, Any]) -> ExportedClassifier:
-    """Rebuild the classifier described by ``spec`` (random weights; load a state_dict next)."""
-    parts = ResNetParts(
-        spec["depth"], spec["width"], spec["in_channels"], spec["num_classes"], spec["block"], seed=0
-    )
+    """Rebuild the classifier described by ``spec`` (its weights come next, from a state_dict)."""
+    raw = dict(spec["config"])
+    raw["model"] = {**raw["model"], "init_from": None}  # the weights come from the checkpoint
+    cfg = from_dict(Config, raw, "")
+    input_shape = tuple(spec["input_shape"])
+    backbone = build_parts(cfg, input_shape, spec["num_classes"])
+    partition = spec["partition"]
     bodies = [
-        ModuleBody(parts.stem if i == 0 else None, parts.blocks[a:b], a)
-        for i, (a, b) in enumerate(spec["partition"])
+        ModuleBody(backbone.stem if i == 0 else None, backbone.blocks[a:b], a)
+        for i, (a, b) in enumerate(partition)
     ]
-    stop = spec["partition"][-1][1]
-    if spec["is_last"]:
-        head: nn.Module = parts.head
-    else:
-        aux = spec["aux"]
-        channels = parts.shapes[stop - 1].out_channels
-        head = AuxHead(channels, spec["num_classes"], aux["pool_size"], aux["channels"], aux["hidden"])
+    a, b = partition[-1]
+    plan = StagePlan(spec["module"], spec["num_modules"], a, b)
+    head = build_head(backbone, plan, spec["num_classes"], cfg)
     model = ExportedClassifier(bodies, head, spec["mean"], spec["std"])
     return model.eval()
 
@@ -77,8 +76,12 @@ def load_exported(path: str | Path) -> ExportedClassifier:
         raise UserError(f"{path}: no such exported model; run python -m trgl_pipe.export first") from error
     except Exception as error:
         raise UserError(f"{path}: not a readable exported model ({type(error).__name__})") from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "spec" not in payload:
+    if not isinstance(payload, dict) or "spec" not in payload:
         raise UserError(f"{path}: not a trgl_pipe exported model")
+    if payload.get("format") != FORMAT:
+        raise UserError(
+            f"{path}: exported by another trgl_pipe version (format {payload.get('format')}); export it again"
+        )
     model = build_exported(payload["spec"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()
@@ -110,13 +113,12 @@ def export(
         raise CheckpointError(f"checkpoint {folder} predates exports (no model description in meta.json)")
     cfg = meta["config"]
     spec = {
-        **{key: meta["arch"][key] for key in ("depth", "width", "block")},
-        "in_channels": model_info["input_shape"][0],
+        "config": cfg,
+        "input_shape": model_info["input_shape"],
         "num_classes": model_info["num_classes"],
         "partition": meta["partition"][: module + 1],
         "module": module,
-        "is_last": module == k - 1,
-        "aux": cfg["aux"],
+        "num_modules": k,
         "mean": model_info["normalization"]["mean"],
         "std": model_info["normalization"]["std"],
     }

@@ -18,14 +18,17 @@ from torch import Tensor
 from trgl_pipe.config import TrglConfig
 
 
-def tau_for_module(index: int, num_modules: int, tau: float, schedule: str) -> float:
+def tau_for_module(index: int, num_modules: int, tau: float, schedule: str, tau_of: str = "first") -> float:
     """τ_k of module ``index`` (0-based): ``halves`` doubles τ for modules k ≥ K/2.
 
     For odd K the middle module belongs to the first half (k < K/2 with k counted from 0).
+    ``tau_of="second"`` reads τ as the second half's value (τ/2 for the first half, τ after), the
+    authors' convention, so a τ from their command line needs no conversion.
     """
-    if schedule == "halves" and index >= num_modules / 2:
-        return 2.0 * tau
-    return tau
+    if schedule != "halves":
+        return tau
+    first = tau if tau_of == "first" else tau / 2
+    return 2.0 * first if index >= num_modules / 2 else first
 
 
 class LocalObjective:
@@ -40,7 +43,7 @@ class LocalObjective:
     def __init__(self, cfg: TrglConfig, index: int, num_modules: int, device: torch.device) -> None:
         self.enabled = cfg.enabled
         self.adaptive = cfg.enabled and cfg.tau_schedule == "adaptive"
-        self.tau = tau_for_module(index, num_modules, cfg.tau, cfg.tau_schedule)
+        self.tau = tau_for_module(index, num_modules, cfg.tau, cfg.tau_schedule, cfg.halves_tau_of)
         self.h = cfg.h
         self.s = cfg.s
         self.lam = torch.tensor(float(cfg.lambda_init), device=device)

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from trgl_pipe.config import Config
 from trgl_pipe.errors import NonFiniteLossError
-from trgl_pipe.models import AuxHead, ResNetParts, kinetic_energy
-from trgl_pipe.models.resnet import seeded_generator_seed
+from trgl_pipe.models import AuxHead, Backbone, TokenHead, build_backbone, kinetic_energy
+from trgl_pipe.models.init import fork_seeded, init_scheme
 from trgl_pipe.objective import LocalObjective
 from trgl_pipe.optim import build_optimizer, build_scheduler
 from trgl_pipe.partition import Partition
@@ -54,9 +54,11 @@ class ModuleBody(nn.Module):
         for block in self.blocks:
             if kinetic_grad:  # the energy enters the loss: fused, differentiable
                 x, energy = block.forward_with_energy(x, self.reduction)
-            else:  # reported only: computed on the detached residual, kept alive for nothing
-                x, r = block(x)
-                energy = kinetic_energy(r.detach(), self.reduction)
+            else:  # reported only: computed on the detached residuals, kept alive for nothing
+                x, residuals = block(x)
+                energy = x.new_zeros((), dtype=torch.float32)
+                for r in residuals:
+                    energy = energy + kinetic_energy(r.detach(), self.reduction)
             energies.append(energy)
         if per_block:
             return x, torch.stack(energies)
@@ -185,7 +187,15 @@ class Stage:
 
     @property
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return self.num_body_params + self.num_head_params
+
+    @property
+    def num_body_params(self) -> int:
+        return sum(p.numel() for p in self.body.parameters())
+
+    @property
+    def num_head_params(self) -> int:
+        return sum(p.numel() for p in self.head.parameters())
 
     @property
     def lr(self) -> float:
@@ -365,27 +375,45 @@ class Stage:
         self.num_steps = int(state["num_steps"])
 
 
-def build_head(parts: ResNetParts, plan: StagePlan, num_classes: int, cfg: Config) -> nn.Module:
-    """F_k: the network's own head for the last module, an auxiliary head otherwise."""
-    from trgl_pipe.models.blocks import init_weights
-
-    if plan.is_last:
-        return parts.head
-    channels = parts.shapes[plan.stop - 1].out_channels
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seeded_generator_seed(cfg.seed, 3, plan.index, plan.stop))
-        head = AuxHead(channels, num_classes, cfg.aux.pool_size, cfg.aux.channels, cfg.aux.hidden)
-        init_weights(head)
+def make_aux_head(
+    backbone: Backbone, block: int, module: int, num_modules: int, num_classes: int, cfg: Config
+) -> nn.Module:
+    """An auxiliary head for a module (index ``module`` of ``num_modules``) ending after ``block``,
+    built for the shape of that block's output (unseeded: the caller seeds)."""
+    channels = backbone.channels(block)
+    if backbone.tokens:
+        head: nn.Module = TokenHead(channels, num_classes, cfg.aux.hidden)
+    else:
+        head = AuxHead(
+            channels,
+            num_classes,
+            cfg.aux.for_module("pool_size", module, num_modules) or 2,
+            cfg.aux.channels,
+            cfg.aux.hidden,
+            pool_kernel=cfg.aux.for_module("pool_kernel", module, num_modules),
+            spatial=backbone.spatial(block),
+        )
+    init_scheme(head, cfg.model.init, cfg.model.init_gain)
     return head
 
 
-def build_parts(cfg: Config, in_channels: int, num_classes: int) -> ResNetParts:
-    return ResNetParts(cfg.model.depth, cfg.model.width, in_channels, num_classes, cfg.model.block, cfg.seed)
+def build_head(backbone: Backbone, plan: StagePlan, num_classes: int, cfg: Config) -> nn.Module:
+    """F_k: the network's own head for the last module (unless ``aux.last=aux``), an auxiliary
+    head otherwise, seeded by (seed, k, its last block) so it does not depend on the rank."""
+    if plan.is_last and cfg.aux.last == "own":
+        return backbone.head
+    with fork_seeded(cfg.seed, 3, plan.index, plan.stop):
+        return make_aux_head(backbone, plan.stop - 1, plan.index, plan.num_modules, num_classes, cfg)
+
+
+def build_parts(cfg: Config, input_shape: tuple[int, int, int], num_classes: int) -> Backbone:
+    """The whole network the run cuts into modules (every rank builds it, seeded alike)."""
+    return build_backbone(cfg.model, input_shape, num_classes, cfg.seed)
 
 
 def build_stage(
     cfg: Config,
-    parts: ResNetParts,
+    parts: Backbone,
     partition: Partition,
     index: int,
     num_classes: int,

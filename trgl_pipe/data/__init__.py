@@ -55,10 +55,14 @@ class DataSplits:
 
 def resolve_source(cfg: DataConfig) -> str:
     """Which source ``data.source=auto`` means on this machine."""
-    if cfg.source != "auto":
-        return cfg.source
     if cfg.name == "synthetic":
         return "synthetic"
+    if cfg.root and cfg.source in ("embedded", "debian"):
+        # a data.root given on top of a config that reads a packaged copy: the root is meant
+        print(f"data.root={cfg.root} given: reading from it, not from data.source={cfg.source}", flush=True)
+        return "root"
+    if cfg.source != "auto":
+        return cfg.source
     if cfg.root:
         return "root"
     if cfg.name == "fashion_mnist":

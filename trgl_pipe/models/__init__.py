@@ -1,16 +1,31 @@
-"""Backbones (an ordered list of residual blocks) and classifier heads; no distributed code here."""
+"""Backbones (an ordered list of transport blocks), their heads and initialisation; no distributed
+code here. Each backbone module registers its architectures with :func:`register`."""
 
-from trgl_pipe.models.blocks import PostActBlock, PreActBlock, kinetic_energy
-from trgl_pipe.models.heads import AuxHead, FinalHead
-from trgl_pipe.models.resnet import BlockShape, ResNetParts, block_shapes
+from trgl_pipe.models.backbone import Backbone, build_backbone, register
+from trgl_pipe.models.blocks import (
+    PadShortcut,
+    PointwiseConv,
+    PostActBlock,
+    PreActBlock,
+    TransportBlock,
+    kinetic_energy,
+)
+from trgl_pipe.models.cifar_resnet import BlockShape, block_shapes
+from trgl_pipe.models.heads import AuxHead, FinalHead, TokenHead
 
 __all__ = [
     "AuxHead",
+    "Backbone",
     "BlockShape",
     "FinalHead",
+    "PadShortcut",
+    "PointwiseConv",
     "PostActBlock",
     "PreActBlock",
-    "ResNetParts",
+    "TokenHead",
+    "TransportBlock",
     "block_shapes",
+    "build_backbone",
     "kinetic_energy",
+    "register",
 ]

@@ -1,8 +1,16 @@
-"""Residual blocks that return their output *and* their residual branch r.
+"""Transport blocks: blocks that return their output *and* what the kinetic energy is taken of.
 
-Returning r lets the local objective add the kinetic energy ‖r‖² without forward hooks.
-For a block that changes shape (stride 2 or more channels) the output is
-``shortcut(x) + r`` and r is still the residual branch, not ``output - x``.
+Every block of every backbone answers two calls:
+
+- ``block(x) -> (out, residuals)``: the block's output and the list of its residual branches r
+  (one for a ResNet block, two for a Swin block, none for a block that changes the feature space
+  without a skip, like Swin's patch merging);
+- ``block.forward_with_energy(x, reduction) -> (out, energy)``: the output and the summed kinetic
+  energy of those residuals, differentiable and fused (one pass over r in backward).
+
+Returning r lets the local objective add ‖r‖² without forward hooks. For a block that changes
+shape (stride 2 or more channels) the output is ``shortcut(x) + r`` and r is still the residual
+branch, not ``output - x``.
 """
 
 from __future__ import annotations
@@ -14,6 +22,90 @@ from torch import Tensor, nn
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+def _accumulation_dtype(r: Tensor) -> Tensor:
+    """float32 for half-precision residuals (bf16 autocast), the residual's own dtype otherwise."""
+    return r.to(torch.promote_types(r.dtype, torch.float32))
+
+
+def energy_divisor(r: Tensor, reduction: str) -> int:
+    """``sum``: the batch size (mean over samples of Σ r²); ``mean``: every element (mean of r²)."""
+    return r.numel() if reduction == "mean" else r.shape[0]
+
+
+def kinetic_energy(r: Tensor, reduction: str = "sum") -> Tensor:
+    """Batch mean of the squared L2 norm of each sample's residual: mean_b Σ_features r².
+
+    ``sum`` (default) keeps ‖r‖² the squared Euclidean displacement of the paper; the mean over
+    the batch makes the term independent of the batch size, like the cross-entropy.
+    ``mean`` divides by every element instead (torch.mean(r²), the authors' reduction), so one τ
+    suits every resolution and width.
+    """
+    # One dot product over the whole batch: Σ_b Σ_f r² / B equals mean_b Σ_f r², and it is the
+    # cheapest way to get there (one reduction, one elementwise pass in backward).
+    flat = _accumulation_dtype(r).reshape(-1)
+    return torch.dot(flat, flat) / max(1, energy_divisor(r, reduction))
+
+
+class _SumWithKinetic(torch.autograd.Function):
+    """``skip + r`` and the kinetic energy of r; backward touches r once (one fused pass).
+
+    Autograd of ``skip + r`` plus ``dot(r, r)`` would make three passes over r in backward (two
+    products and an accumulation); here the residual's gradient is ``addcmul(g, r, 2 g_e / d)``.
+    """
+
+    @staticmethod
+    def forward(ctx, skip: Tensor, r: Tensor, divisor: int) -> tuple[Tensor, Tensor]:
+        flat = _accumulation_dtype(r).reshape(-1)
+        ctx.save_for_backward(r)
+        ctx.divisor = divisor
+        return skip + r, torch.dot(flat, flat) / divisor
+
+    @staticmethod
+    def backward(ctx, g_sum: Tensor, g_energy: Tensor) -> tuple[Tensor, Tensor, None]:
+        (r,) = ctx.saved_tensors
+        scale = (g_energy * (2.0 / ctx.divisor)).to(r.dtype)
+        return g_sum, torch.addcmul(g_sum, r, scale), None
+
+
+def add_with_energy(skip: Tensor, r: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
+    """``skip + r`` and the kinetic energy of r (fused, differentiable)."""
+    return _SumWithKinetic.apply(skip, r, max(1, energy_divisor(r, reduction)))
+
+
+class TransportBlock(nn.Module):
+    """A block whose output and residual branches are both visible (see the module docstring)."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        raise NotImplementedError
+
+    def forward_with_energy(self, x: Tensor, reduction: str = "sum") -> tuple[Tensor, Tensor]:
+        out, residuals = self(x)
+        energy = x.new_zeros((), dtype=torch.float32)
+        for r in residuals:
+            energy = energy + kinetic_energy(r, reduction)
+        return out, energy
+
+
+class ResidualBlock(TransportBlock):
+    """A block ``combine(skip(x) + r(x))``; subclasses define the two branches and combine."""
+
+    def branches(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def combine(self, s: Tensor) -> Tensor:
+        return s
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        skip, r = self.branches(x)
+        return self.combine(skip + r), [r]
+
+    def forward_with_energy(self, x: Tensor, reduction: str = "sum") -> tuple[Tensor, Tensor]:
+        """The output and the kinetic energy of r (see :func:`kinetic_energy`), differentiable."""
+        skip, r = self.branches(x)
+        s, energy = add_with_energy(skip, r, reduction)
+        return self.combine(s), energy
 
 
 class PointwiseConv(nn.Conv2d):
@@ -38,72 +130,56 @@ class PointwiseConv(nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias)
 
 
-def _accumulation_dtype(r: Tensor) -> Tensor:
-    """float32 for half-precision residuals (bf16 autocast), the residual's own dtype otherwise."""
-    return r.to(torch.promote_types(r.dtype, torch.float32))
+class PadShortcut(nn.Module):
+    """The parameter-free downsampling shortcut of the original CIFAR ResNet and of the authors'
+    code: average pooling with kernel 1 and the block's stride (the pixels a strided 1×1
+    convolution reads), then zero channels appended up to the block's width."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.extra = out_channels - in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride != 1:
+            x = F.avg_pool2d(x, kernel_size=1, stride=self.stride)
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
 
 
-class _SumWithKinetic(torch.autograd.Function):
-    """``skip + r`` and the kinetic energy of r; backward touches r once (one fused pass).
-
-    Autograd of ``skip + r`` plus ``dot(r, r)`` would make three passes over r in backward (two
-    products and an accumulation); here the residual's gradient is ``addcmul(g, r, 2 g_e / d)``.
-    """
-
-    @staticmethod
-    def forward(ctx, skip: Tensor, r: Tensor, divisor: int) -> tuple[Tensor, Tensor]:
-        flat = _accumulation_dtype(r).reshape(-1)
-        ctx.save_for_backward(r)
-        ctx.divisor = divisor
-        return skip + r, torch.dot(flat, flat) / divisor
-
-    @staticmethod
-    def backward(ctx, g_sum: Tensor, g_energy: Tensor) -> tuple[Tensor, Tensor, None]:
-        (r,) = ctx.saved_tensors
-        scale = (g_energy * (2.0 / ctx.divisor)).to(r.dtype)
-        return g_sum, torch.addcmul(g_sum, r, scale), None
-
-
-class ResidualBlock(nn.Module):
-    """A block is ``combine(skip(x) + r(x))``; subclasses define the two branches and combine."""
-
-    def branches(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-    def combine(self, s: Tensor) -> Tensor:
-        return s
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        skip, r = self.branches(x)
-        return self.combine(skip + r), r
-
-    def forward_with_energy(self, x: Tensor, reduction: str = "sum") -> tuple[Tensor, Tensor]:
-        """The output and the kinetic energy of r (see :func:`kinetic_energy`), differentiable."""
-        skip, r = self.branches(x)
-        divisor = r.numel() if reduction == "mean" else r.shape[0]
-        s, energy = _SumWithKinetic.apply(skip, r, divisor)
-        return self.combine(s), energy
+def downsampling_shortcut(
+    kind: str, in_channels: int, out_channels: int, stride: int, batchnorm: bool
+) -> nn.Module | None:
+    """None for an identity shortcut; else a 1×1 convolution (``conv``, with BatchNorm for the
+    post-activation block) or the parameter-free pool-and-pad shortcut (``pad``)."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    if kind == "pad":
+        return PadShortcut(in_channels, out_channels, stride)
+    conv = PointwiseConv(in_channels, out_channels, stride)
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels)) if batchnorm else conv
 
 
 class PreActBlock(ResidualBlock):
     """Pre-activation block (He et al., 2016b): x_{m+1} = shortcut(x_m) + r(x_m), exactly.
 
     Its output is the transported point itself, which matches the paper's φ_{m+1} = φ_m + r_m(φ_m).
+    The 1×1 convolution shortcut reads the pre-activated input; the pad shortcut reads x.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, shortcut: str = "conv") -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv1 = conv3x3(in_channels, out_channels, stride)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.conv2 = conv3x3(out_channels, out_channels)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = PointwiseConv(in_channels, out_channels, stride)
+        self.shortcut = downsampling_shortcut(shortcut, in_channels, out_channels, stride, batchnorm=False)
 
     def branches(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pre = F.relu(self.bn1(x))
-        skip = x if self.shortcut is None else self.shortcut(pre)
+        if self.shortcut is None:
+            skip = x
+        else:
+            skip = self.shortcut(x if isinstance(self.shortcut, PadShortcut) else pre)
         return skip, self.conv2(F.relu(self.bn2(self.conv1(pre))))
 
 
@@ -113,18 +189,13 @@ class PostActBlock(ResidualBlock):
     The ReLU after the sum means out - x is not r; the kinetic energy uses r, the residual branch.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, shortcut: str = "conv") -> None:
         super().__init__()
         self.conv1 = conv3x3(in_channels, out_channels, stride)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = conv3x3(out_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                PointwiseConv(in_channels, out_channels, stride),
-                nn.BatchNorm2d(out_channels),
-            )
+        self.shortcut = downsampling_shortcut(shortcut, in_channels, out_channels, stride, batchnorm=True)
 
     def branches(self, x: Tensor) -> tuple[Tensor, Tensor]:
         skip = x if self.shortcut is None else self.shortcut(x)
@@ -132,31 +203,3 @@ class PostActBlock(ResidualBlock):
 
     def combine(self, s: Tensor) -> Tensor:
         return F.relu(s)
-
-
-def kinetic_energy(r: Tensor, reduction: str = "sum") -> Tensor:
-    """Batch mean of the squared L2 norm of each sample's residual: mean_b Σ_{c,h,w} r².
-
-    ``sum`` (default) keeps ‖r‖² the squared Euclidean displacement of the paper; the mean over
-    the batch makes the term independent of the batch size, like the cross-entropy.
-    ``mean`` divides by the number of features C·H·W, so one τ suits every resolution and width.
-    """
-    # One dot product over the whole batch: Σ_b Σ_f r² / B equals mean_b Σ_f r², and it is the
-    # cheapest way to get there (one reduction, one elementwise pass in backward).
-    flat = _accumulation_dtype(r).reshape(-1)
-    total = torch.dot(flat, flat)
-    return total / (r.numel() if reduction == "mean" else r.shape[0])
-
-
-def init_weights(module: nn.Module) -> None:
-    """Kaiming-normal convolutions and unit BatchNorm, as in the CIFAR ResNet papers."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            bound = 1.0 / m.in_features**0.5
-            nn.init.uniform_(m.weight, -bound, bound)
-            nn.init.zeros_(m.bias)

@@ -191,6 +191,8 @@ class StageWorker:
             "block_kinetic_energy": val.get("block_kinetic_energy", test.get("block_kinetic_energy")),
             **self.stage.objective.describe(),
             "num_params": self.stage.num_params,
+            "body_params": self.stage.num_body_params,
+            "head_params": self.stage.num_head_params,
             "num_steps": self.stage.num_steps,
             "compute_s": round(self.train_compute_s, 4),
             "history": self.eval_history,

@@ -1,0 +1,123 @@
+"""The interface every backbone offers module-wise training, and the registry of backbones.
+
+A backbone is an optional stem, an ordered list of transport blocks (each returns its output and
+its residual branches, see :mod:`trgl_pipe.models.blocks`), and the network's own head. Module k
+is a contiguous run of blocks (the stem goes with module 0); its auxiliary head is built from the
+shape of its last block's output. Backbones know nothing about stages, ranks or distribution.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from trgl_pipe.errors import ConfigError
+
+
+@dataclass
+class Backbone:
+    """Stem, blocks and head of one network, with what heads and splits need to know."""
+
+    arch: str
+    stem: nn.Module | None
+    blocks: list[nn.Module]
+    head: nn.Module  # the network's own classifier
+    input_shape: tuple[int, int, int]
+    tokens: bool = False  # block outputs are [N, H, W, C] (Swin), not [N, C, H, W]
+    presets: dict[int, list[int]] = field(default_factory=dict)  # K -> blocks per module
+    shapes: list[tuple[int, ...]] = field(default_factory=list)  # each block's output, one sample
+    stem_shape: tuple[int, ...] = ()  # the stem's output (the first block's input), one sample
+
+    def __post_init__(self) -> None:
+        if not self.shapes:
+            self.stem_shape, *self.shapes = output_shapes(self.stem, self.blocks, self.input_shape)
+
+    def input_of(self, block: int) -> tuple[int, ...]:
+        """The shape of one sample entering ``block``."""
+        return self.stem_shape if block == 0 else self.shapes[block - 1]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def channels(self, i: int) -> int:
+        """Channels (or embedding width) of block i's output."""
+        return self.shapes[i][-1] if self.tokens else self.shapes[i][0]
+
+    def spatial(self, i: int) -> tuple[int, int]:
+        shape = self.shapes[i]
+        return (shape[0], shape[1]) if self.tokens else (shape[1], shape[2])
+
+
+def output_shapes(
+    stem: nn.Module | None, blocks: list[nn.Module], input_shape: tuple[int, ...]
+) -> list[tuple]:
+    """The shape of one sample after the stem, then after each block (a meta-device forward)."""
+    with torch.no_grad():
+        h = torch.empty((1, *input_shape), device="meta")
+        if stem is not None:
+            h = copy.deepcopy(stem).to("meta").eval()(h)
+        shapes = [tuple(h.shape[1:])]
+        for block in blocks:
+            h, _ = copy.deepcopy(block).to("meta").eval()(h)
+            shapes.append(tuple(h.shape[1:]))
+    return shapes
+
+
+Builder = Callable[..., Backbone]
+_REGISTRY: dict[str, Builder] = {}
+
+
+def register(*archs: str) -> Callable[[Builder], Builder]:
+    """Add a backbone builder ``builder(cfg, input_shape, num_classes, seed)`` under ``archs``."""
+
+    def add(builder: Builder) -> Builder:
+        for arch in archs:
+            _REGISTRY[arch] = builder
+        return builder
+
+    return add
+
+
+def build_backbone(cfg: object, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> Backbone:
+    """The backbone ``cfg.arch`` names (``cfg`` is the model section of the config)."""
+    import trgl_pipe.models.cifar_resnet
+    import trgl_pipe.models.swin
+    import trgl_pipe.models.torchvision_resnet
+    import trgl_pipe.models.vgg  # noqa: F401
+
+    arch = cfg.arch  # type: ignore[attr-defined]
+    if arch not in _REGISTRY:
+        raise ConfigError(
+            f"model.arch={arch} is not a backbone here; choose one of {', '.join(sorted(_REGISTRY))}"
+        )
+    return _REGISTRY[arch](cfg, input_shape, num_classes, seed)
+
+
+def load_pretrained(model: nn.Module, path: str) -> list[str]:
+    """Load a torchvision state_dict (``weights_only=True``) into ``model``; the keys whose shape
+    differs (a classifier for another number of classes) are left as they are and returned."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise ConfigError(f"model.init_from={path}: no such file") from error
+    except Exception as error:
+        raise ConfigError(
+            f"model.init_from={path}: not a readable state_dict ({type(error).__name__})"
+        ) from error
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.init_from={path}: holds a {type(state).__name__}, not a state_dict")
+    own = model.state_dict()
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise ConfigError(
+            f"model.init_from={path}: {len(unknown)} keys are not in this model (e.g. {unknown[0]}); "
+            "is it the state_dict of the same torchvision architecture?"
+        )
+    skipped = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+    return skipped
