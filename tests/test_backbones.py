@@ -115,7 +115,7 @@ def test_the_kinetic_term_reaches_every_block_it_measures(
 def test_swin_refuses_windows_that_do_not_divide_a_stage() -> None:
     with pytest.raises(ConfigError, match=r"swin_t: stage 4 works on 1x1 tokens, which model.window_size=2"):
         _backbone("swin_t", 32, "model.patch_size=4", "model.window_size=2")
-    with pytest.raises(ConfigError, match="model.patch_size=5 does not divide the 32x32 images"):
+    with pytest.raises(ConfigError, match=r"model\.patch_size=5 does not divide the 32x32 images"):
         _backbone("swin_t", 32, "model.patch_size=5")
 
 
