@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,30 @@ def run_torchrun(nproc: int, args: list[str], timeout: float = 300) -> subproces
     return subprocess.run(
         torchrun_cmd(nproc, args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
     )
+
+
+def make_tiny_imagenet(root: Path, wnids=("n01443537", "n01629819", "n01641577"), per_class=4, val=2) -> Path:
+    """A small TinyImageNet in its distributed layout (64x64 JPEGs, one grayscale)."""
+    from PIL import Image
+
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "test" / "images").mkdir(parents=True)  # unlabelled: ignored
+    (root / "wnids.txt").write_text("\n".join(reversed(wnids)) + "\n")
+    (root / "words.txt").write_text("".join(f"{w}\tsomething {i}\n" for i, w in enumerate(wnids)))
+    annotations = []
+    for c, wnid in enumerate(wnids):
+        folder = root / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        boxes = []
+        for i in range(per_class):
+            pixels = np.full((64, 64, 3), 40 * c + i, dtype=np.uint8)
+            image = Image.fromarray(pixels) if (c, i) != (0, 0) else Image.fromarray(pixels[:, :, 0])
+            image.save(folder / f"{wnid}_{i}.JPEG", quality=95)
+            boxes.append(f"{wnid}_{i}.JPEG\t0\t0\t63\t63")
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("\n".join(boxes) + "\n")
+        for i in range(val):
+            name = f"val_{c * val + i}.JPEG"
+            Image.fromarray(np.full((64, 64, 3), 40 * c, dtype=np.uint8)).save(root / "val" / "images" / name)
+            annotations.append(f"{name}\t{wnid}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
+    return root

@@ -75,8 +75,20 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["epochs"] == 7
 
 
-def test_shipped_configs_are_valid() -> None:
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-    assert configs, "configs/ is empty"
+IMAGE_SIZES = {"fashion_mnist": 28, "mnist": 28, "cifar10": 32, "cifar100": 32, "stl10": 96, "tiny_imagenet": 64}
+
+
+def test_shipped_configs_are_valid_and_build_their_network() -> None:
+    from trgl_pipe.context import resolve_partition
+    from trgl_pipe.stage import build_parts
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    assert len(configs) >= 16, configs
     for path in configs:
-        load_config(path)
+        cfg = load_config(path)
+        size = IMAGE_SIZES[cfg.data.name]
+        channels = 1 if size == 28 else 3
+        parts = build_parts(cfg, (channels, size, size), 10)  # meta shapes: the windows and pools fit
+        if cfg.model.split != "balanced":
+            partition = resolve_partition(cfg, parts, None, 10, None)
+            assert len(partition) == cfg.num_modules, path

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_imagenet
 
 from trgl_pipe.config import DataConfig
 from trgl_pipe.data import Batches, load_data, shard_bounds, steps_per_epoch
+from trgl_pipe.data.folders import read_image_folder, read_tiny_imagenet
 from trgl_pipe.data.idx import write_idx
-from trgl_pipe.data.readers import read_cifar, read_image_folder, read_mnist_root, read_stl10
+from trgl_pipe.data.readers import read_cifar, read_mnist_root, read_stl10
 from trgl_pipe.errors import DataError
 
 RNG = np.random.default_rng(0)
@@ -127,14 +130,76 @@ def test_image_folder(tmp_path: Path) -> None:
             folder.mkdir(parents=True)
             for i in range(3):
                 Image.fromarray(RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    data = read_image_folder(tmp_path, image_size=16, num_threads=2)
+    data = read_image_folder(tmp_path, image_size=16, cache_dir=None, threads=2)
     assert data.train.images.shape == (6, 3, 16, 16) and data.num_classes == 2
     assert sorted(data.test.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert len(list((tmp_path / ".trgl_pipe_cache").glob("*.u8"))) == 2  # decoded once, cached
 
 
 def test_image_folder_needs_train_and_val(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="one folder per class"):
-        read_image_folder(tmp_path, 16)
+        read_image_folder(tmp_path, 16, None)
+
+
+def test_tiny_imagenet_in_its_distributed_layout(tmp_path: Path, monkeypatch) -> None:
+    root = make_tiny_imagenet(tmp_path / "tiny-imagenet-200")
+    data = read_tiny_imagenet(root, None)
+    assert data.num_classes == 3 and data.train.images.shape == (12, 3, 64, 64)
+    assert data.test.images.shape == (6, 3, 64, 64)
+    # classes in the sorted order of the wnids, whatever the order of wnids.txt
+    assert data.train.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert data.test.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert int(data.train.images[5, 0, 10, 10]) in range(40 + 1 - 3, 40 + 1 + 4)  # JPEG: close to 41
+    assert data.train.images[0].shape == (3, 64, 64)  # the grayscale JPEG became RGB
+    # a second read maps the cache and decodes nothing
+    import trgl_pipe.data.folders as folders
+
+    monkeypatch.setattr(folders, "_decode", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
+    again = read_tiny_imagenet(root, None)
+    assert torch.equal(again.train.images, data.train.images)
+    # a changed folder is decoded again (and the stale cache goes)
+    monkeypatch.undo()
+    (root / "val" / "images" / "val_0.JPEG").unlink()
+    lines = (root / "val" / "val_annotations.txt").read_text().splitlines()[1:]
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    assert len(read_tiny_imagenet(root, None).test) == 5
+    assert len(list((root / ".trgl_pipe_cache").glob("tiny_imagenet-val-*.u8"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("break_it", "message"),
+    [
+        (lambda r: (r / "wnids.txt").unlink(), r"wnids.txt is missing \(the list of the 200 class ids\)"),
+        (lambda r: shutil.rmtree(r / "train" / "n01629819" / "images"), r"no images in .*n01629819/images"),
+        (lambda r: (r / "val" / "val_annotations.txt").unlink(), "val_annotations.txt is missing"),
+        (
+            lambda r: (r / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99999999\t0\t0\t1\t1\n"),
+            "line 1 names class n99999999, not in wnids.txt",
+        ),
+        (
+            lambda r: (r / "val" / "images" / "val_3.JPEG").unlink(),
+            r"line 4 names .*val_3.JPEG, which is missing",
+        ),
+        (
+            lambda r: (r / "train" / "n01443537" / "images" / "n01443537_1.JPEG").write_bytes(b"no jpeg"),
+            r"cannot decode image .*n01443537_1.JPEG",
+        ),
+    ],
+    ids=[
+        "no-wnids",
+        "no-class-folder",
+        "no-annotations",
+        "unknown-class",
+        "missing-val-image",
+        "corrupt-jpeg",
+    ],
+)
+def test_a_malformed_tiny_imagenet_gets_one_line(tmp_path: Path, break_it, message: str) -> None:
+    root = make_tiny_imagenet(tmp_path / "tiny")
+    break_it(root)
+    with pytest.raises(DataError, match=message):
+        read_tiny_imagenet(root, str(tmp_path / "cache"))
+    assert not list((tmp_path / "cache").glob("*.tmp"))  # nothing half-written left
 
 
 def test_embedded_subset_splits_and_sizes() -> None:

@@ -17,7 +17,9 @@ import yaml
 
 from trgl_pipe.errors import ConfigError
 
-DatasetName = Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "stl10", "image_folder", "synthetic"]
+DatasetName = Literal[
+    "fashion_mnist", "mnist", "cifar10", "cifar100", "stl10", "tiny_imagenet", "image_folder", "synthetic"
+]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -39,6 +41,7 @@ class DataConfig:
     image_size: int = 32  # synthetic: side length; image_folder: images are resized to this
     channels: int = 3  # synthetic only
     num_classes: int = 10  # synthetic only
+    cache_dir: str | None = None  # decoded image folders (TinyImageNet, image_folder); null: beside the data
 
     def __post_init__(self) -> None:
         _positive("data.batch_size", self.batch_size)

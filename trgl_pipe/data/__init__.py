@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from trgl_pipe.config import DataConfig
-from trgl_pipe.data import readers
+from trgl_pipe.data import folders, readers
 from trgl_pipe.data.readers import ImageSet, RawDataset
 from trgl_pipe.errors import DataError
 
@@ -104,7 +104,9 @@ def _read_raw(cfg: DataConfig, seed: int) -> RawDataset:
         return readers.read_cifar(root, cfg.name)
     if cfg.name == "stl10":
         return readers.read_stl10(root)
-    return readers.read_image_folder(root, cfg.image_size, cfg.num_workers)
+    if cfg.name == "tiny_imagenet":
+        return folders.read_tiny_imagenet(root, cfg.cache_dir, cfg.num_workers)
+    return folders.read_image_folder(root, cfg.image_size, cfg.cache_dir, cfg.num_workers)
 
 
 def load_data(cfg: DataConfig, seed: int) -> DataSplits:

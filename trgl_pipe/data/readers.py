@@ -228,47 +228,6 @@ def read_stl10(root: Path) -> RawDataset:
 
 
 # ---------------------------------------------------------------------------------------------
-# ImageFolder (e.g. TinyImageNet): root/train/<class>/*, root/{val,test}/<class>/*
-
-
-def read_image_folder(root: Path, image_size: int, num_threads: int = 0) -> RawDataset:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms.functional import pil_to_tensor, resize
-
-    train_dir = root / "train"
-    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        raise DataError(
-            f"data.name=image_folder: expected {train_dir}/<class>/<image> and {root}/val (or test)/"
-            "<class>/<image>; arrange the images in one folder per class"
-        )
-
-    def load(folder: Path) -> tuple[ImageSet, list[str]]:
-        try:
-            found = ImageFolder(str(folder))
-        except (FileNotFoundError, RuntimeError) as error:
-            raise DataError(f"data.name=image_folder: {folder}: {error}") from error
-
-        def decode(item: tuple[str, int]) -> torch.Tensor:
-            image = found.loader(item[0]).convert("RGB")
-            return pil_to_tensor(resize(image, [image_size, image_size], antialias=True))
-
-        workers = max(1, num_threads)
-        with ThreadPoolExecutor(workers) as pool:
-            images = list(pool.map(decode, found.samples))
-        labels = torch.tensor([t for _, t in found.samples], dtype=torch.int64)
-        return ImageSet(torch.stack(images), labels), found.classes
-
-    train, classes = load(train_dir)
-    test, test_classes = load(test_dir)
-    if test_classes != classes:
-        raise DataError(f"data.name=image_folder: {test_dir} and {train_dir} have different class folders")
-    return RawDataset(train, test, len(classes), str(root))
-
-
-# ---------------------------------------------------------------------------------------------
 # Synthetic: class prototypes plus noise, learnable and of any shape
 
 

@@ -1,0 +1,136 @@
+"""Every backbone trains: every regime in one process, and through torchrun with K=4."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import make_tiny_imagenet, run_cli, run_torchrun
+
+from trgl_pipe.metrics import read_metrics
+from trgl_pipe.single import run_single
+
+# small images, small batches; VGG's own torchvision classifier has 120M weights for a 7x7 map,
+# so its last module takes an auxiliary head here
+BACKBONES = {
+    "resnet18": ["model.arch=resnet18"],
+    "resnet50": ["model.arch=resnet50"],
+    "vgg11_bn": ["model.arch=vgg11_bn", "aux.last=aux"],
+    "swin_t": ["model.arch=swin_t", "model.patch_size=2", "model.window_size=2"],
+}
+SMALL = [
+    "data.name=synthetic",
+    "data.image_size=32",
+    "data.channels=3",
+    "data.train_size=48",
+    "data.val_size=16",
+    "data.test_size=16",
+    "data.batch_size=8",
+    "data.eval_batch_size=16",
+    "model.num_modules=4",
+    "train.epochs=1",
+    "train.max_steps=3",
+    "train.num_threads=1",
+    "trgl.reduction=mean",
+    "trgl.tau=1",
+    "log.live=off",
+    "log.every_steps=1",
+    "checkpoint.every_epochs=0",
+]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("regime", ["e2e", "parallel", "sequential", "multilap"])
+@pytest.mark.parametrize("arch", list(BACKBONES))
+def test_every_backbone_trains_in_every_regime(tiny, arch: str, regime: str) -> None:
+    extra = ["train.laps=1"] if regime != "multilap" else ["train.epochs=2", "train.laps=2"]
+    cfg = tiny(*SMALL, *BACKBONES[arch], f"train.regime={regime}", *extra)
+    summary = run_single(cfg, console_summary=False)
+    steps = [m["num_steps"] for m in summary["modules"]]
+    assert steps == ([3] if regime == "e2e" else [3] * 4), steps
+    losses = [e["loss"] for e in read_metrics(Path(cfg.out_dir) / "metrics.jsonl") if e["event"] == "train"]
+    assert losses and all(v == v for v in losses)  # finite, no NaN
+
+
+@pytest.mark.parametrize(
+    "arch",
+    ["resnet34", "resnet101", "resnet152", "vgg13_bn", "vgg16_bn", "vgg19_bn", "vgg19", "swin_s", "swin_b"],
+)
+def test_the_other_variants_take_a_step(tiny, arch: str) -> None:
+    family = "swin_t" if arch.startswith("swin") else "vgg11_bn" if arch.startswith("vgg") else "resnet18"
+    overrides = [o for o in BACKBONES[family] if not o.startswith("model.arch")]
+    cfg = tiny(*SMALL, f"model.arch={arch}", *overrides, "train.max_steps=1", "data.train_size=24")
+    summary = run_single(cfg, console_summary=False)
+    assert [m["num_steps"] for m in summary["modules"]] == [1, 1, 1, 1]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("arch", list(BACKBONES))
+def test_every_backbone_runs_as_a_four_rank_pipeline(tmp_path: Path, arch: str) -> None:
+    args = [*SMALL, *BACKBONES[arch], f"out_dir={tmp_path / 'pipe'}"]
+    piped = run_torchrun(4, args, timeout=400)
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
+    assert summary["world_size"] == 4 and [m["num_steps"] for m in summary["modules"]] == [3] * 4
+    if arch == "resnet18":  # one backbone's pipeline equals its single-process run, bit for bit
+        single = run_cli(
+            [*SMALL, *BACKBONES[arch], f"out_dir={tmp_path / 'single'}", "checkpoint.every_epochs=1"]
+        )
+        assert single.returncode == 0, single.stderr[-3000:]
+
+        def steps(out: Path) -> dict:
+            events = read_metrics(out / "metrics.jsonl")
+            return {
+                (e["module"], e["step"]): (e["loss"], e["ce"], e["kinetic"])
+                for e in events
+                if e["event"] == "train"
+            }
+
+        assert steps(tmp_path / "single") == steps(tmp_path / "pipe")
+        s1 = json.loads((tmp_path / "single" / "summary.json").read_text())
+        assert [m["test_accuracy"] for m in s1["modules"]] == [m["test_accuracy"] for m in summary["modules"]]
+        assert torch.equal(
+            torch.tensor([m["kinetic_energy"] for m in s1["modules"]]),
+            torch.tensor([m["kinetic_energy"] for m in summary["modules"]]),
+        )
+
+
+@pytest.mark.multiproc
+def test_a_tiny_imagenet_folder_trains_in_one_process_and_through_torchrun(tmp_path: Path) -> None:
+    root = make_tiny_imagenet(tmp_path / "tiny-imagenet-200", per_class=6, val=2)
+    args = [
+        "data.name=tiny_imagenet",
+        f"data.root={root}",
+        "data.val_size=3",
+        "data.batch_size=5",
+        "data.eval_batch_size=8",
+        "data.augment=true",
+        "model.arch=resnet18",
+        "model.small_input=true",
+        "model.num_modules=2",
+        "train.epochs=1",
+        "train.num_threads=1",
+        "log.live=off",
+        "checkpoint.every_epochs=0",
+    ]
+    single = run_cli([*args, f"out_dir={tmp_path / 'single'}"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    piped = run_torchrun(2, [*args, f"out_dir={tmp_path / 'pipe'}"])
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    for out in ("single", "pipe"):
+        summary = json.loads((tmp_path / out / "summary.json").read_text())
+        assert summary["dataset"]["name"] == "tiny_imagenet"
+        assert (summary["dataset"]["train"], summary["dataset"]["val"], summary["dataset"]["test"]) == (
+            15,
+            3,
+            6,
+        )
+        assert [m["num_steps"] for m in summary["modules"]] == [3, 3]
+    broken = run_cli([*args, f"data.root={tmp_path / 'nowhere'}", f"out_dir={tmp_path / 'broken'}"])
+    assert broken.returncode == 2 and broken.stderr.startswith("error: data.root=")
