@@ -263,23 +263,20 @@ class Check:
         import memory as mem  # benchmarks/memory.py
 
         quick = self.args.quick
-        spec = argparse.Namespace(
-            depth=20 if quick else 110,
-            image_size=32 if quick else 96,
-            batch=16 if quick else 64,
-            pool=2 if quick else 8,
-            buffer_size=2,
-            trgl=True,
-            ks=[2, 4] if quick else [2, 4, 8, 16],
-        )
+        path, extra, _ = mem.ROWS["resnet110"]  # ResNet-110, 96x96, batch 64 (quick: ResNet-20, 32x32)
+        extra = [*extra, "model.depth=20"] if quick else extra
+        ks = [2, 4] if quick else [2, 4, 8, 16]
+        image = 32 if quick else None
         rows = []
-        estimate = argparse.Namespace(**vars(spec), device="meta")
-        measured = argparse.Namespace(**vars(spec), device=self.device) if self.device == "cuda" else None
-        for row in mem.memory_rows(estimate):
-            rows.append({**row, "device": "meta"})
-        if measured is not None:
-            for row in mem.memory_rows(measured):
-                rows.append({**row, "device": "cuda"})
+        estimate = mem.Setting(
+            mem.default_args(device="meta", batch=16 if quick else None), path, extra, image
+        )
+        rows += [{**row, "device": "meta"} for row in mem.memory_rows(estimate, ks)]
+        if self.device == "cuda":
+            measured = mem.Setting(
+                mem.default_args(device="cuda", batch=16 if quick else None), path, extra, image
+            )
+            rows += [{**row, "device": "cuda"} for row in mem.memory_rows(measured, ks)]
         return bool(rows), {
             "rows": rows,
             "note": "cuda rows: torch.cuda.max_memory_allocated; meta: estimate",

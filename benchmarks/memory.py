@@ -1,16 +1,20 @@
-"""Benchmark 3: peak memory of the heaviest pipeline rank against end-to-end training.
+"""Benchmark 3: peak memory of every pipeline rank against end-to-end training.
 
-The paper's STL-10 setting: ResNet-110 (post-activation), 96×96 inputs, batch 64, fp32, synthetic
-data, light auxiliary heads (3×3 conv, pool to 8×8, linear). For K = 2, 4, 8, 16 and the
-equal-depth and memory-balanced splits, every module is measured on its own, as its rank would
-hold it: its weights, gradients and momentum, the activations of two training steps, its input
-receive slots and the outputs it may have in flight (``pipeline.buffer_size`` each).
+The baseline is plain end-to-end training (TRGL off), as the paper measures its savings; a second
+column compares with end-to-end training with the TRGL term, which keeps every block's residual
+for backward. Every module is measured on its own, as its rank would hold it: its weights,
+gradients and momentum, the activations of two training steps, its input receive slots and the
+outputs it may have in flight (``pipeline.buffer_size`` each).
 
-    python benchmarks/memory.py                    # tensor-byte accounting, no compute
-    python benchmarks/memory.py --device cuda      # torch.cuda.max_memory_allocated after a reset
+    python benchmarks/memory.py                       # STL-10 ResNet-110, batch 64, K = 2/4/8/16
+    python benchmarks/memory.py --arch resnet152      # a backbone at the paper's setting (K=4)
+    python benchmarks/memory.py --arch all            # every row of the paper's memory figures
+    python benchmarks/memory.py --device cuda         # torch.cuda.max_memory_allocated after a reset
 
-Without a GPU the run happens on PyTorch's ``meta`` device: every operator runs its shape logic
-but allocates nothing, and a dispatch mode adds up the bytes of every tensor storage from its
+``--arch`` takes the shipped config of that backbone's row of the paper (TinyImageNet 64×64 for
+VGG-19 and the ResNets, Swin-T at 96×96 (STL-10) and 32×32 (CIFAR)) with synthetic data of its
+shape. Without a GPU the run happens on PyTorch's ``meta`` device: every operator runs its shape
+logic but allocates nothing, and a dispatch mode adds up the bytes of every tensor storage from its
 creation to its release — the bytes a CUDA caching allocator would report as allocated, without
 cuDNN workspaces or the allocator's rounding.
 """
@@ -18,12 +22,13 @@ cuDNN workspaces or the allocator's rounding.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import weakref
 from typing import Any
 
 import torch
-from common import write_results
+from common import ROOT, write_results
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -33,6 +38,17 @@ from trgl_pipe.partition import split_balanced, split_by_depth
 from trgl_pipe.stage import build_parts, build_stage
 
 MIB = 2**20
+CLASSES = {"tiny_imagenet": 200, "cifar100": 100}
+# --arch: (shipped config, extra overrides, the paper's savings against end-to-end, VanGL / TRGL, K=4)
+ROWS = {
+    "resnet110": ("configs/stl10_resnet110_k4.yaml", ["aux.pool_size=8"], "STL-10 equal depth: 27% / 24%"),
+    "vgg19": ("configs/tinyimagenet_vgg19_k4.yaml", [], "27% / 21%"),
+    "resnet50": ("configs/tinyimagenet_resnet50_k4.yaml", [], "26% / 20%"),
+    "resnet101": ("configs/tinyimagenet_resnet101_k4.yaml", [], "24% / 11%"),
+    "resnet152": ("configs/tinyimagenet_resnet152_k4.yaml", [], "21% / 10%"),
+    "swin_t-96": ("configs/stl10_swin_t_k4.yaml", [], "STL-10: 55% / 50%"),
+    "swin_t-32": ("configs/cifar10_swin_t_k4.yaml", [], "CIFAR-10/100: 33% / 29%"),
+}
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -61,31 +77,47 @@ class LiveTensorBytes(TorchDispatchMode):
         self.current -= self.live.pop(key)
 
 
-def config(args: argparse.Namespace, k: int, regime: str = "parallel", trgl: bool | None = None) -> Any:
-    trgl = args.trgl if trgl is None else trgl
-    return load_config(
-        None,
-        [
-            "data.name=synthetic",
-            f"data.image_size={args.image_size}",
-            "data.channels=3",
-            f"data.batch_size={args.batch}",
-            f"data.eval_batch_size={args.batch}",
-            f"model.depth={args.depth}",
-            "model.block=postact",
-            f"model.num_modules={k}",
-            f"aux.pool_size={args.pool}",
-            f"train.regime={regime}",
-            f"trgl.enabled={str(trgl).lower()}",
-            f"pipeline.buffer_size={args.buffer_size}",
-        ],
-    )
+class Setting:
+    """One row of the paper: a shipped config on synthetic data of its shape."""
+
+    def __init__(
+        self, args: argparse.Namespace, path: str, extra: list[str], image: int | None = None
+    ) -> None:
+        base = load_config(ROOT / path, extra)
+        self.path, self.extra, self.args = path, extra, args
+        sizes = {"tiny_imagenet": 64, "stl10": 96, "cifar10": 32, "cifar100": 32}
+        self.image = image or sizes[base.data.name]
+        self.classes = CLASSES.get(base.data.name, 10)
+        self.batch = args.batch or base.data.batch_size
+        self.shape = (3, self.image, self.image)
+        self.name = base.model.name + (f" {self.image}px" if base.model.arch.startswith("swin") else "")
+
+    def config(self, k: int, regime: str = "parallel", trgl: bool = True) -> Any:
+        return load_config(
+            ROOT / self.path,
+            [
+                *self.extra,
+                "data.name=synthetic",
+                "data.source=auto",
+                "data.root=null",
+                f"data.image_size={self.image}",
+                "data.channels=3",
+                f"data.num_classes={self.classes}",
+                f"data.batch_size={self.batch}",
+                f"data.eval_batch_size={self.batch}",
+                f"model.num_modules={k}",
+                "model.split=depth",
+                f"train.regime={regime}",
+                f"trgl.enabled={str(trgl).lower()}",
+                f"pipeline.buffer_size={self.args.buffer_size}",
+            ],
+        )
 
 
-def measure(args: argparse.Namespace, fn) -> int:
-    """Peak bytes of ``fn()`` on the chosen device."""
+def measure(device: str, fn) -> int:
+    """Peak bytes of ``fn()`` on ``device``."""
     gc.collect()
-    if args.device == "cuda":
+    if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -101,63 +133,64 @@ def measure(args: argparse.Namespace, fn) -> int:
     return peak
 
 
-def rank_peak(args: argparse.Namespace, cfg: Any, partition: list, k: int, in_shape: tuple) -> int:
+def rank_peak(setting: Setting, cfg: Any, parts: Any, partition: list, k: int, in_shape: tuple) -> int:
     """Peak of the rank that trains module k: weights, two steps, slots, outputs in flight."""
-    device = torch.device(args.device)
-    num_modules = len(partition)
+    device = torch.device(setting.args.device)
+    batch, buffers = setting.batch, setting.args.buffer_size
+    fresh = copy.deepcopy(parts)  # built outside the count: only what the rank holds is counted
 
     def run() -> None:
-        parts = build_parts(cfg, (3, args.image_size, args.image_size), 10)
-        stage = build_stage(cfg, parts, partition, k, 10, 100, 10, device)
+        stage = build_stage(cfg, fresh, partition, k, setting.classes, 100, 10, device)
         slots = []
         if k > 0:  # pre-allocated receive slots (DistInbox)
-            slots = [torch.empty((args.batch, *in_shape), device=device) for _ in range(args.buffer_size)]
-        x = slots[0] if slots else torch.randn(args.batch, *in_shape, device=device)
-        y = torch.randint(0, 10, (args.batch,), device=device)
+            slots = [torch.empty((batch, *in_shape), device=device) for _ in range(buffers)]
+        x = slots[0] if slots else torch.randn(batch, *in_shape, device=device)
+        y = torch.randint(0, setting.classes, (batch,), device=device)
         in_flight = []
         for _ in range(2):
             out = stage.train_step(x, y)
-            if k < num_modules - 1:  # sends not yet completed keep their outputs alive
-                in_flight = [*in_flight, out][-args.buffer_size :]
+            if k < len(partition) - 1:  # sends not yet completed keep their outputs alive
+                in_flight = [*in_flight, out][-buffers:]
         del slots, in_flight
 
-    return measure(args, run)
+    return measure(setting.args.device, run)
 
 
-def single_process_peak(args: argparse.Namespace, cfg: Any, partition: list) -> int:
+def single_process_peak(setting: Setting, cfg: Any, parts: Any, partition: list) -> int:
     """The single-process parallel regime: every module on one device, one batch after another."""
-    device = torch.device(args.device)
+    device = torch.device(setting.args.device)
+    fresh = copy.deepcopy(parts)
 
     def run() -> None:
-        parts = build_parts(cfg, (3, args.image_size, args.image_size), 10)
-        stages = [build_stage(cfg, parts, partition, k, 10, 100, 10, device) for k in range(len(partition))]
-        y = torch.randint(0, 10, (args.batch,), device=device)
+        stages = [
+            build_stage(cfg, fresh, partition, k, setting.classes, 100, 10, device)
+            for k in range(len(partition))
+        ]
+        y = torch.randint(0, setting.classes, (setting.batch,), device=device)
         for _ in range(2):
-            h = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+            h = torch.randn(setting.batch, *setting.shape, device=device)
             for stage in stages:
                 h = stage.train_step(h, y)
 
-    return measure(args, run)
+    return measure(setting.args.device, run)
 
 
-def input_shapes(args: argparse.Namespace, cfg: Any) -> list[tuple]:
-    """Sample shape entering each block."""
-    parts = build_parts(cfg, (3, args.image_size, args.image_size), 10)
-    return [parts.input_of(i) for i in range(parts.num_blocks)]
-
-
-def memory_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+def memory_rows(setting: Setting, ks: list[int]) -> list[dict[str, Any]]:
     """Per K and split: every rank's peak against end-to-end training, plain (TRGL off, the
     paper's baseline) and with the TRGL term (which keeps every block's residual for backward)."""
     torch.manual_seed(0)
-    e2e_cfg = config(args, 1, "e2e", trgl=False)
-    n = e2e_cfg.model.num_blocks
-    image = (3, args.image_size, args.image_size)
-    shapes = input_shapes(args, e2e_cfg)
-    plain = rank_peak(args, e2e_cfg, [(0, n)], 0, image)
-    with_trgl = rank_peak(args, config(args, 1, "e2e", trgl=True), [(0, n)], 0, image)
+    e2e_cfg = setting.config(1, "e2e", trgl=False)
+    parts = build_parts(e2e_cfg, setting.shape, setting.classes)
+    n = parts.num_blocks
+    plain = rank_peak(setting, e2e_cfg, parts, [(0, n)], 0, setting.shape)
+    trgl_cfg = setting.config(1, "e2e", trgl=True)
+    with_trgl = rank_peak(
+        setting, trgl_cfg, build_parts(trgl_cfg, setting.shape, setting.classes), [(0, n)], 0, setting.shape
+    )
+    head = {"setting": setting.name, "batch": setting.batch}
     rows = [
         {
+            **head,
             "K": 1,
             "split": "e2e plain",
             "blocks": str([n]),
@@ -165,9 +198,9 @@ def memory_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             "heaviest_rank_MiB": round(plain / MIB),
             "ratio_to_plain_e2e": 1.0,
             "ratio_to_trgl_e2e": round(plain / with_trgl, 3),
-            "single_process_MiB": round(plain / MIB),
         },
         {
+            **head,
             "K": 1,
             "split": "e2e with TRGL term",
             "blocks": str([n]),
@@ -175,29 +208,28 @@ def memory_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             "heaviest_rank_MiB": round(with_trgl / MIB),
             "ratio_to_plain_e2e": round(with_trgl / plain, 3),
             "ratio_to_trgl_e2e": 1.0,
-            "single_process_MiB": round(with_trgl / MIB),
         },
     ]
-    cost_cfg = config(args, 2)
-    parts = build_parts(cost_cfg, 3, 10)
-    heads = aux_head_factory(parts, 10, cost_cfg)
-    block_costs, end_costs = measure_costs(
-        parts, image, args.batch, 10, heads, "memory", torch.device("meta")
-    )
-    for k in args.ks:
-        cfg = config(args, k)
+    for k in ks:
+        cfg = setting.config(k)
+        module_parts = build_parts(cfg, setting.shape, setting.classes)
+        heads = aux_head_factory(module_parts, setting.classes, cfg)
+        block_costs, end_costs = measure_costs(
+            module_parts, setting.shape, setting.batch, setting.classes, heads, "memory", torch.device("meta")
+        )
         for split in ("depth", "balanced"):
             partition = (
                 split_by_depth(n, k) if split == "depth" else split_balanced(block_costs, k, end_costs)
             )
             peaks = []
             for i, (a, _) in enumerate(partition):
-                in_shape = image if i == 0 else shapes[a]  # module 0 starts with the stem
-                peaks.append(rank_peak(args, cfg, partition, i, in_shape))
-            single = single_process_peak(args, cfg, partition)
+                in_shape = setting.shape if i == 0 else module_parts.input_of(a)  # module 0 has the stem
+                peaks.append(rank_peak(setting, cfg, module_parts, partition, i, in_shape))
+            single = single_process_peak(setting, cfg, module_parts, partition)
             heaviest = max(peaks)
             rows.append(
                 {
+                    **head,
                     "K": k,
                     "split": split,
                     "blocks": str([b - a for a, b in partition]),
@@ -213,27 +245,39 @@ def memory_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def default_args(**overrides: Any) -> argparse.Namespace:
+    values = {"device": "meta", "batch": None, "buffer_size": 2, **overrides}
+    return argparse.Namespace(**values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--device", choices=["meta", "cuda"], default="cuda" if torch.cuda.is_available() else "meta"
     )
-    parser.add_argument("--depth", type=int, default=110)
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--pool", type=int, default=8)
+    parser.add_argument("--arch", default="resnet110", choices=[*ROWS, "all"])
+    parser.add_argument("--batch", type=int, default=None, help="default: the config's (ResNet-110: 64)")
     parser.add_argument("--buffer-size", type=int, default=2)
-    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16])
-    parser.add_argument("--trgl", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--ks", type=int, nargs="+", default=None, help="default: 2 4 8 16 for resnet110, else 4"
+    )
     args = parser.parse_args()
-    rows = memory_rows(args)
+    names = list(ROWS) if args.arch == "all" else [args.arch]
+    rows, papers = [], []
+    for name in names:
+        path, extra, paper = ROWS[name]
+        setting = Setting(args, path, extra)
+        ks = args.ks or ([2, 4, 8, 16] if name == "resnet110" else [4])
+        rows += memory_rows(setting, ks)
+        papers.append(
+            f"{setting.name}: {path}; the paper's savings against end-to-end at K=4 (VanGL / TRGL): {paper}"
+        )
     notes = [
-        f"ResNet-{args.depth} (post-activation), {args.image_size}x{args.image_size}x3 inputs, "
-        f"batch {args.batch}, fp32, aux heads pool to {args.pool}x{args.pool}, "
-        f"buffer_size {args.buffer_size}; module-wise rows with TRGL {'on' if args.trgl else 'off'}.",
-        "Baseline (ratio_to_plain_e2e): end-to-end training without the TRGL term, as the paper "
-        "measures it. ratio_to_trgl_e2e: against end-to-end training with the term (its fused "
-        "function keeps every block's residual for backward, so that baseline is larger).",
+        "Synthetic data of each setting's shape; fp32; the shipped config's heads, batch and buffer_size "
+        f"{args.buffer_size}; module-wise rows with TRGL on.",
+        "Baseline (ratio_to_plain_e2e): end-to-end training without the TRGL term, as the paper measures it. "
+        "ratio_to_trgl_e2e: against end-to-end training with the term (its fused function keeps every "
+        "block's residual for backward, so that baseline is larger).",
         "rank_MiB: each rank's peak (weights, gradients, SGD momentum, two training steps, receive slots and "
         "in-flight outputs); heaviest_rank_MiB: the largest.",
         "single_process_MiB: the parallel regime with every module in one process on one device; "
@@ -242,8 +286,12 @@ def main() -> None:
         "measured per block, plus each possible head).",
         "Device 'meta': tensor-byte accounting without compute (no cuDNN workspaces, no allocator rounding); "
         "'cuda': torch.cuda.max_memory_allocated.",
+        *papers,
     ]
-    write_results(f"memory_{args.device}", "Peak memory per rank against end-to-end training", rows, notes)
+    suffix = "" if args.arch == "resnet110" else f"_{args.arch}"
+    write_results(
+        f"memory_{args.device}{suffix}", "Peak memory per rank against end-to-end training", rows, notes
+    )
 
 
 if __name__ == "__main__":
