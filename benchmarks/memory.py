@@ -217,10 +217,15 @@ def memory_rows(setting: Setting, ks: list[int]) -> list[dict[str, Any]]:
         block_costs, end_costs = measure_costs(
             module_parts, setting.shape, setting.batch, setting.classes, heads, "memory", torch.device("meta")
         )
-        for split in ("depth", "balanced"):
-            partition = (
-                split_by_depth(n, k) if split == "depth" else split_balanced(block_costs, k, end_costs)
-            )
+        splits = ["depth", "balanced"] + (["preset"] if k in module_parts.presets else [])
+        for split in splits:
+            if split == "depth":
+                partition = split_by_depth(n, k)
+            elif split == "balanced":
+                partition = split_balanced(block_costs, k, end_costs)
+            else:  # the authors' split for this backbone and K
+                sizes = module_parts.presets[k]
+                partition = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(k)]
             peaks = []
             for i, (a, _) in enumerate(partition):
                 in_shape = setting.shape if i == 0 else module_parts.input_of(a)  # module 0 has the stem
@@ -289,9 +294,21 @@ def main() -> None:
         *papers,
     ]
     suffix = "" if args.arch == "resnet110" else f"_{args.arch}"
-    write_results(
-        f"memory_{args.device}{suffix}", "Peak memory per rank against end-to-end training", rows, notes
-    )
+    columns = [
+        "setting",
+        "batch",
+        "K",
+        "split",
+        "blocks",
+        "rank_MiB",
+        "heaviest_rank_MiB",
+        "ratio_to_plain_e2e",
+        "ratio_to_trgl_e2e",
+        "single_process_MiB",
+        "single_over_heaviest",
+    ]
+    title = "Peak memory per rank against end-to-end training"
+    write_results(f"memory_{args.device}{suffix}", title, rows, notes, columns=columns)
 
 
 if __name__ == "__main__":

@@ -42,17 +42,21 @@ def fault_hook(cfg: DebugConfig, module: int) -> Callable[[Any, bool], None] | N
 
 
 class Tracer:
-    """Appends ``{"event", "module", "index", "kind", "t"}`` lines; ``t`` is CLOCK_MONOTONIC,
-    comparable between processes of one host."""
+    """Appends ``{"event", "module", "index", "kind", "t"[, "seconds"]}`` lines; ``t`` is
+    CLOCK_MONOTONIC, comparable between processes of one host."""
 
     def __init__(self, path: Path | None) -> None:
         self._file = open(path, "a", buffering=1) if path is not None else None  # noqa: SIM115
         self._lock = threading.Lock()
 
-    def __call__(self, event: str, module: int, index: int, kind: str = "") -> None:
+    def __call__(
+        self, event: str, module: int, index: int, kind: str = "", seconds: float | None = None
+    ) -> None:
         if self._file is None:
             return
         record = {"event": event, "module": module, "index": index, "kind": kind, "t": time.monotonic()}
+        if seconds is not None:  # how long the worker handled the message (host time)
+            record["seconds"] = round(seconds, 6)
         line = json.dumps(record)
         with self._lock:
             self._file.write(line + "\n")

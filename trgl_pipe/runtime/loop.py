@@ -50,10 +50,11 @@ def run_worker(
     while True:
         t0 = time.perf_counter()
         msg = inbox.recv(waiter)
-        clock.add_wait("recv_wait", time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        clock.add_wait("recv_wait", t1 - t0)
         out = handle_chain(chain, msg)
         if tracer is not None:  # before the credit goes back, so the sender's next send is later
-            tracer("consumed", trace_id, received, msg.kind.name)
+            tracer("consumed", trace_id, received, msg.kind.name, time.perf_counter() - t1)
         received += 1
         inbox.release(msg)
         if outbox is not None:
