@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from memory import LiveTensorBytes  # noqa: E402
+from memory import LiveTensorBytes
 
 
 def test_the_counter_follows_allocations_and_releases() -> None:
