@@ -170,6 +170,61 @@ def module_table(groups: dict[str, list[Run]]) -> str:
     return "\n".join(lines)
 
 
+# two-sided 95% quantiles of Student's t by degrees of freedom (pairs - 1)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def _without(config: dict[str, Any], section: str, keys: tuple[str, ...]) -> str:
+    trimmed = {k: v for k, v in config.items() if k not in IGNORED_KEYS}
+    trimmed[section] = {k: v for k, v in config[section].items() if k not in keys}
+    return json.dumps(trimmed, sort_keys=True, default=str)
+
+
+def paired_rows(groups: dict[str, list[Run]]) -> list[dict[str, str]]:
+    """TRGL − VanGL of the best module's test accuracy, paired by seed (the same data subset and
+    initial weights), for every TRGL group whose VanGL twin differs only in the TRGL keys.
+
+    The interval is mean ± t(0.975, n−1)·sd/√n over the seeds' differences (a paired t interval);
+    with n pairs it needs n ≥ 2, and reads "noise" when it contains 0.
+    """
+    trgl_keys = ("enabled", "tau", "tau_schedule", "halves_tau_of", "lambda_init", "h", "s")
+    vangl = {
+        _without(runs[0].config, "trgl", trgl_keys): runs
+        for runs in groups.values()
+        if not runs[0].config["trgl"]["enabled"] and runs[0].summary["regime"] != "e2e"
+    }
+    rows = []
+    for runs in groups.values():
+        if not runs[0].config["trgl"]["enabled"]:
+            continue
+        twin = vangl.get(_without(runs[0].config, "trgl", trgl_keys))
+        if twin is None:
+            continue
+        by_seed = {r.config["seed"]: r.summary["best_test_accuracy"] for r in twin}
+        diffs = [
+            100 * (r.summary["best_test_accuracy"] - by_seed[r.config["seed"]])
+            for r in runs
+            if r.config["seed"] in by_seed
+        ]
+        if not diffs:
+            continue
+        mean = statistics.fmean(diffs)
+        row = {
+            "comparison": f"{runs[0].label} − VanGL",
+            "pairs": str(len(diffs)),
+            "per seed": ", ".join(f"{d:+.2f}" for d in diffs),
+            "mean": f"{mean:+.2f}",
+            "95% interval": "-",
+            "reading": "one seed: no interval",
+        }
+        if len(diffs) > 1:
+            half = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
+            row["95% interval"] = f"{mean - half:+.2f} to {mean + half:+.2f}"
+            row["reading"] = "noise (contains 0)" if mean - half <= 0 <= mean + half else "beyond noise"
+        rows.append(row)
+    return rows
+
+
 def rank_table(runs: list[Run]) -> str:
     """Per-rank throughput, busy and wait times of the pipeline runs (empty if there are none)."""
     rows = [
@@ -319,6 +374,53 @@ def plot_ranks(run: Run, path: Path) -> bool:
     return True
 
 
+def _final_train_accuracy(run: Run) -> dict[int, float]:
+    """Each module's training accuracy over its last epoch (the running average of that epoch)."""
+    train = [e for e in run.events if e["event"] == "train"]
+    last_epoch = max((e["epoch"] for e in train), default=0)
+    sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for e in train:
+        if e["epoch"] == last_epoch:
+            sums[e["module"]][0] += e["accuracy"] * e["samples"]
+            sums[e["module"]][1] += e["samples"]
+    return {m: a / n for m, (a, n) in sums.items() if n}
+
+
+def plot_train_vs_val(groups: dict[str, list[Run]], path: Path) -> bool:
+    """Train (last epoch) and validation accuracy of every module, at the largest K of the runs:
+    where a module overfits, the two part."""
+    plt = _plt()
+    if plt is None:
+        return False
+    k_max = max(r.summary["num_modules"] for runs in groups.values() for r in runs)
+    chosen = [runs for runs in groups.values() if runs[0].summary["num_modules"] == k_max > 1]
+    if not chosen:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for runs in chosen:
+        train = [
+            statistics.fmean(_final_train_accuracy(r).get(m, float("nan")) for r in runs)
+            for m in range(k_max)
+        ]
+        val = [statistics.fmean(r.summary["modules"][m]["val_accuracy"] for r in runs) for m in range(k_max)]
+        line = ax.plot(range(k_max), [100 * v for v in val], marker="o", label=f"{runs[0].label}: validation")
+        ax.plot(
+            range(k_max),
+            [100 * t for t in train],
+            ls="--",
+            color=line[0].get_color(),
+            label=f"{runs[0].label}: train (last epoch)",
+        )
+    ax.set_xlabel("module")
+    ax.set_ylabel("accuracy %")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isascii() and c.isalnum() else "_" for c in text).strip("_").lower()[:60]
 
@@ -343,11 +445,24 @@ def build_report(paths: list[Path], out: Path, title: str) -> Path:
     ]
     lines += ["## Runs", "", markdown_table(summary_rows(groups)), ""]
     lines += ["## Test accuracy of every module", "", module_table(groups), ""]
+    if paired := paired_rows(groups):
+        lines += [
+            "## TRGL − VanGL, paired by seed",
+            "",
+            "Best module's test accuracy, points. The seed fixes the data subset and the initial "
+            "weights, so the two runs of a seed differ only in the transport term; the interval is a "
+            "paired t interval.",
+            "",
+            markdown_table(paired),
+            "",
+        ]
     if ranks := rank_table(runs):
         lines += ["## Pipeline ranks", "", ranks, ""]
     figures = []
     if plot_accuracy_vs_depth(groups, out / "accuracy_vs_depth.png"):
         figures.append(("Test accuracy of each module's head against depth", "accuracy_vs_depth.png"))
+    if plot_train_vs_val(groups, out / "train_vs_val.png"):
+        figures.append(("Train and validation accuracy of every module (largest K)", "train_vs_val.png"))
     if plot_block_kinetic(groups, out / "kinetic_per_block.png"):
         figures.append(("Kinetic energy per block", "kinetic_per_block.png"))
     for runs in groups.values():
