@@ -56,3 +56,29 @@ def test_a_single_seed_has_no_spread_and_equal_seeds_show_zero() -> None:
     assert fmt(*mean_std([0.9])) == "90.00"
     assert fmt(*mean_std([0.9, 0.9])) == "90.00 ± 0.00"
     assert fmt(*mean_std([None])) == "-"
+
+
+def test_trgl_and_vangl_are_paired_by_seed_with_a_t_interval() -> None:
+    # The committed depth experiment: K=2, TRGL tau=1e4 against VanGL, seeds 0, 1, 2
+    from trgl_pipe.report import paired_rows
+
+    folder = Path(__file__).resolve().parents[1] / "experiments" / "runs" / "depth"
+    runs = [load_run(folder / f"{name}-k2-s{seed}") for name in ("trgl", "vangl") for seed in (0, 1, 2)]
+    groups: dict[str, list] = {}
+    for run in runs:
+        groups.setdefault(run.label, []).append(run)
+    (row,) = paired_rows(groups)
+    diffs = [
+        100
+        * (
+            load_run(folder / f"trgl-k2-s{s}").summary["best_test_accuracy"]
+            - load_run(folder / f"vangl-k2-s{s}").summary["best_test_accuracy"]
+        )
+        for s in (0, 1, 2)
+    ]
+    assert row["pairs"] == "3" and row["per seed"] == ", ".join(f"{d:+.2f}" for d in diffs)
+    mean = sum(diffs) / 3
+    sd = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
+    low, high = mean - 4.303 * sd / 3**0.5, mean + 4.303 * sd / 3**0.5  # t(0.975, 2 df) = 4.303
+    assert row["95% interval"] == f"{low:+.2f} to {high:+.2f}"
+    assert row["reading"] == ("noise (contains 0)" if low <= 0 <= high else "beyond noise")
