@@ -308,3 +308,25 @@ def test_sync_batchnorm_on_cpu_ranks_is_one_line(tmp_path: Path) -> None:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     # every rank finds it; the first to record it says it, once
     assert len(errors) == 1 and "pipeline.sync_batchnorm=true needs GPUs" in errors[0]
+
+
+def test_a_checkpoint_resumes_with_another_number_of_modules_per_rank(tmp_path: Path) -> None:
+    # Shards are per module: a K=4 run checkpointed with one module per rank (4 ranks) continues
+    # with two per rank (2 ranks), and ends exactly where an uninterrupted single process ends.
+    common = [*TINY, "model.num_modules=4", "train.epochs=2"]
+    reference = run_cli([*common, f"out_dir={tmp_path / 'reference'}"])
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "run"
+    first = run_torchrun(4, [*common, f"out_dir={out}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    # continue from the epoch-0 checkpoint (step 5) with two modules per rank; the run reaches the
+    # final checkpoint's counter again, which is replaced only once its successor is complete
+    epoch_end = out / "checkpoints" / "0000000005"
+    assert (epoch_end / "meta.json").is_file()
+    second = run_torchrun(
+        2, [*common, f"out_dir={out}", f"resume={epoch_end}", "pipeline.modules_per_rank=2"]
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resumed from {epoch_end}" in second.stdout
+    _assert_same_parameters(_final_shards(tmp_path / "reference", 4), _final_shards(out, 4))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["0000000005", "0000000010"]
