@@ -162,14 +162,20 @@ def prune(root: Path, keep: int) -> None:
     complete = _complete_folders(root)
     if not complete:
         return
-    newest = int(complete[-1].name.partition(".")[0])
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    counters = sorted({_counter(p) for p in complete})  # a counter being replaced counts once
+    newest, oldest_kept = counters[-1], counters[-min(keep, len(counters))]
+    for old in complete:
+        if _counter(old) < oldest_kept:
+            shutil.rmtree(old, ignore_errors=True)
     for partial in root.iterdir():
         counter = partial.name.partition(".")[0]
         stale = counter.isdigit() and int(counter) < newest
         if partial.is_dir() and not (partial / META).is_file() and stale:
             shutil.rmtree(partial, ignore_errors=True)
+
+
+def _counter(folder: Path) -> int:
+    return int(folder.name.partition(".")[0])
 
 
 def _replace(folder: Path, successor: Path) -> None:
