@@ -20,6 +20,7 @@ from trgl_pipe.config import Config
 from trgl_pipe.errors import NonFiniteLossError
 from trgl_pipe.models import AuxHead, Backbone, TokenHead, build_backbone, kinetic_energy
 from trgl_pipe.models.init import fork_seeded, init_scheme
+from trgl_pipe.models.random_stream import RandomStream, is_stochastic
 from trgl_pipe.objective import LocalObjective
 from trgl_pipe.optim import build_optimizer, build_scheduler
 from trgl_pipe.partition import Partition
@@ -167,6 +168,11 @@ class Stage:
             self.body.compile()
             self.head.compile()
         self.local_net = LocalNet(self.body, self.head)
+        self.seed = cfg.seed
+        # dropout / stochastic depth draw from the module's own stream (None: nothing random)
+        self.random: RandomStream | None = (
+            RandomStream(cfg.seed, plan.index, device) if is_stochastic(self.local_net) else None
+        )
         self.net: nn.Module = self.local_net  # a DDP wrapper when the stage has replicas
         self.reduce_sum: Callable[[Tensor], Tensor] = _identity
         self.sync_buffers: Callable[[], None] = lambda: None
@@ -181,6 +187,11 @@ class Stage:
         self.last_kinetic: Tensor | None = None
 
     # -- parameters -------------------------------------------------------------------------
+
+    def use_replica_stream(self, replica: int) -> None:
+        """Draw dropout and stochastic-depth masks of data-parallel replica ``replica``."""
+        if self.random is not None:
+            self.random = RandomStream(self.seed, self.index, self.device, replica)
 
     def parameters(self) -> list[nn.Parameter]:
         return [*self.body.parameters(), *self.head.parameters()]
@@ -224,7 +235,8 @@ class Stage:
         """One local update of T_k and F_k; returns T_k(x) detached from the graph."""
         x, y = self._prepare(x, y)
         self.local_net.train()
-        out, kinetic, logits, ce, loss = self._loss(x, y)
+        with self.random.active() if self.random is not None else contextlib.nullcontext():
+            out, kinetic, logits, ce, loss = self._loss(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -364,6 +376,7 @@ class Stage:
             "scheduler": self.scheduler.state_dict(),
             "objective": self.objective.state_dict(),
             "num_steps": self.num_steps,
+            **({"random": self.random.state_dict()} if self.random is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -373,6 +386,8 @@ class Stage:
         self.scheduler.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state["objective"])
         self.num_steps = int(state["num_steps"])
+        if self.random is not None and "random" in state:
+            self.random.load_state_dict(state["random"])
 
 
 def make_aux_head(

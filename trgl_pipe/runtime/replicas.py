@@ -36,6 +36,7 @@ def replicate(stage: Stage, group: Any) -> None:
     if size == 1:
         return
     device_ids = [stage.device] if stage.device.type == "cuda" else None
+    stage.use_replica_stream(dist.get_rank(group))
     # DDP's default: replica 0's buffers (BatchNorm running statistics) go to the others before
     # each training forward
     stage.net = DistributedDataParallel(stage.local_net, device_ids=device_ids, process_group=group)
