@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import ROOT, TINY, run_cli, run_torchrun, torchrun_cmd
+from conftest import ROOT, TINY, free_port, run_cli, run_torchrun, torchrun_cmd
 
 from trgl_pipe.config import load_config
 from trgl_pipe.context import build_context
@@ -199,6 +199,46 @@ def test_replicas_compute_the_data_parallel_reference(tmp_path: Path) -> None:
     assert [s["replicas"] for s in summary["stages"]] == [2, 2]
     assert [s["train_samples"] for s in summary["stages"]] == [600, 600]
     assert [(r["stage"], r["replica"]) for r in summary["ranks"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_two_nodes_as_two_torchrun_agents_compute_the_data_parallel_reference(tmp_path: Path) -> None:
+    # the README's two-node launch (c10d rendezvous, one torchrun agent per node), both agents on
+    # this host: K=2 stages x R=2 replicas, 2 ranks per "node"
+    common = [*TINY, "model.num_modules=2", "train.epochs=1"]
+    port = free_port()
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=two-nodes",
+        "--monitor-interval=0.2",
+        "-m",
+        "trgl_pipe.run",
+        *common,
+        "pipeline.replicas=2",
+        f"out_dir={tmp_path / 'pipe'}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [
+        subprocess.Popen(launch, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        outputs = [agent.communicate(timeout=300) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    assert [agent.returncode for agent in agents] == [0, 0], [err[-2000:] for _, err in outputs]
+    losses, states, accuracies = _data_parallel_reference([*common, f"out_dir={tmp_path / 'ref'}"], 2)
+    assert _losses(tmp_path / "pipe") == losses
+    _assert_same_parameters(states, _final_shards(tmp_path / "pipe", 2))
+    summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
+    assert summary["world_size"] == 4
+    assert [m["val_accuracy"] for m in summary["modules"]] == accuracies
 
 
 def _rank_pid(launcher: psutil.Process, rank: int) -> int | None:
