@@ -41,7 +41,8 @@ def _param_bytes(module: nn.Module) -> int:
     return 3 * sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _time_it(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
+def median_time(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after one warm-up (synchronised on CUDA)."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -112,7 +113,7 @@ def _cost_of(
         module.zero_grad(set_to_none=True)
         fn().backward()
 
-    return _time_it(step, device, repeats)
+    return median_time(step, device, repeats)
 
 
 def aux_head_factory(parts: Backbone, num_classes: int, cfg: Any) -> Callable[[int], nn.Module]:

@@ -27,18 +27,16 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from trgl_pipe.config import Config, load_config
 from trgl_pipe.context import resolve_partition
-from trgl_pipe.cost import saved_bytes
+from trgl_pipe.cost import median_time, saved_bytes
 from trgl_pipe.errors import UserError
 from trgl_pipe.stage import ModuleBody, StagePlan, build_head, build_parts
 
@@ -86,20 +84,6 @@ def data_shape(cfg: Config) -> tuple[tuple[int, int, int], int]:
     return (channels, size, size), CLASSES.get(cfg.data.name, 10)
 
 
-def _time(fn: Any, device: torch.device, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def profile_modules(
     cfg: Config, batches: list[int], device: torch.device, repeats: int = 3
 ) -> list[ModuleProfile]:
@@ -128,7 +112,7 @@ def profile_modules(
 
         here = (copy.deepcopy(body).to(device), copy.deepcopy(head).to(device))
         meta = (copy.deepcopy(body).to("meta"), copy.deepcopy(head).to("meta"))
-        times = {n: _time(lambda n=n, m=here: step(n, *m), device, repeats) for n in batches}
+        times = {n: median_time(lambda n=n, m=here: step(n, *m), device, repeats) for n in batches}
         activations = {
             n: saved_bytes(lambda n=n, m=meta: step(n, *m, dev=torch.device("meta"))) for n in batches
         }
@@ -271,8 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not found:
         print(
-            f"no layout of {cfg.model.num_modules} modules fits {args.gpus} devices"
+            f"error: no layout of {cfg.model.num_modules} modules fits {args.gpus} devices"
             + (f" of {args.gpu_memory:g} GiB" if args.gpu_memory else "")
+            + "; use more devices (--gpus), devices with more memory (--gpu-memory) or a smaller "
+            "data.batch_size",
+            file=sys.stderr,
         )
         return 1
     header = f"{'M':>3} {'R':>3} {'ranks':>5} {'stages (modules)':<24} {'samples/s':>10} {'peak GiB':>9}"
