@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trgl_pipe.report import T95, Run, fmt, load_run, mean_std
+from trgl_pipe.report import Run, fmt, load_run, mean_std, t_half_width
 
 ORDER = ["defaults", "defaults+init", "defaults+shortcut", "defaults+heads", "authors", "authors-vangl"]
 
@@ -40,9 +40,9 @@ def paired(runs: dict[int, Run], base: dict[int, Run]) -> str:
     if not diffs:
         return "-"
     mean = statistics.fmean(diffs)
-    if len(diffs) == 1:
+    half = t_half_width(diffs)
+    if half is None:
         return f"{mean:+.2f} (one seed)"
-    half = T95[len(diffs) - 1] * statistics.stdev(diffs) / len(diffs) ** 0.5
     reading = "noise" if mean - half <= 0 <= mean + half else "beyond noise"
     return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] {reading}"
 

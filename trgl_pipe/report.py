@@ -174,6 +174,13 @@ def module_table(groups: dict[str, list[Run]]) -> str:
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
+def t_half_width(diffs: list[float]) -> float | None:
+    """Half-width of the 95% t interval of the mean of paired differences (None for one pair)."""
+    if len(diffs) < 2:
+        return None
+    return T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
 def _without(config: dict[str, Any], section: str, keys: tuple[str, ...]) -> str:
     trimmed = {k: v for k, v in config.items() if k not in IGNORED_KEYS}
     trimmed[section] = {k: v for k, v in config[section].items() if k not in keys}
@@ -217,8 +224,8 @@ def paired_rows(groups: dict[str, list[Run]]) -> list[dict[str, str]]:
             "95% interval": "-",
             "reading": "one seed: no interval",
         }
-        if len(diffs) > 1:
-            half = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
+        half = t_half_width(diffs)
+        if half is not None:
             row["95% interval"] = f"{mean - half:+.2f} to {mean + half:+.2f}"
             row["reading"] = "noise (contains 0)" if mean - half <= 0 <= mean + half else "beyond noise"
         rows.append(row)
