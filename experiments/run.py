@@ -12,9 +12,8 @@
     python experiments/run.py blockwise --only '*-tenth' --max-seeds 1   # a part of one
 
 Each run writes ``experiments/runs/<experiment>/<name>-s<seed>/`` (config.yaml, metrics.jsonl,
-summary.json; checkpoints are not kept). Then:
-
-    python -m trgl_pipe.report experiments/runs/depth/* --out docs/results/depth
+summary.json; checkpoints are not kept). Then ``python experiments/reports.py`` rebuilds the
+reports under docs/results/ from the run folders.
 """
 
 from __future__ import annotations

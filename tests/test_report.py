@@ -29,6 +29,7 @@ def test_report_pools_seeds_and_draws_figures(tiny, tmp_path: Path) -> None:
     assert "5 runs in 4 groups" in text
     assert "| Par TRGL τ=10000 K=2 n=300 | 2 |" in text  # two seeds pooled
     assert "Par VanGL K=2" in text and "E2E" in text and "TRGL-adaptive" in text
+    assert all(f"- `{run}`:" in text for run in runs), "the sources must name every run"
     for name in ("accuracy_vs_depth.png", "kinetic_per_block.png"):
         assert (tmp_path / "report" / name).stat().st_size > 1000
     assert list((tmp_path / "report").glob("lambda_*.png")), "no λ figure for the adaptive run"

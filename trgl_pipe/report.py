@@ -472,8 +472,8 @@ def build_report(paths: list[Path], out: Path, title: str) -> Path:
         figures.append(("Train and validation accuracy of every module (largest K)", "train_vs_val.png"))
     if plot_block_kinetic(groups, out / "kinetic_per_block.png"):
         figures.append(("Kinetic energy per block", "kinetic_per_block.png"))
-    for runs in groups.values():
-        run = runs[0]
+    for group in groups.values():
+        run = group[0]
         slug = _slug(run.label)
         if plot_curves(run, "ce", "training cross-entropy", out / f"curves_{slug}.png", log=True):
             figures.append((f"Training curves per module: {run.label}", f"curves_{slug}.png"))

@@ -1,0 +1,198 @@
+"""Regenerate every committed report of docs/results.md from the committed run folders.
+
+    python experiments/reports.py                 # rewrite every report (Markdown and figures)
+    python experiments/reports.py depth scarce    # only these
+    python experiments/reports.py --check         # compare the committed reports with a regeneration
+
+Each report is ``python -m trgl_pipe.report`` over a fixed set of run folders with a fixed title,
+written to ``docs/results/<name>/``; the authors' table of experiment 6 is written into
+benchmarks/vs_authors.md. ``--check`` rebuilds the Markdown only (figures are not drawn: their
+bytes depend on the matplotlib version) and exits 1 naming every report that differs; CI runs it
+(tests/test_committed_reports.py), so a report cannot drift from its runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from authors_table import table as authors_table  # noqa: E402
+from authors_table import variants  # noqa: E402
+
+from trgl_pipe import report  # noqa: E402
+
+RUNS = Path("experiments/runs")
+RESULTS = Path("docs/results")
+AUTHORS_PAGE = Path("benchmarks/vs_authors.md")
+
+
+@dataclass(frozen=True)
+class Report:
+    """One committed report: its folder under docs/results, title and run folders (globs)."""
+
+    name: str
+    title: str
+    runs: tuple[str, ...]
+
+    def folders(self) -> list[Path]:
+        found = sorted({p for pattern in self.runs for p in Path().glob(pattern)})
+        finished = [p for p in found if (p / "summary.json").is_file()]
+        if not finished:
+            raise SystemExit(f"error: no finished run folder matches {self.runs} (report {self.name})")
+        return finished
+
+
+REPORTS = (
+    Report(
+        "tau-sweep",
+        "Experiment 0: the τ range at K = 16 (10,000 training images, ResNet-38 w8, 3 epochs, one seed)",
+        (f"{RUNS}/tau-sweep/*",),
+    ),
+    Report(
+        "depth",
+        "Experiment 1: end-to-end against parallel VanGL and TRGL at K = 2, 4, 8, 16 "
+        "(full Fashion-MNIST, ResNet-38 w8, 2 epochs)",
+        (f"{RUNS}/depth/*",),
+    ),
+    # The τ=10⁴ and VanGL columns of experiment 1b are experiment 1's runs at K = 4 and 16.
+    Report(
+        "tau-full",
+        "Experiment 1b: the τ range on full Fashion-MNIST at K = 4 and 16 "
+        "(with the depth runs at τ=10⁴ and VanGL)",
+        (
+            f"{RUNS}/tau-full/*",
+            *(f"{RUNS}/depth/{method}-k{k}-s*" for k in (4, 16) for method in ("vangl", "trgl")),
+        ),
+    ),
+    Report(
+        "blockwise",
+        "Experiment 2: block-wise sequential, multi-lap and parallel "
+        "(ResNet-20 w8, K=9, 5,500 training images, 2 epochs)",
+        (f"{RUNS}/blockwise/*",),
+    ),
+    Report("pipeline", "Experiment 4: the pipeline against one process (K=4)", (f"{RUNS}/pipeline/*",)),
+    Report(
+        "scarce-sweep",
+        "Experiment 5a: τ of TRGL-halves on 5,000 images (K = 16, tuning seed 100)",
+        (f"{RUNS}/scarce-sweep/*",),
+    ),
+    Report(
+        "scarce",
+        "Experiment 5: data-scarce, 5,000 images, K = 2 to 16 (fresh seeds 0, 1, 2)",
+        (f"{RUNS}/scarce/*",),
+    ),
+    Report(
+        "authors",
+        "Experiment 6: the authors' setup against trgl_pipe's defaults (10,000 images, ResNet-20, K = 4)",
+        (f"{RUNS}/authors/*",),
+    ),
+)
+BY_NAME = {r.name: r for r in REPORTS}
+AUTHORS_TABLE = "authors-table"  # the table of benchmarks/vs_authors.md
+
+
+@contextmanager
+def at_root() -> Iterator[None]:
+    """Work from the checkout's root, so the reports name their runs by relative paths."""
+    before = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+@contextmanager
+def no_drawing() -> Iterator[None]:
+    """Build the figures' artists but write no image: the Markdown is unchanged, and fast."""
+    from matplotlib.figure import Figure
+
+    skip = lambda *args, **kwargs: None  # noqa: E731
+    with mock.patch.object(Figure, "savefig", skip), mock.patch.object(Figure, "tight_layout", skip):
+        yield
+
+
+def write(spec: Report, out: Path) -> Path:
+    """Build one report into ``out``, removing figures that the report no longer names."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    return report.build_report(spec.folders(), out, spec.title)
+
+
+def replace_table(page: str, table: str) -> str:
+    """``page`` with its Markdown table whose header equals ``table``'s first line replaced."""
+    lines, new = page.split("\n"), table.strip("\n").split("\n")
+    if new[0] not in lines:
+        raise SystemExit(f"error: {AUTHORS_PAGE} has no table headed {new[0]!r}; put the table back")
+    start = lines.index(new[0])
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "\n".join(lines[:start] + new + lines[end:])
+
+
+def authors_page() -> str:
+    """benchmarks/vs_authors.md with its table regenerated from experiments/runs/authors."""
+    return replace_table(AUTHORS_PAGE.read_text(), authors_table(variants(RUNS / "authors")))
+
+
+def check(names: list[str]) -> list[str]:
+    """The reports among ``names`` whose committed Markdown differs from a regeneration."""
+    stale = []
+    with at_root(), no_drawing(), tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            if name == AUTHORS_TABLE:
+                if authors_page() != AUTHORS_PAGE.read_text():
+                    stale.append(f"{AUTHORS_PAGE} (its table)")
+                continue
+            committed = RESULTS / name / "report.md"
+            fresh = report.build_report(BY_NAME[name].folders(), Path(tmp) / name, BY_NAME[name].title)
+            if not committed.is_file() or committed.read_text() != fresh.read_text():
+                stale.append(str(committed))
+                continue
+            lines = fresh.read_text().split("\n")
+            named = {line.split("](")[1].rstrip(")") for line in lines if line.startswith("![")}
+            if named != {p.name for p in (RESULTS / name).glob("*.png")}:
+                stale.append(f"{RESULTS / name} (its figures)")
+    return stale
+
+
+def main() -> int:
+    choices = [*BY_NAME, AUTHORS_TABLE]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", metavar="NAME", help="some of: " + ", ".join(choices))
+    parser.add_argument("--check", action="store_true", help="compare instead of writing")
+    args = parser.parse_args()
+    if unknown := [n for n in args.names if n not in choices]:
+        parser.error(f"unknown report {', '.join(unknown)}; choose from {', '.join(choices)}")
+    names = args.names or choices
+    if args.check:
+        stale = check(names)
+        for path in stale:
+            print(f"stale: {path} differs from its runs; run python experiments/reports.py")
+        print(f"{len(names) - len(stale)} of {len(names)} reports match their runs")
+        return 1 if stale else 0
+    with at_root():
+        for name in names:
+            if name == AUTHORS_TABLE:
+                AUTHORS_PAGE.write_text(authors_page())
+                print(f"wrote {AUTHORS_PAGE}")
+            else:
+                print(f"wrote {write(BY_NAME[name], RESULTS / name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

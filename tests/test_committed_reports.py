@@ -1,0 +1,57 @@
+"""Every committed report of docs/results.md is what its committed run folders give today."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _reports():
+    """experiments/reports.py as a module (experiments/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("reports", ROOT / "experiments" / "reports.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("reports", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_committed_report_regenerates_from_its_runs() -> None:
+    pytest.importorskip("matplotlib")  # which figures a report names depends on it
+    reports = _reports()
+    names = [*reports.BY_NAME, reports.AUTHORS_TABLE]
+    assert reports.check(names) == [], "run python experiments/reports.py and commit the result"
+
+
+def test_the_check_sees_a_report_that_drifted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    reports = _reports()
+    stale = tmp_path / "pipeline"
+    stale.mkdir()
+    committed = ROOT / "docs" / "results" / "pipeline"
+    (stale / "report.md").write_text((committed / "report.md").read_text().replace("88.55", "88.56", 1))
+    for png in committed.glob("*.png"):
+        (stale / png.name).write_bytes(b"")
+    monkeypatch.setattr(reports, "RESULTS", tmp_path)
+    assert reports.check(["pipeline"]) == [f"{tmp_path / 'pipeline' / 'report.md'}"]
+    (stale / "report.md").write_text((committed / "report.md").read_text())
+    assert reports.check(["pipeline"]) == []
+    (stale / "extra.png").write_bytes(b"")
+    assert reports.check(["pipeline"]) == [f"{tmp_path / 'pipeline'} (its figures)"]
+
+
+def test_the_tau_full_report_holds_the_depth_runs_it_compares_with() -> None:
+    """Experiment 1b's table puts the depth runs' VanGL and τ=10⁴ columns beside its own runs."""
+    reports = _reports()
+    with reports.at_root():
+        folders = reports.BY_NAME["tau-full"].folders()
+    runs = ROOT / "experiments" / "runs"
+    twins = ("vangl-k4-", "trgl-k4-", "vangl-k16-", "trgl-k16-")
+    expected = {p for p in (runs / "tau-full").iterdir()}
+    expected |= {p for p in (runs / "depth").iterdir() if p.name.startswith(twins)}
+    assert {ROOT / p for p in folders} == expected
+    assert len(expected) == 19
