@@ -27,6 +27,12 @@ def test_every_committed_report_regenerates_from_its_runs() -> None:
     assert reports.check(names) == [], "run python experiments/reports.py and commit the result"
 
 
+def test_every_committed_figure_is_named_once() -> None:
+    for report in (ROOT / "docs" / "results").glob("*/report.md"):
+        figures = [line.split("](")[1] for line in report.read_text().split("\n") if line.startswith("![")]
+        assert len(figures) == len(set(figures)), f"{report} shows one figure under two captions"
+
+
 def test_the_check_sees_a_report_that_drifted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("matplotlib")
     reports = _reports()

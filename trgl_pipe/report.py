@@ -472,9 +472,13 @@ def build_report(paths: list[Path], out: Path, title: str) -> Path:
         figures.append(("Train and validation accuracy of every module (largest K)", "train_vs_val.png"))
     if plot_block_kinetic(groups, out / "kinetic_per_block.png"):
         figures.append(("Kinetic energy per block", "kinetic_per_block.png"))
+    slugs: set[str] = set()
     for group in groups.values():
         run = group[0]
-        slug = _slug(run.label)
+        slug = base = _slug(run.label)
+        while slug in slugs:  # labels that differ only past the slug's length
+            slug = f"{base}_{len(slugs)}"
+        slugs.add(slug)
         if plot_curves(run, "ce", "training cross-entropy", out / f"curves_{slug}.png", log=True):
             figures.append((f"Training curves per module: {run.label}", f"curves_{slug}.png"))
         if plot_curves(run, "lambda", "λ_k", out / f"lambda_{slug}.png"):
