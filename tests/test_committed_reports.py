@@ -61,3 +61,17 @@ def test_the_tau_full_report_holds_the_depth_runs_it_compares_with() -> None:
     expected |= {p for p in (runs / "depth").iterdir() if p.name.startswith(twins)}
     assert {ROOT / p for p in folders} == expected
     assert len(expected) == 19
+
+
+def test_the_derived_figures_of_the_results_page_recompute(capsys: pytest.CaptureFixture[str]) -> None:
+    """experiments/derived.py reads the committed runs and prints what docs/results.md quotes."""
+    spec = importlib.util.spec_from_file_location("derived", ROOT / "experiments" / "derived.py")
+    derived = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(derived)
+    derived.main()
+    out = capsys.readouterr().out
+    assert "scarce: 183 module-runs; at the last evaluation 46 fell and 3 stayed equal" in out
+    assert "scarce: steps per module [1200], epochs [30]" in out
+    assert "K=2 − K=16: +2.86 [+2.79, +2.92] beyond noise" in out  # VanGL, full data
+    assert "K=2 − E2E: +0.31 [-0.72, +1.34] noise" in out
+    assert "τ=3e4 − VanGL at K=16, paired: +0.71 [-1.83, +3.25] noise" in out
