@@ -17,6 +17,7 @@ from torch import nn
 
 from trgl_pipe.config import Config, from_dict, read_yaml_mapping
 from trgl_pipe.errors import ConfigError
+from trgl_pipe.models.user import Network
 from trgl_pipe.plugins import register_object
 
 ConfigLike = Config | Mapping[str, Any] | str | Path | None
@@ -54,7 +55,7 @@ def _plugin(obj: Any, what: str) -> str:
     """An import path for ``obj``: itself if a string, else the registered callable."""
     if isinstance(obj, str):
         return obj
-    if isinstance(obj, nn.Module) or (what == "data" and isinstance(obj, (tuple, list))):
+    if isinstance(obj, (nn.Module, Network)) or (what == "data" and isinstance(obj, (tuple, list))):
         fixed = obj  # a built network or (train, test): every call returns a fresh copy
 
         def provide(**_: Any) -> Any:
@@ -72,13 +73,20 @@ def _plugin(obj: Any, what: str) -> str:
 def build_config(
     config: ConfigLike = None,
     *,
-    model: Callable[..., Any] | nn.Module | str | None = None,
+    model: Callable[..., Any] | nn.Module | Network | Mapping[str, Any] | str | None = None,
     data: Callable[..., Any] | str | Any = None,
     head: Callable[..., nn.Module] | str | None = None,
     **overrides: Any,
 ) -> Config:
     """The validated :class:`Config` that :func:`train` runs (see there for the arguments)."""
     raw = _raw_config(config)
+    # model= and data= name the plug-ins; a mapping there is the section's keys instead
+    if isinstance(model, Mapping):
+        overrides = {"model": model, **overrides}
+        model = None
+    if isinstance(data, Mapping):
+        overrides = {"data": data, **overrides}
+        data = None
     for key, value in overrides.items():
         _merge(raw, key, value)
     if model is not None:
@@ -93,7 +101,7 @@ def build_config(
 def train(
     config: ConfigLike = None,
     *,
-    model: Callable[..., Any] | nn.Module | str | None = None,
+    model: Callable[..., Any] | nn.Module | Network | Mapping[str, Any] | str | None = None,
     data: Callable[..., Any] | str | Any = None,
     head: Callable[..., nn.Module] | str | None = None,
     **overrides: Any,
@@ -106,7 +114,8 @@ def train(
     built network, copied as it is). ``data``: a callable returning ``(train, test)`` (Datasets
     or ``(images, labels)`` arrays), an import path, or that pair itself. ``head``: an auxiliary
     head builder ``f(shape, num_classes, module, num_modules)``. ``overrides``: ``train={"epochs":
-    2}`` merges into a section, ``seed=1`` sets a top-level key, ``**{"trgl.tau": 1e4}`` one key.
+    2}`` merges into a section, ``seed=1`` sets a top-level key, ``**{"trgl.tau": 1e4}`` one key
+    (a mapping given as ``model=`` or ``data=`` is that section's keys, not a plug-in).
 
     Under torchrun every rank calls this with the same arguments; rank 0 (and any rank that sees
     ``out_dir``) returns the summary, and a failing pipeline ends the process with one line and

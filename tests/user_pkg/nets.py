@@ -118,3 +118,27 @@ def vit(
     c, h, w = input_shape
     stem = PatchEmbed(c, dim, patch, (h // patch) * (w // patch))
     return trgl_pipe.Network(stem=stem, blocks=[EncoderBlock(dim, 2) for _ in range(depth)])
+
+
+SEEN_HEAD_SHAPES: list[tuple[int, ...]] = []
+
+
+def linear_head(shape: tuple[int, ...], num_classes: int, module: int, num_modules: int) -> nn.Module:
+    """An auxiliary head builder (``aux.head``): flatten whatever the module gives, then linear."""
+    SEEN_HEAD_SHAPES.append(tuple(shape))
+    features = 1
+    for n in shape:
+        features *= n
+    return nn.Sequential(nn.Flatten(), nn.Linear(features, num_classes))
+
+
+# -- mistakes, for the tests of bad input ----------------------------------------------------
+
+
+def returns_a_list(input_shape: tuple[int, int, int], num_classes: int) -> list[nn.Module]:
+    return [nn.Linear(4, 4)]
+
+
+def five_d(input_shape: tuple[int, int, int], num_classes: int) -> trgl_pipe.Network:
+    """Blocks whose outputs are [N, 1, C, H, W]: no built-in head takes them."""
+    return trgl_pipe.Network(stem=nn.Unflatten(1, (1, input_shape[0])), blocks=[nn.Tanh(), nn.Tanh()])
