@@ -142,3 +142,14 @@ def returns_a_list(input_shape: tuple[int, int, int], num_classes: int) -> list[
 def five_d(input_shape: tuple[int, int, int], num_classes: int) -> trgl_pipe.Network:
     """Blocks whose outputs are [N, 1, C, H, W]: no built-in head takes them."""
     return trgl_pipe.Network(stem=nn.Unflatten(1, (1, input_shape[0])), blocks=[nn.Tanh(), nn.Tanh()])
+
+
+def rank_dependent(input_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
+    """A builder that reads the rank: the ranks of a pipeline get different networks."""
+    import os
+
+    width = 8 + int(os.environ.get("RANK", "0"))
+    return nn.Sequential(
+        nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0] * input_shape[1] * input_shape[2], width)),
+        nn.Sequential(nn.Linear(width, width), nn.ReLU()),
+    )
