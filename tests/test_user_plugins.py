@@ -280,3 +280,37 @@ def test_a_dataset_of_wrong_labels_is_refused() -> None:
     with pytest.raises(DataError, match="has a label of type float"):
         image_set([(torch.zeros(1, 2, 2), 0.5)], "data.name=x:y: the training set")
     assert ROOT.is_dir()
+
+
+def test_a_user_run_resumed_mid_epoch_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:
+    # the ViT (protocol blocks, token heads) on the Dataset of PIL images, 6 steps an epoch
+    common = [
+        f"model.arch={NETS}:vit",
+        f"data.name={DATA}:datasets",
+        *OPTIM["vit"],
+        "checkpoint.every_steps=4",
+        "checkpoint.keep=100",
+    ]
+    full = load_config(None, [*SMALL, *common, f"out_dir={tmp_path / 'full'}"])
+    summary_full = run_single(full, console_summary=False)
+    source = tmp_path / "full" / "checkpoints" / "0000000004"
+    assert (source / "meta.json").is_file()
+    resumed = load_config(None, [*SMALL, *common, f"out_dir={tmp_path / 'resumed'}", f"resume={source}"])
+    summary_resumed = run_single(resumed, console_summary=False)
+
+    def steps(out_dir: str) -> list[tuple]:
+        return [(e["module"], e["step"], e["loss"], e["kinetic"]) for e in _train_events(out_dir)]
+
+    assert steps(full.out_dir)[-8:] == steps(resumed.out_dir)[-8:]  # bitwise, after the resume
+    assert [m["history"] for m in summary_full["modules"]] == [
+        m["history"] for m in summary_resumed["modules"]
+    ]
+
+
+def test_the_planner_measures_a_user_network_on_a_user_dataset() -> None:
+    from trgl_pipe.plan import data_shape, profile_modules
+
+    cfg = load_config(None, [*SMALL, f"model.arch={NETS}:resnet", "model.arch_kwargs={depth: 14}"])
+    assert data_shape(cfg) == ((1, 14, 14), 4)
+    profiles = profile_modules(cfg, [8], torch.device("cpu"), repeats=1)
+    assert len(profiles) == 2 and all(p.param_bytes > 0 for p in profiles)
