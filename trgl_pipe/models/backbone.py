@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,12 +98,13 @@ def output_shapes(
     return shapes
 
 
-Builder = Callable[..., Backbone]
+Builder = Callable[..., Any]  # returns a trgl_pipe.Network (or a Backbone)
 _REGISTRY: dict[str, Builder] = {}
 
 
 def register(*archs: str) -> Callable[[Builder], Builder]:
-    """Add a backbone builder ``builder(cfg, input_shape, num_classes, seed)`` under ``archs``."""
+    """Add a backbone builder ``builder(cfg, input_shape, num_classes, seed)`` under ``archs``; it
+    returns a :class:`trgl_pipe.Network`, as a user's ``model.arch`` callable does."""
 
     def add(builder: Builder) -> Builder:
         for arch in archs:
@@ -128,7 +130,10 @@ def build_backbone(cfg: object, input_shape: tuple[int, int, int], num_classes: 
         raise ConfigError(
             f"model.arch={arch} is not a backbone here; choose one of {', '.join(sorted(_REGISTRY))}"
         )
-    return _REGISTRY[arch](cfg, input_shape, num_classes, seed)
+    from trgl_pipe.models.user import backbone_from_network
+
+    net = _REGISTRY[arch](cfg, input_shape, num_classes, seed)
+    return net if isinstance(net, Backbone) else backbone_from_network(net, arch, input_shape)
 
 
 def load_pretrained(model: nn.Module, path: str) -> list[str]:
