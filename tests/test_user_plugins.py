@@ -114,7 +114,10 @@ def test_the_residual_resnet_has_the_kinetic_energy_of_the_built_in_one() -> Non
         assert torch.allclose(reported, energy_a, rtol=1e-6)
 
 
-def test_plain_blocks_pay_their_displacement_where_shapes_agree(capsys) -> None:
+def test_plain_blocks_pay_their_displacement_where_shapes_agree(capsys, monkeypatch) -> None:
+    import trgl_pipe.models.user
+
+    monkeypatch.setattr(trgl_pipe.models.user, "_WARNED", set())  # as in a fresh process
     cfg = load_config(None, [f"model.arch={NETS}:mlp", "model.arch_kwargs={width: 8, depth: 3}"])
     parts = build_backbone(cfg.model, (1, 4, 4), 3, 0)
     assert all(isinstance(b, PlainBlock) for b in parts.blocks)
@@ -187,7 +190,8 @@ def test_train_in_one_process_with_callables_and_objects(tmp_path: Path) -> None
 
 
 def test_a_user_dataset_trains_through_the_cli(tmp_path: Path) -> None:
-    for source, extra in (("arrays", []), ("datasets", ["data.train_size=120", "data.class_balanced=true"])):
+    # the Dataset of PIL images here; the arrays train in-process in every other test
+    for source, extra in (("datasets", ["data.train_size=120", "data.class_balanced=true"]),):
         out = tmp_path / source
         result = run_cli(
             [*SMALL, f"data.name={DATA}:{source}", f"model.arch={NETS}:mlp", f"out_dir={out}", *extra]
@@ -314,3 +318,11 @@ def test_the_planner_measures_a_user_network_on_a_user_dataset() -> None:
     assert data_shape(cfg) == ((1, 14, 14), 4)
     profiles = profile_modules(cfg, [8], torch.device("cpu"), repeats=1)
     assert len(profiles) == 2 and all(p.param_bytes > 0 for p in profiles)
+
+
+def test_the_public_names_resolve_and_say_what_they_are_for() -> None:
+    for name in trgl_pipe.__all__:
+        obj = getattr(trgl_pipe, name)
+        assert obj.__doc__ and len(obj.__doc__) > 30, name
+    with pytest.raises(AttributeError):
+        trgl_pipe.no_such_name  # noqa: B018
