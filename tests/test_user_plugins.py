@@ -326,3 +326,18 @@ def test_the_public_names_resolve_and_say_what_they_are_for() -> None:
         assert obj.__doc__ and len(obj.__doc__) > 30, name
     with pytest.raises(AttributeError):
         trgl_pipe.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("source", ["arrays", "floats"])
+def test_an_exported_user_network_has_the_reported_accuracy(tmp_path: Path, source: str) -> None:
+    from trgl_pipe.evaluate import evaluate
+    from trgl_pipe.export import export
+
+    overrides = [f"model.arch={NETS}:resnet", f"data.name={DATA}:{source}", "train.epochs=1"]
+    if source == "floats":  # 6x6 float images in [-1, 3], not bytes
+        overrides += ["data.val_size=10", "model.arch_kwargs={depth: 8, width: 4}"]
+    cfg = _cfg(tmp_path, *overrides)
+    summary = run_single(cfg, console_summary=False)
+    info = export(Path(cfg.out_dir))
+    assert info["module"] == summary["best_module"]
+    assert evaluate(Path(cfg.out_dir) / "export", "test")["accuracy"] == summary["best_test_accuracy"]
