@@ -26,7 +26,9 @@ DatasetName = Literal[
 class DataConfig:
     """Which images, how many, and how they are batched."""
 
-    name: DatasetName = "fashion_mnist"
+    # a built-in dataset, or "pkg.mod:callable" returning (train, test) (see docs/your-own-network.md)
+    name: DatasetName | str = "fashion_mnist"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to a data.name callable
     # auto: data.root if set, else Debian's dataset-fashion-mnist files, else the embedded subset.
     source: Literal["auto", "root", "debian", "embedded", "download"] = "auto"
     root: str | None = None
@@ -43,7 +45,16 @@ class DataConfig:
     num_classes: int = 10  # synthetic only
     cache_dir: str | None = None  # decoded image folders (TinyImageNet, image_folder); null: beside the data
 
+    @property
+    def is_user(self) -> bool:
+        """The dataset comes from a user callable (``pkg.mod:callable``)."""
+        return self.name not in get_args(DatasetName)
+
     def __post_init__(self) -> None:
+        if self.is_user:
+            _import_path("data.name", self.name, get_args(DatasetName))
+        elif self.kwargs:
+            raise ConfigError(f"data.kwargs applies to a data.name import path, not data.name={self.name}")
         _positive("data.batch_size", self.batch_size)
         _positive("data.eval_batch_size", self.eval_batch_size)
         _positive("data.image_size", self.image_size)
@@ -98,7 +109,9 @@ ARCH_BLOCKS = {
 class ModelConfig:
     """The backbone and how its blocks are cut into modules."""
 
-    arch: Arch = "cifar_resnet"
+    # a built-in backbone, or "pkg.mod:callable" building the network (see docs/your-own-network.md)
+    arch: Arch | str = "cifar_resnet"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to a model.arch callable
     # cifar_resnet: ResNet-(6n+2) with 3n blocks of widths w, 2w, 4w
     depth: int = 20  # 6n+2: 8, 14, 20, 32, 56, 110, ...
     width: int = 16  # channels of the first stage; the stages use width, 2*width, 4*width
@@ -120,7 +133,15 @@ class ModelConfig:
     balance_by: Literal["time", "memory"] = "time"
 
     @property
-    def num_blocks(self) -> int:
+    def is_user(self) -> bool:
+        """The network comes from a user callable (``pkg.mod:callable``)."""
+        return self.arch not in get_args(Arch)
+
+    @property
+    def num_blocks(self) -> int | None:
+        """Blocks of a built-in backbone; None for a user network (known once it is built)."""
+        if self.is_user:
+            return None
         if self.arch == "cifar_resnet":
             return 3 * ((self.depth - 2) // 6)
         return ARCH_BLOCKS[self.arch]
@@ -130,6 +151,12 @@ class ModelConfig:
         return f"ResNet-{self.depth}" if self.arch == "cifar_resnet" else self.arch
 
     def __post_init__(self) -> None:
+        if self.is_user:
+            _import_path("model.arch", self.arch, get_args(Arch))
+        elif self.arch_kwargs:
+            raise ConfigError(
+                f"model.arch_kwargs applies to a model.arch import path, not model.arch={self.arch}"
+            )
         if self.arch == "cifar_resnet" and (self.depth < 8 or (self.depth - 2) % 6 != 0):
             raise ConfigError(
                 f"model.depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, 110, ...), got {self.depth}"
@@ -139,6 +166,15 @@ class ModelConfig:
         _positive("model.patch_size", self.patch_size)
         _positive("model.window_size", self.window_size)
         _positive("model.init_gain", self.init_gain)
+        if self.num_blocks is None:  # a user network: checked against its blocks once built
+            if isinstance(self.split, list) and (
+                len(self.split) != self.num_modules - 1 or sorted(set(self.split)) != self.split
+            ):
+                raise ConfigError(
+                    f"model.split={self.split} must be {self.num_modules - 1} strictly increasing "
+                    f"block indices (where modules 2..K start) for model.num_modules={self.num_modules}"
+                )
+            return
         if self.num_modules > self.num_blocks:
             raise ConfigError(
                 f"model.num_modules={self.num_modules} is larger than the {self.num_blocks} "
@@ -173,6 +209,8 @@ class AuxConfig:
     channels: int | None = None  # of the 3x3 conv; None = the module's output channels
     hidden: int = 0  # 0: one linear layer; >0: linear -> ReLU -> linear with this width
     last: Literal["own", "aux"] = "own"  # the last module's head: the network's own, or an aux head
+    # "pkg.mod:callable" building every auxiliary head from (shape, num_classes, module, num_modules)
+    head: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("pool_size", "pool_kernel"):
@@ -180,6 +218,8 @@ class AuxConfig:
             for v in value if isinstance(value, list) else [] if value is None else [value]:
                 _positive(f"aux.{key}", v)
         _non_negative("aux.hidden", self.hidden)
+        if self.head is not None:
+            _import_path("aux.head", self.head, ())
         if self.channels is not None:
             _positive("aux.channels", self.channels)
 
@@ -478,6 +518,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against a type hint; return it (ints widened to float where a float is due)."""
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, {} if value is None else value, f"{key}.")
+    if hint is Any:
+        return value
     origin = get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -496,6 +538,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value in allowed and type(value) is type(allowed[0]):
             return value
         raise ConfigError(f"{key} must be one of {' | '.join(map(str, allowed))}, got {_describe(value)}")
+    if origin is dict:
+        _, value_hint = get_args(hint)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key} must be a mapping of names to values, got {_describe(value)}")
+        return {k: _coerce(v, value_hint, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_hint,) = get_args(hint)
         if not isinstance(value, list):
@@ -535,6 +582,8 @@ def _describe_hint(hint: Any) -> str:
         return "one of " + " | ".join(map(str, get_args(hint)))
     if origin is list:
         return f"a list of {_describe_hint(get_args(hint)[0])}"
+    if origin is dict:
+        return "a mapping"
     if hint is type(None):
         return "null"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
@@ -549,6 +598,15 @@ def _describe(value: Any) -> str:
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{text} ({type(value).__name__})"
+
+
+def _import_path(key: str, value: str, builtins: tuple[str, ...]) -> None:
+    """A value that is not a built-in name must look like ``pkg.mod:callable``."""
+    module, sep, name = value.partition(":")
+    if not sep or not module or not name or not all(p.isidentifier() for p in module.split(".")):
+        known = f"one of {' | '.join(builtins)}, or " if builtins else ""
+        example = "my_pkg.data:build" if key.startswith("data.") else "my_pkg.nets:build"
+        raise ConfigError(f"{key} must be {known}an import path like {example}, got {value!r}")
 
 
 def _positive(key: str, value: float, minimum: float = 1) -> None:

@@ -85,6 +85,11 @@ def resolve_partition(
     k = cfg.model.num_modules
     if cfg.train.regime == "e2e":
         return [(0, n)]
+    if cfg.model.is_user and k > n:
+        raise ConfigError(
+            f"model.num_modules={k} is larger than the {n} blocks of model.arch={cfg.model.arch}; "
+            f"use at most {n} modules"
+        )
     split = cfg.model.split
     if isinstance(split, list):
         return split_at(n, split)
@@ -168,7 +173,19 @@ class RunContext:
             "steps_per_epoch": self.steps_per_epoch,
             "normalization": self.normalization,
             "split_sizes": self.split_sizes,
+            "fingerprint": self.parts.fingerprint(),
         }
+
+    def check_same_network(self, info: dict, rank: int) -> None:
+        """Refuse to train when this rank built another network than rank 0 (block shapes and
+        parameter counts differ): the modules would not fit together."""
+        mine, theirs = self.parts.fingerprint(), info.get("fingerprint")
+        if theirs is not None and mine != theirs:
+            raise ConfigError(
+                f"rank {rank} built another network than rank 0 from model.arch={self.cfg.model.arch} "
+                f"(fingerprint {mine} vs {theirs}: block shapes or parameter counts differ); make the "
+                "builder give the same network on every rank (same code and arch_kwargs)"
+            )
 
     @property
     def split_sizes(self) -> dict[str, int]:

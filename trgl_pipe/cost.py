@@ -124,7 +124,7 @@ def aux_head_factory(parts: Backbone, num_classes: int, cfg: Any) -> Callable[[i
     k = cfg.model.num_modules
 
     def make(i: int) -> nn.Module:
-        if i == len(parts.blocks) - 1 and cfg.aux.last == "own":
+        if i == len(parts.blocks) - 1 and cfg.aux.last == "own" and parts.head is not None:
             return copy.deepcopy(parts.head)
         return make_aux_head(parts, i, 0, k, num_classes, cfg)
 

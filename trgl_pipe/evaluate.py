@@ -48,7 +48,9 @@ def evaluate(
         model = load_exported(folder / "model.pt")
     correct = 0
     for i in range(0, len(images), data_cfg.eval_batch_size):
-        x = images.images[i : i + data_cfg.eval_batch_size].float() / 255
+        x = images.images[i : i + data_cfg.eval_batch_size].float()
+        if images.images.dtype == torch.uint8:  # bytes to [0, 1]; a user's float images stay as given
+            x = x / 255
         y = images.labels[i : i + data_cfg.eval_batch_size]
         correct += int((model(x).argmax(1) == y).sum())
     return {

@@ -5,7 +5,8 @@
 writes ``FOLDER/model.pt`` (weights + the builder's arguments, read with weights_only=True and
 rebuilt by :func:`load_exported`) and ``FOLDER/model.pt2`` (a ``torch.export`` program that loads
 with ``torch.export.load(path).module()``, without this package). Both take float images in
-[0, 1] of shape [N, C, H, W] (the training normalisation is inside) and return logits. By default
+[0, 1] of shape [N, C, H, W] (a user dataset of float images: in its own units; the training
+normalisation is inside) and return logits. By default
 the module is the best one on validation (summary.json) and the weights come from the final
 checkpoint.
 """

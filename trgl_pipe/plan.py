@@ -78,6 +78,11 @@ class Layout:
 
 
 def data_shape(cfg: Config) -> tuple[tuple[int, int, int], int]:
+    if cfg.data.is_user:  # a user dataset: its shapes and classes are known once it is read
+        from trgl_pipe.data import load_data
+
+        data = load_data(cfg.data, cfg.seed)
+        return (data.channels, data.image_size, data.image_size), data.num_classes
     if cfg.data.name in ("synthetic", "image_folder"):
         return (cfg.data.channels, cfg.data.image_size, cfg.data.image_size), cfg.data.num_classes
     channels, size = SHAPES[cfg.data.name]

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trgl_pipe.config import Config
-from trgl_pipe.errors import NonFiniteLossError
-from trgl_pipe.models import AuxHead, Backbone, TokenHead, build_backbone, kinetic_energy
+from trgl_pipe.errors import ConfigError, NonFiniteLossError
+from trgl_pipe.models import AuxHead, Backbone, TokenHead, VectorHead, build_backbone, kinetic_energy
 from trgl_pipe.models.init import fork_seeded, init_scheme
 from trgl_pipe.models.random_stream import RandomStream, is_stochastic
 from trgl_pipe.objective import LocalObjective
@@ -394,11 +394,22 @@ def make_aux_head(
     backbone: Backbone, block: int, module: int, num_modules: int, num_classes: int, cfg: Config
 ) -> nn.Module:
     """An auxiliary head for a module (index ``module`` of ``num_modules``) ending after ``block``,
-    built for the shape of that block's output (unseeded: the caller seeds)."""
-    channels = backbone.channels(block)
-    if backbone.tokens:
+    chosen by the shape of that block's output (unseeded: the caller seeds): feature maps get the
+    conv head, tokens the token head, vectors a linear one; ``aux.head`` names a user builder."""
+    if cfg.aux.head is not None:
+        from trgl_pipe.models.user import user_head
+
+        head = user_head(cfg.aux.head, backbone.shapes[block], num_classes, module, num_modules)
+        if cfg.model.init != "default":
+            init_scheme(head, cfg.model.init, cfg.model.init_gain)
+        return head
+    kind = backbone.kind(block)
+    channels = backbone.channels(block) if kind else 0
+    if kind == "tokens":
         head: nn.Module = TokenHead(channels, num_classes, cfg.aux.hidden)
-    else:
+    elif kind == "vector":
+        head = VectorHead(channels, num_classes, cfg.aux.hidden)
+    elif kind == "map":
         head = AuxHead(
             channels,
             num_classes,
@@ -408,14 +419,22 @@ def make_aux_head(
             pool_kernel=cfg.aux.for_module("pool_kernel", module, num_modules),
             spatial=backbone.spatial(block),
         )
+    else:
+        raise ConfigError(
+            f"model.arch={backbone.arch}: block {block} gives outputs of shape "
+            f"[N, {', '.join(map(str, backbone.shapes[block]))}], which no built-in auxiliary head "
+            "takes ([N, C, H, W] maps, [N, L, D] tokens, [N, D] vectors); end modules elsewhere "
+            "(model.split) or name a head builder in aux.head"
+        )
     init_scheme(head, cfg.model.init, cfg.model.init_gain)
     return head
 
 
 def build_head(backbone: Backbone, plan: StagePlan, num_classes: int, cfg: Config) -> nn.Module:
-    """F_k: the network's own head for the last module (unless ``aux.last=aux``), an auxiliary
-    head otherwise, seeded by (seed, k, its last block) so it does not depend on the rank."""
-    if plan.is_last and cfg.aux.last == "own":
+    """F_k: the network's own head for the last module (unless ``aux.last=aux`` or the network has
+    none), an auxiliary head otherwise, seeded by (seed, k, its last block) so it does not depend
+    on the rank."""
+    if plan.is_last and cfg.aux.last == "own" and backbone.head is not None:
         return backbone.head
     with fork_seeded(cfg.seed, 3, plan.index, plan.stop):
         return make_aux_head(backbone, plan.stop - 1, plan.index, plan.num_modules, num_classes, cfg)

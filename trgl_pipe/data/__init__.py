@@ -75,6 +75,10 @@ def resolve_source(cfg: DataConfig) -> str:
 
 
 def _read_raw(cfg: DataConfig, seed: int) -> RawDataset:
+    if cfg.is_user:
+        from trgl_pipe.data.user import read_user_data
+
+        return read_user_data(cfg.name, cfg.kwargs)
     if cfg.name == "synthetic":
         return readers.make_synthetic(
             cfg.train_size or 2048,
@@ -137,7 +141,7 @@ def load_data(cfg: DataConfig, seed: int) -> DataSplits:
     bad = int(((train.labels < 0) | (train.labels >= raw.num_classes)).sum())
     if bad:
         raise DataError(f"data.name={cfg.name}: {bad} training labels are outside 0..{raw.num_classes - 1}")
-    pixels = train.images.float().div_(255)
+    pixels = train.images.float().div_(255) if train.images.dtype == torch.uint8 else train.images.float()
     mean = pixels.mean(dim=(0, 2, 3))
     std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
     _, channels, height, width = train.images.shape
@@ -229,7 +233,10 @@ class Batches:
         return (self.data.channels, self.data.image_size, self.data.image_size)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images to standardised floats, with the same operations an exported model uses."""
+        """uint8 images to standardised floats, with the same operations an exported model uses
+        (float images of a user dataset are standardised as they are, without the 1/255)."""
+        if images.dtype != torch.uint8:
+            return (images.float() - self._mean) / self._std
         return (images.float() / 255 - self._mean) / self._std
 
     def _finish(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

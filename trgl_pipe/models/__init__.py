@@ -11,19 +11,23 @@ from trgl_pipe.models.blocks import (
     kinetic_energy,
 )
 from trgl_pipe.models.cifar_resnet import BlockShape, block_shapes
-from trgl_pipe.models.heads import AuxHead, FinalHead, TokenHead
+from trgl_pipe.models.heads import AuxHead, FinalHead, TokenHead, VectorHead
+from trgl_pipe.models.user import Network, Residual
 
 __all__ = [
     "AuxHead",
     "Backbone",
     "BlockShape",
     "FinalHead",
+    "Network",
     "PadShortcut",
     "PointwiseConv",
     "PostActBlock",
     "PreActBlock",
+    "Residual",
     "TokenHead",
     "TransportBlock",
+    "VectorHead",
     "block_shapes",
     "build_backbone",
     "kinetic_energy",

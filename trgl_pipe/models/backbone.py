@@ -9,8 +9,11 @@ shape of its last block's output. Backbones know nothing about stages, ranks or 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +28,7 @@ class Backbone:
     arch: str
     stem: nn.Module | None
     blocks: list[nn.Module]
-    head: nn.Module  # the network's own classifier
+    head: nn.Module | None  # the network's own classifier (None: the last module gets an aux head)
     input_shape: tuple[int, int, int]
     tokens: bool = False  # block outputs are [N, H, W, C] (Swin), not [N, C, H, W]
     presets: dict[int, list[int]] = field(default_factory=dict)  # K -> blocks per module
@@ -44,13 +47,40 @@ class Backbone:
     def num_blocks(self) -> int:
         return len(self.blocks)
 
+    def kind(self, i: int) -> str | None:
+        """What block i gives, per sample: ``map`` [C, H, W], ``tokens`` [L, D] or [H, W, D] (with
+        ``tokens``), ``vector`` [D]; None for a shape no built-in head takes."""
+        rank = len(self.shapes[i])
+        if rank == 1:
+            return "vector"
+        if rank == 2:
+            return "tokens"
+        if rank == 3:
+            return "tokens" if self.tokens else "map"
+        return None
+
     def channels(self, i: int) -> int:
         """Channels (or embedding width) of block i's output."""
-        return self.shapes[i][-1] if self.tokens else self.shapes[i][0]
+        return self.shapes[i][0] if self.kind(i) == "map" else self.shapes[i][-1]
 
     def spatial(self, i: int) -> tuple[int, int]:
         shape = self.shapes[i]
         return (shape[0], shape[1]) if self.tokens else (shape[1], shape[2])
+
+    def fingerprint(self) -> str:
+        """A digest of the block shapes and parameter counts: equal on ranks that built the same
+        network (compared at the pipeline's setup)."""
+
+        def count(m: nn.Module | None) -> int:
+            return 0 if m is None else sum(p.numel() for p in m.parameters())
+
+        parts = {
+            "arch": self.arch,
+            "stem": [list(self.stem_shape), count(self.stem)],
+            "blocks": [[list(s), count(b)] for s, b in zip(self.shapes, self.blocks, strict=True)],
+            "head": count(self.head),
+        }
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def output_shapes(
@@ -68,12 +98,13 @@ def output_shapes(
     return shapes
 
 
-Builder = Callable[..., Backbone]
+Builder = Callable[..., Any]  # returns a trgl_pipe.Network (or a Backbone)
 _REGISTRY: dict[str, Builder] = {}
 
 
 def register(*archs: str) -> Callable[[Builder], Builder]:
-    """Add a backbone builder ``builder(cfg, input_shape, num_classes, seed)`` under ``archs``."""
+    """Add a backbone builder ``builder(cfg, input_shape, num_classes, seed)`` under ``archs``; it
+    returns a :class:`trgl_pipe.Network`, as a user's ``model.arch`` callable does."""
 
     def add(builder: Builder) -> Builder:
         for arch in archs:
@@ -91,11 +122,18 @@ def build_backbone(cfg: object, input_shape: tuple[int, int, int], num_classes: 
     import trgl_pipe.models.vgg  # noqa: F401
 
     arch = cfg.arch  # type: ignore[attr-defined]
+    if ":" in arch:  # an import path: the user's network
+        from trgl_pipe.models.user import user_backbone
+
+        return user_backbone(cfg, input_shape, num_classes, seed)
     if arch not in _REGISTRY:
         raise ConfigError(
             f"model.arch={arch} is not a backbone here; choose one of {', '.join(sorted(_REGISTRY))}"
         )
-    return _REGISTRY[arch](cfg, input_shape, num_classes, seed)
+    from trgl_pipe.models.user import backbone_from_network
+
+    net = _REGISTRY[arch](cfg, input_shape, num_classes, seed)
+    return net if isinstance(net, Backbone) else backbone_from_network(net, arch, input_shape)
 
 
 def load_pretrained(model: nn.Module, path: str) -> list[str]:

@@ -14,10 +14,11 @@ from typing import Any
 
 from torch import nn
 
-from trgl_pipe.models.backbone import Backbone, register
+from trgl_pipe.models.backbone import register
 from trgl_pipe.models.blocks import PostActBlock, PreActBlock, conv3x3
 from trgl_pipe.models.heads import FinalHead
 from trgl_pipe.models.init import fork_seeded, init_scheme
+from trgl_pipe.models.user import Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +44,7 @@ def block_shapes(depth: int, width: int) -> list[BlockShape]:
 
 
 @register("cifar_resnet")
-def cifar_resnet(cfg: Any, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> Backbone:
+def cifar_resnet(cfg: Any, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> Network:
     preact = cfg.block == "preact"
     block_cls = PreActBlock if preact else PostActBlock
     shapes = block_shapes(cfg.depth, cfg.width)
@@ -61,4 +62,4 @@ def cifar_resnet(cfg: Any, input_shape: tuple[int, int, int], num_classes: int, 
     with fork_seeded(seed, 2):
         head = FinalHead(shapes[-1].out_channels, num_classes, preact)
         init_scheme(head, cfg.init, cfg.init_gain)
-    return Backbone("cifar_resnet", stem, blocks, head, input_shape)
+    return Network(stem=stem, blocks=blocks, head=head)

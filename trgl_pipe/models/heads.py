@@ -52,8 +52,9 @@ class AuxHead(nn.Module):
 
 
 class TokenHead(nn.Module):
-    """Auxiliary classifier of a Swin feature map [N, H, W, C], as in the authors' Swin code:
-    LayerNorm → average over the tokens → linear (``hidden > 0``: linear → GELU → linear)."""
+    """Auxiliary classifier of tokens [N, L, D] or a Swin feature map [N, H, W, D], as in the
+    authors' Swin code: LayerNorm → average over the tokens → linear (``hidden > 0``: linear →
+    GELU → linear)."""
 
     def __init__(self, dim: int, num_classes: int, hidden: int = 0) -> None:
         super().__init__()
@@ -66,7 +67,23 @@ class TokenHead(nn.Module):
             self.fc = nn.Linear(dim, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.norm(x).mean(dim=(1, 2)))
+        return self.fc(self.norm(x).mean(dim=tuple(range(1, x.dim() - 1))))
+
+
+class VectorHead(nn.Module):
+    """Auxiliary classifier of vectors [N, D]: linear (``hidden > 0``: linear → ReLU → linear)."""
+
+    def __init__(self, dim: int, num_classes: int, hidden: int = 0) -> None:
+        super().__init__()
+        if hidden:
+            self.fc: nn.Module = nn.Sequential(
+                nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+            )
+        else:
+            self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x)
 
 
 class FinalHead(nn.Module):

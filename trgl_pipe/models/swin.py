@@ -16,11 +16,12 @@ from torch import Tensor, nn
 from torchvision.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock
 
 from trgl_pipe.errors import ConfigError
-from trgl_pipe.models.backbone import Backbone, load_pretrained, register
+from trgl_pipe.models.backbone import load_pretrained, register
 from trgl_pipe.models.blocks import TransportBlock, add_with_energy
 from trgl_pipe.models.heads import TorchvisionHead
 from trgl_pipe.models.init import fork_seeded, init_scheme
 from trgl_pipe.models.torchvision_resnet import adapt_input_channels
+from trgl_pipe.models.user import Network
 
 # torchvision's variants: embedding width, blocks per stage, heads per stage, stochastic depth
 VARIANTS = {
@@ -82,7 +83,7 @@ def check_image_size(image_size: int, patch: int, window: int, arch: str) -> Non
 
 
 @register("swin_t", "swin_s", "swin_b")
-def torchvision_swin(cfg: Any, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> Backbone:
+def torchvision_swin(cfg: Any, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> Network:
     embed, depths, heads, depth_drop = VARIANTS[cfg.arch]
     check_image_size(input_shape[1], cfg.patch_size, cfg.window_size, cfg.arch)
     drop = depth_drop if cfg.stochastic_depth is None else cfg.stochastic_depth
@@ -114,6 +115,4 @@ def torchvision_swin(cfg: Any, input_shape: tuple[int, int, int], num_classes: i
             per_module[-1:] = [(per_module[-1] if per_module else 0) + len(stage)]
     head = TorchvisionHead(model.norm, model.permute, model.avgpool, model.head, flatten_at=3)
     # K=4: one stage per module (a stage's patch merging goes with it), as in the authors' code
-    return Backbone(
-        cfg.arch, model.features[0], blocks, head, input_shape, tokens=True, presets={4: per_module}
-    )
+    return Network(stem=model.features[0], blocks=blocks, head=head, tokens=True, presets={4: per_module})

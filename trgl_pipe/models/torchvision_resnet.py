@@ -16,10 +16,11 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 
-from trgl_pipe.models.backbone import Backbone, load_pretrained, register
+from trgl_pipe.models.backbone import load_pretrained, register
 from trgl_pipe.models.blocks import ResidualBlock
 from trgl_pipe.models.heads import TorchvisionHead
 from trgl_pipe.models.init import fork_seeded, init_scheme
+from trgl_pipe.models.user import Network
 
 # the authors' K=4 splits (blocks per module) where the paper gives them
 PRESETS = {"resnet101": {4: [7, 9, 9, 8]}, "resnet152": {4: [11, 13, 13, 13]}}
@@ -66,7 +67,7 @@ def adapt_input_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
 
 
 @register("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-def torchvision_resnet(cfg: Any, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> Backbone:
+def torchvision_resnet(cfg: Any, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> Network:
     with fork_seeded(seed, 0):
         model = getattr(torchvision.models, cfg.arch)(weights=None, num_classes=num_classes)
         model.conv1 = adapt_input_channels(model.conv1, input_shape[0])
@@ -83,4 +84,4 @@ def torchvision_resnet(cfg: Any, input_shape: tuple[int, int, int], num_classes:
     blocks: list[nn.Module] = [TorchvisionResidual(b) for layer in layers for b in layer]
     head = TorchvisionHead(model.avgpool, model.fc, flatten_at=1)
     stem = nn.Sequential(*stem_layers)
-    return Backbone(cfg.arch, stem, blocks, head, input_shape, presets=PRESETS.get(cfg.arch, {}))
+    return Network(stem=stem, blocks=blocks, head=head, presets=PRESETS.get(cfg.arch, {}))

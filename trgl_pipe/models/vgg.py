@@ -18,11 +18,12 @@ from typing import Any
 import torchvision
 from torch import Tensor, nn
 
-from trgl_pipe.models.backbone import Backbone, load_pretrained, register
+from trgl_pipe.models.backbone import load_pretrained, register
 from trgl_pipe.models.blocks import TransportBlock
 from trgl_pipe.models.heads import TorchvisionHead
 from trgl_pipe.models.init import fork_seeded, init_scheme
 from trgl_pipe.models.torchvision_resnet import adapt_input_channels
+from trgl_pipe.models.user import Network
 
 
 class VGGUnit(TransportBlock):
@@ -56,7 +57,7 @@ def vgg_units(features: nn.Sequential, transport: bool) -> list[nn.Module]:
 
 
 @register("vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "vgg19")
-def torchvision_vgg(cfg: Any, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> Backbone:
+def torchvision_vgg(cfg: Any, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> Network:
     with fork_seeded(seed, 0):
         model = getattr(torchvision.models, cfg.arch)(weights=None, num_classes=num_classes)
         model.features[0] = adapt_input_channels(model.features[0], input_shape[0])
@@ -68,4 +69,4 @@ def torchvision_vgg(cfg: Any, input_shape: tuple[int, int, int], num_classes: in
         init_scheme(model, cfg.init, cfg.init_gain)
     blocks = vgg_units(model.features, cfg.vgg_transport == "displacement")
     head = TorchvisionHead(model.avgpool, *model.classifier, flatten_at=1)
-    return Backbone(cfg.arch, None, blocks, head, input_shape)
+    return Network(blocks=blocks, head=head)

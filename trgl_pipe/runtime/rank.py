@@ -15,6 +15,7 @@ in one process (2 for bad input, 3 for a non-finite loss, 1 otherwise, 143 for S
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -87,6 +88,7 @@ def _setup(cfg: Config, session: DistSession, device: torch.device) -> RunContex
         ctx = build_context(cfg, device, data, shard=shard, partition=partition)
     else:
         ctx = context_from_shape_info(cfg, device, info)
+    ctx.check_same_network(info, rank)
     ctx.resume_from = info["resume"]
     return ctx
 
@@ -323,8 +325,12 @@ def _report_failure(error: BaseException, rank: int, modules: list[int], control
     return code
 
 
-def run_rank(cfg: Config) -> None:
-    """Entry point of one rank; exits the process on failure so no rank waits forever."""
+def run_rank(cfg: Config, exit_process: bool = True) -> dict[str, Any] | None:
+    """Entry point of one rank; exits the process on failure so no rank waits forever.
+
+    With ``exit_process=False`` (the Python API) a rank that completes returns the summary
+    (rank 0 wrote it; ranks that cannot see ``out_dir`` return None) instead of exiting.
+    """
     env = LaunchEnv.from_environ()
     if env.world_size == 1:
         raise UserError(
@@ -355,6 +361,9 @@ def run_rank(cfg: Config) -> None:
                 )
     except BaseException as error:
         code = _report_failure(error, env.rank, modules, control)
+    if code == 0 and not exit_process:
+        path = Path(cfg.out_dir) / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else None
     # A failed pipeline cannot be torn down politely (peers may be gone mid-transfer): leave now.
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,0 +1,132 @@
+"""A user's network and data on the torchrun pipeline: bitwise the single-process parallel run,
+the Python API under torchrun, and ranks that build different networks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import ROOT, free_port, run_cli, run_torchrun
+
+from trgl_pipe.metrics import read_metrics
+
+pytestmark = pytest.mark.multiproc
+
+USER = [
+    "data.name=tests.user_pkg.data:arrays",
+    "data.val_size=60",
+    "data.batch_size=32",
+    "data.eval_batch_size=50",
+    "model.arch=tests.user_pkg.nets:resnet",
+    "model.arch_kwargs={depth: 14, width: 4}",
+    "model.num_modules=4",
+    "train.epochs=2",
+    "train.num_threads=1",
+    "optim.lr=0.05",
+    "trgl.tau=1000",
+    "log.live=off",
+    "log.every_steps=1",
+]
+
+
+def _losses(out: Path) -> dict[tuple[int, int], tuple[float, float, float]]:
+    return {
+        (e["module"], e["step"]): (e["loss"], e["ce"], e["kinetic"])
+        for e in read_metrics(out / "metrics.jsonl")
+        if e["event"] == "train"
+    }
+
+
+def _final_shards(out: Path, k: int) -> list[dict]:
+    folder = sorted(p for p in (out / "checkpoints").iterdir() if (p / "meta.json").is_file())[-1]
+    return [torch.load(folder / f"module-{i}.pt", weights_only=True)["stage"] for i in range(k)]
+
+
+def test_a_user_network_on_four_ranks_computes_what_one_process_computes(tmp_path: Path) -> None:
+    # 180 training images in batches of 32: a last partial batch of 20; the Residual ResNet-14
+    # (6 blocks) and the arrays dataset both come from tests/user_pkg
+    single = run_cli([*USER, f"out_dir={tmp_path / 'single'}"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    piped = run_torchrun(4, [*USER, f"out_dir={tmp_path / 'pipe'}"])
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "pipe")
+    assert len(a) == 4 * 12 and a == b  # every module, every step, bitwise
+    assert all(kinetic > 0 for _, _, kinetic in a.values())
+    for sa, sb in zip(
+        _final_shards(tmp_path / "single", 4), _final_shards(tmp_path / "pipe", 4), strict=True
+    ):
+        for part in ("body", "head"):
+            for name, tensor in sa[part].items():
+                assert torch.equal(tensor, sb[part][name]), (part, name)
+    s1 = json.loads((tmp_path / "single" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "pipe" / "summary.json").read_text())
+    assert [m["test_accuracy"] for m in s1["modules"]] == [m["test_accuracy"] for m in s2["modules"]]
+    assert s2["world_size"] == 4 and s2["transport"] == "dist"
+
+
+SCRIPT = """
+import json, sys
+import trgl_pipe
+from tests.user_pkg.data import datasets
+from tests.user_pkg.nets import vit
+
+config = {"data": {"val_size": 60, "batch_size": 32}, "train": {"epochs": 1, "num_threads": 1}}
+summary = trgl_pipe.train(
+    config, model=vit, data=datasets, out_dir=sys.argv[1], log={"live": "off"},
+    **{"model.num_modules": 2, "model.arch_kwargs": {"depth": 2}},
+)
+print("SUMMARY", json.dumps({"world_size": summary["world_size"], "modules": len(summary["modules"])}))
+"""
+
+
+def _torchrun_script(script: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "--monitor-interval=0.2",
+        str(script),
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+
+
+def test_train_runs_a_user_dataset_under_torchrun(tmp_path: Path) -> None:
+    script = tmp_path / "my_script.py"
+    script.write_text(SCRIPT)
+    result = _torchrun_script(script, 2, str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    # both ranks return the summary (they share out_dir here)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("SUMMARY")]
+    assert lines == ['SUMMARY {"world_size": 2, "modules": 2}'] * 2, result.stdout[-2000:]
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "name: tests.user_pkg.data:datasets" in saved and "arch: tests.user_pkg.nets:vit" in saved
+
+
+def test_ranks_that_build_different_networks_stop_with_one_line(tmp_path: Path) -> None:
+    result = run_torchrun(
+        2,
+        [
+            *USER,
+            "model.arch=tests.user_pkg.nets:rank_dependent",
+            "model.arch_kwargs={}",
+            "model.num_modules=2",
+            f"out_dir={tmp_path / 'run'}",
+            "pipeline.timeout_s=20",
+        ],
+    )
+    assert result.returncode != 0  # torchrun's own code; the ranks exit with 2 (bad input)
+    assert "exitcode  : 2" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rank 1 built another network than rank 0" in errors[0], result.stderr[-3000:]
