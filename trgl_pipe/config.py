@@ -565,6 +565,10 @@ def _non_negative(key: str, value: float) -> None:
 
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config as YAML (atomically, so a crash never leaves half a file)."""
+    from trgl_pipe.errors import OutputError
     from trgl_pipe.io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    try:
+        atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    except OSError as error:
+        raise OutputError(path, error) from error
