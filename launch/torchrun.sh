@@ -18,7 +18,12 @@ if [ $# -lt 1 ]; then
 fi
 WORLD=$(python -c 'import sys
 from trgl_pipe.config import load_config
-c = load_config(sys.argv[1], sys.argv[2:])
+from trgl_pipe.errors import UserError
+try:
+    c = load_config(sys.argv[1], sys.argv[2:])
+except UserError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(error.exit_code)
 print(c.model.num_modules // c.pipeline.modules_per_rank * c.pipeline.replicas)' "$@")
 NNODES=${NNODES:-1}
 if [ $((WORLD % NNODES)) -ne 0 ]; then

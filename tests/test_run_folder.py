@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli_args, run_cli
+from conftest import cli_args, run_cli, snapshot
 
 from trgl_pipe.checkpoint import latest_complete
 from trgl_pipe.config import load_config
@@ -20,11 +20,6 @@ from trgl_pipe.errors import CheckpointError, ConfigError, DataError, NonFiniteL
 from trgl_pipe.metrics import MetricsLogger, read_metrics
 from trgl_pipe.run_folder import LOCK, REPLACED, claim
 from trgl_pipe.single import run_single
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
