@@ -36,6 +36,7 @@ from trgl_pipe.context import (
 from trgl_pipe.data import load_data, shard_bounds
 from trgl_pipe.errors import ConfigError, OutputError, PipelineError, UserError
 from trgl_pipe.faults import Tracer
+from trgl_pipe.launch import record_failure
 from trgl_pipe.live import LiveView, Publisher, StoreBoard
 from trgl_pipe.metrics import MetricsLogger, describe_argv
 from trgl_pipe.run_folder import RunFolder, claim, discard_replaced
@@ -326,7 +327,12 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
 
 
 def _report_failure(error: BaseException, rank: int, modules: list[int], control: StoreControl | None) -> int:
-    """Print one line for ``error`` on this rank, record it for the others; returns the exit code."""
+    """Say ``error`` once for the whole job and record it for the others; returns the exit code.
+
+    The line goes to torchrun's error file of this rank (:func:`trgl_pipe.launch.record_failure`,
+    which ``launch/torchrun.sh`` prints last); it is printed here only by the rank that failed
+    first, and only when no launcher prints it. Ranks that stop because of it stay silent.
+    """
     failure = error.failure if isinstance(error, AbortedError) else None
     if failure is None and not isinstance(error, UserError) and control is not None:
         # a lost connection, a timeout or a transfer error is often the echo of a neighbour's own
@@ -334,10 +340,8 @@ def _report_failure(error: BaseException, rank: int, modules: list[int], control
         earlier = control.wait_for_failure(grace_s=2.0)
         if earlier is not None and earlier.rank != rank:
             failure = earlier
-            error = AbortedError(earlier)
-    if failure is not None:  # another rank failed first: repeat its cause unless it said it already
-        if not failure.user_error:
-            print(f"error: rank {rank}: {error}", file=sys.stderr, flush=True)
+    if failure is not None:  # another rank failed first: it says why
+        record_failure(f"error: {failure.describe()}", failure.code)
         return failure.code
     code = int(getattr(error, "exit_code", 1))
     if isinstance(error, UserError):
@@ -348,9 +352,11 @@ def _report_failure(error: BaseException, rank: int, modules: list[int], control
         message = f" failed: {type(error).__name__}: {error}"
     failure = Failure(rank, modules, message, code, isinstance(error, UserError))
     recorded = control.abort(failure) if control is not None else failure
+    launched = record_failure(f"error: {recorded.describe()}", recorded.code)
     if recorded.rank != rank and recorded.message == message:
         return code  # every rank found the same problem: the first to record it says it
-    print(f"error: {failure.describe()}", file=sys.stderr, flush=True)
+    if not launched or recorded.rank != rank:
+        print(f"error: {failure.describe()}", file=sys.stderr, flush=True)
     return code
 
 
