@@ -285,6 +285,12 @@ def test_a_hung_rank_is_named_by_its_neighbours_within_the_timeout(tmp_path: Pat
     elapsed = time.monotonic() - t0
     assert result.returncode != 0
     assert "waited 5 s for" in result.stderr and "rank 1" in result.stderr
+    # the rank that stopped is named, not the neighbour that noticed; said once
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: rank 1 (module 1): stuck or dead: its neighbours waited 5 s for it "
+        "(pipeline.timeout_s sets this limit)"
+    ], result.stderr[-3000:]
     assert elapsed < 60, elapsed  # well before the hung rank would wake up
 
 

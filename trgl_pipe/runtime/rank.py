@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -326,7 +327,30 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
 # Entry point and failures
 
 
-def _report_failure(error: BaseException, rank: int, modules: list[int], control: StoreControl | None) -> int:
+_STALLED = re.compile(r"rank (\d+): waited (\S+) s for .*?\brank (\d+)\b.*; that peer is stuck or dead")
+
+
+def _failure_of(error: BaseException, rank: int, layout: Layout) -> Failure:
+    """The failure ``error`` stands for: a wait for another rank that ran out names that rank."""
+    code = int(getattr(error, "exit_code", 1))
+    stalled = _STALLED.match(str(error)) if isinstance(error, PipelineError) else None
+    if stalled is not None and int(stalled.group(1)) == rank:
+        peer = int(stalled.group(3))
+        message = (
+            f": stuck or dead: its neighbours waited {stalled.group(2)} s for it "
+            "(pipeline.timeout_s sets this limit)"
+        )
+        return Failure(peer, layout.modules_of(peer), message, code, False)
+    if isinstance(error, UserError):
+        message = f": {error}"
+    elif isinstance(error, PipelineError):
+        message = f": {str(error).removeprefix(f'rank {rank}: ')}"
+    else:
+        message = f" failed: {type(error).__name__}: {error}"
+    return Failure(rank, layout.modules_of(rank), message, code, isinstance(error, UserError))
+
+
+def _report_failure(error: BaseException, rank: int, layout: Layout, control: StoreControl | None) -> int:
     """Say ``error`` once for the whole job and record it for the others; returns the exit code.
 
     The line goes to torchrun's error file of this rank (:func:`trgl_pipe.launch.record_failure`,
@@ -343,21 +367,14 @@ def _report_failure(error: BaseException, rank: int, modules: list[int], control
     if failure is not None:  # another rank failed first: it says why
         record_failure(f"error: {failure.describe()}", failure.code)
         return failure.code
-    code = int(getattr(error, "exit_code", 1))
-    if isinstance(error, UserError):
-        message = f": {error}"
-    elif isinstance(error, PipelineError):
-        message = f": {str(error).removeprefix(f'rank {rank}: ')}"
-    else:
-        message = f" failed: {type(error).__name__}: {error}"
-    failure = Failure(rank, modules, message, code, isinstance(error, UserError))
+    failure = _failure_of(error, rank, layout)
     recorded = control.abort(failure) if control is not None else failure
     launched = record_failure(f"error: {recorded.describe()}", recorded.code)
-    if recorded.rank != rank and recorded.message == message:
-        return code  # every rank found the same problem: the first to record it says it
-    if not launched or recorded.rank != rank:
+    if recorded != failure and recorded.message == failure.message:
+        return failure.code  # every rank found the same problem: the first to record it says it
+    if not launched or recorded != failure:
         print(f"error: {failure.describe()}", file=sys.stderr, flush=True)
-    return code
+    return failure.code
 
 
 def run_rank(cfg: Config) -> None:
@@ -369,7 +386,6 @@ def run_rank(cfg: Config) -> None:
         )
     layout: Layout = check_launch(cfg, env)  # every rank finds the same error; rank 0 prints it
     configure_torch(cfg, ranks_on_host=env.local_world_size)
-    modules = layout.modules_of(env.rank)
     control: StoreControl | None = None
     folder: RunFolder | None = None
     preemption.install()
@@ -393,7 +409,7 @@ def run_rank(cfg: Config) -> None:
                     flush=True,
                 )
     except BaseException as error:
-        code = _report_failure(error, env.rank, modules, control)
+        code = _report_failure(error, env.rank, layout, control)
     if folder is not None:
         folder.release()
     # A failed pipeline cannot be torn down politely (peers may be gone mid-transfer): leave now.
