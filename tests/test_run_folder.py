@@ -242,3 +242,38 @@ def test_a_full_disk_with_checkpoints_off_ends_in_one_line(tmp_path) -> None:
     assert text.endswith("\n")
     assert all(isinstance(json.loads(line), dict) for line in text.splitlines())
     assert not (out / LOCK).exists()
+
+
+def test_a_torchrun_restart_before_the_first_checkpoint_starts_again(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("seed: 0\n")  # the attempt that died before checkpointing
+    (out / "metrics.jsonl").write_text('{"event": "start"}\n')
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        claim(_config(out, "resume=auto"))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with claim(_config(out, "resume=auto")) as folder:
+        assert folder.out == out
+    (out / "summary.json").write_text("{}")  # a finished run is never started over
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        claim(_config(out, "resume=auto"))
+
+
+@pytest.mark.parametrize(
+    ("module", "name"), [("trgl_pipe.summary", "summary.json"), ("trgl_pipe.io", "config.yaml")]
+)
+def test_a_full_disk_writing_summary_or_config_is_one_line(tmp_path, monkeypatch, module, name) -> None:
+    import importlib
+
+    target = importlib.import_module(module)
+    attribute = "atomic_write_json" if name == "summary.json" else "atomic_write_text"
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(target, attribute, full)
+    with pytest.raises(OutputError, match=rf"cannot write .*{name} \(No space left on device\)"):
+        run_single(
+            _config(tmp_path / "run", "train.epochs=1", "checkpoint.every_epochs=0"), console_summary=False
+        )
+    assert not (tmp_path / "run" / LOCK).exists()

@@ -185,7 +185,12 @@ def claim(cfg: Config) -> RunFolder:
                 f"out_dir={out} already holds a run ({', '.join(earlier)}); pass resume=auto to "
                 "continue it, overwrite=true to replace it, or choose another out_dir"
             )
-        if earlier and cfg.resume == "auto" and latest_complete(out) is None:
+        if (
+            earlier
+            and cfg.resume == "auto"
+            and latest_complete(out) is None
+            and not _restart_of_this_job(out)
+        ):
             raise ConfigError(
                 f"resume=auto: out_dir={out} holds a run ({', '.join(earlier)}) but no complete checkpoint "
                 "to continue from; pass overwrite=true instead of resume to replace that run, or choose "
@@ -197,6 +202,13 @@ def claim(cfg: Config) -> RunFolder:
         folder.release()
         raise
     return folder
+
+
+def _restart_of_this_job(out: Path) -> bool:
+    """torchrun --max-restarts restarting a job that died before its first checkpoint: what is in
+    ``out`` is that job's own start, not a run to keep."""
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
+    return restarted and not (out / "summary.json").exists()
 
 
 def discard_replaced(out: str | Path) -> None:
