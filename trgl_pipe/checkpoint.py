@@ -21,6 +21,7 @@ import io
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from trgl_pipe.partition import Partition
 
 FORMAT = 1
 META = "meta.json"
+META_KEYS = ("num_modules", "partition", "arch", "regime", "data", "progress")  # what resuming reads
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -238,8 +240,19 @@ def read_meta(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {folder} is incomplete: {META} is missing") from error
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"checkpoint {folder}: {META} is unreadable ({error})") from error
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {folder}: {META} holds a {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {folder} has format {meta.get('format')}, expected {FORMAT}")
+    missing = [key for key in META_KEYS if key not in meta]
+    progress = meta.get("progress")
+    if not missing and isinstance(progress, dict):
+        missing = [f"progress.{key}" for key in Progress.__slots__ if key not in progress]
+    elif not missing:
+        missing = ["progress"]
+    if missing or not isinstance(meta["data"], dict):
+        lacks = ", ".join(missing) or "data"
+        raise CheckpointError(f"checkpoint {folder}: {META} lacks {lacks}; resume from another checkpoint")
     return meta
 
 
@@ -267,9 +280,9 @@ def check_compatible(
             f"it has {meta['steps_per_epoch']} batches per epoch, this run {steps_per_epoch} (a last "
             "partial batch smaller than pipeline.replicas is dropped; keep the number of replicas)"
         )
-    if meta["data"]["batch_size"] != cfg.data.batch_size:
+    if meta["data"].get("batch_size") != cfg.data.batch_size:
         problems.append(
-            f"its data.batch_size is {meta['data']['batch_size']}, the config's {cfg.data.batch_size}"
+            f"its data.batch_size is {meta['data'].get('batch_size')}, the config's {cfg.data.batch_size}"
         )
     if problems:
         raise CheckpointError(f"checkpoint {folder} does not match the config: {'; '.join(problems)}")
@@ -307,12 +320,14 @@ class CheckpointWriter:
         regime: str,
         model_info: dict | None = None,
         steps_per_epoch: int | None = None,
+        on_complete: Callable[[], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.partition = partition
         self.regime = regime
         self.model_info = model_info
         self.steps_per_epoch = steps_per_epoch
+        self.on_complete = on_complete  # called after each complete checkpoint
 
     def __call__(self, worker: Any, msg: Any) -> None:
         progress = Progress(
@@ -335,6 +350,8 @@ class CheckpointWriter:
                 write_meta(target, meta, self.cfg.checkpoint.keep)
                 if target != folder:
                     _replace(folder, target)
+                if self.on_complete is not None:
+                    self.on_complete()
         except OSError as error:
             raise CheckpointError(
                 f"cannot write checkpoint {target} ({error.strerror or error}); earlier checkpoints are "
@@ -361,14 +378,31 @@ def find_resume(
 
 
 def restore_workers(folder: Path, workers: list[Any], logger: Any = None, announce: bool = True) -> Progress:
-    """Load each worker's shard from ``folder``; returns where training continues."""
+    """Load each worker's shard from ``folder``; returns where training continues.
+
+    Writes nothing: ``logger`` (if given) gets the ``resume`` event, which callers that must check
+    everything before writing log later with :func:`log_resume`.
+    """
     meta = read_meta(folder)
     for worker in workers:
-        worker.load_state_dict(load_shard(folder, worker.index))
+        state = load_shard(folder, worker.index)
+        try:
+            worker.load_state_dict(state)
+        except (RuntimeError, KeyError, TypeError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(
+                f"checkpoint shard {folder / shard_name(worker.index)} does not fit module {worker.index} of "
+                f"this config ({type(error).__name__}: {reason[:200]}); resume with the settings that "
+                "wrote it, or start a new out_dir"
+            ) from error
     p = meta["progress"]
     progress = Progress(p["counter"], p["epoch"], p["batch"], p["step"], p["phase"], p["final"])
     if logger is not None:
-        logger.log("resume", checkpoint=str(folder), modules=[w.index for w in workers], **progress.as_dict())
+        log_resume(logger, folder, workers, progress)
     if announce:
         print(f"resumed from {folder} ({progress.as_dict()})", flush=True)
     return progress
+
+
+def log_resume(logger: Any, folder: Path, workers: list[Any], progress: Progress) -> None:
+    logger.log("resume", checkpoint=str(folder), modules=[w.index for w in workers], **progress.as_dict())

@@ -6,7 +6,9 @@ Every key is checked before any work starts. A bad key, type or combination rais
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +18,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from trgl_pipe.errors import ConfigError
+
+MAX_TIMEOUT_S = 7 * 24 * 3600
 
 DatasetName = Literal[
     "fashion_mnist", "mnist", "cifar10", "cifar100", "stl10", "tiny_imagenet", "image_folder", "synthetic"
@@ -347,6 +351,11 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         _positive("pipeline.buffer_size", self.buffer_size)
         _positive("pipeline.timeout_s", self.timeout_s)
+        if self.timeout_s > MAX_TIMEOUT_S:
+            raise ConfigError(
+                f"pipeline.timeout_s={self.timeout_s:g} is beyond a week ({MAX_TIMEOUT_S} s); a peer silent "
+                "that long has failed: use a few minutes"
+            )
         _positive("pipeline.modules_per_rank", self.modules_per_rank)
         _positive("pipeline.replicas", self.replicas)
 
@@ -430,6 +439,23 @@ class Config:
             )
         if self.resume is not None and self.overwrite:
             raise ConfigError("resume and overwrite=true contradict each other; choose one")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
+        k = self.num_modules
+        d = self.debug
+        if (d.raise_at_step is not None or d.nan_at_step is not None) and d.raise_on_module >= k:
+            raise ConfigError(
+                f"debug.raise_on_module={d.raise_on_module} names no module: the run has {k} (0..{k - 1})"
+            )
+        if d.slow_module is not None and not 0 <= d.slow_module < k:
+            raise ConfigError(
+                f"debug.slow_module={d.slow_module} names no module: the run has {k} (0..{k - 1})"
+            )
+        if self.train.regime != "parallel" and self.pipeline.replicas > 1:
+            raise ConfigError(
+                f"pipeline.replicas={self.pipeline.replicas} applies to the pipeline (train.regime=parallel "
+                f"under torchrun), not to train.regime={self.train.regime}; remove it"
+            )
         k, m = self.model.num_modules, self.pipeline.modules_per_rank
         if k % m:
             raise ConfigError(
@@ -463,9 +489,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """Parse a YAML file that must hold a mapping, with one-line errors."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8"
+        ) from error
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -557,15 +587,20 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**63:  # torch and numpy take 64-bit integers
+                raise ConfigError(f"{key}={value} is too large for a 64-bit integer")
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key} must be a finite number, got {_describe(value)}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -623,6 +658,10 @@ def _non_negative(key: str, value: float) -> None:
 
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config as YAML (atomically, so a crash never leaves half a file)."""
+    from trgl_pipe.errors import OutputError
     from trgl_pipe.io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    try:
+        atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    except OSError as error:
+        raise OutputError(path, error) from error

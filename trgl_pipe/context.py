@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,8 +18,6 @@ from trgl_pipe.models import Backbone
 from trgl_pipe.partition import Partition, split_at, split_balanced, split_by_depth
 from trgl_pipe.runtime.schedule import total_steps
 from trgl_pipe.stage import Stage, build_parts, build_stage
-
-RUN_FILES = ("summary.json", "metrics.jsonl", "config.yaml")
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
@@ -45,36 +41,6 @@ def configure_torch(cfg: Config, ranks_on_host: int = 1) -> None:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
-
-
-def prepare_out_dir(cfg: Config) -> Path:
-    """Create ``out_dir``; refuse to mix a fresh run into an earlier one unless asked to.
-
-    Checked before any work, so a refused run leaves the earlier outputs untouched.
-    """
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out_dir={out} exists and is not a folder; choose another out_dir")
-    earlier = [name for name in (*RUN_FILES, "checkpoints") if (out / name).exists()]
-    if earlier and cfg.resume is None:
-        if not cfg.overwrite:
-            raise ConfigError(
-                f"out_dir={out} already holds a run ({', '.join(earlier)}); pass resume=auto to "
-                "continue it, overwrite=true to replace it, or choose another out_dir"
-            )
-        for name in earlier:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(
-            f"out_dir={out} cannot be written ({error.strerror or error}); choose a writable out_dir"
-        ) from error
-    return out
 
 
 def resolve_partition(

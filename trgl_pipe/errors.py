@@ -21,6 +21,17 @@ class CheckpointError(UserError):
     """A checkpoint is missing, incomplete, corrupt, or does not match the config."""
 
 
+class OutputError(UserError):
+    """A file in out_dir cannot be written (a full disk, no permission); what is written is intact."""
+
+    def __init__(self, path: object, error: OSError) -> None:
+        self.strerror = error.strerror or str(error)
+        super().__init__(
+            f"cannot write {path} ({self.strerror}); the files already written are intact: free space "
+            "or fix the folder, then continue with resume=auto"
+        )
+
+
 class PipelineError(Exception):
     """The pipeline stopped: a rank failed, timed out, or lost its peers."""
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from trgl_pipe.checkpoint import latest_complete, load_shard, read_meta
 from trgl_pipe.config import Config, from_dict
-from trgl_pipe.errors import CheckpointError, UserError
+from trgl_pipe.errors import CheckpointError, OutputError, UserError
 from trgl_pipe.io import atomic_write, atomic_write_json
 from trgl_pipe.stage import ModuleBody, StagePlan, build_head, build_parts
 
@@ -99,13 +99,14 @@ def export(
     out_dir: Path, module: int | None = None, checkpoint: Path | None = None, to: Path | None = None
 ) -> dict[str, Any]:
     """Write model.pt (and model.pt2) for module ``module``; returns the export's description."""
+    to = to or out_dir / "export"
+    if to.exists() and not to.is_dir():
+        raise UserError(f"--to {to} is a file; name a folder for model.pt and model.pt2")
     folder = checkpoint or _final_checkpoint(out_dir)
     meta = read_meta(folder)
     summary_path = out_dir / "summary.json"
     if module is None:
-        if not summary_path.is_file():
-            raise UserError(f"{summary_path} is missing: pass --module to choose the module to export")
-        module = int(json.loads(summary_path.read_text())["best_module"])
+        module = _best_module(summary_path)
     k = meta["num_modules"]
     if not 0 <= module < k:
         raise UserError(f"--module {module} is out of range: this run has modules 0..{k - 1}")
@@ -128,9 +129,11 @@ def export(
         body.load_state_dict(load_shard(folder, i, restore_rng=False)["stage"]["body"])
     model.head.load_state_dict(load_shard(folder, module, restore_rng=False)["stage"]["head"])
     model.eval()
-    to = to or out_dir / "export"
     payload = {"format": FORMAT, "spec": spec, "state_dict": model.state_dict()}
-    atomic_write(to / "model.pt", lambda handle: torch.save(payload, handle))
+    try:
+        atomic_write(to / "model.pt", lambda handle: torch.save(payload, handle))
+    except OSError as error:
+        raise OutputError(to / "model.pt", error) from error
     info = {
         "module": module,
         "checkpoint": str(folder),
@@ -149,8 +152,24 @@ def export(
     except Exception as error:  # torch.export is best effort; model.pt always works
         info["model_pt2"] = None
         info["export_error"] = f"{type(error).__name__}: {error}"[:300]
-    atomic_write_json(to / "export.json", info)
+    try:
+        atomic_write_json(to / "export.json", info)
+    except OSError as error:
+        raise OutputError(to / "export.json", error) from error
     return info
+
+
+def _best_module(summary_path: Path) -> int:
+    """The module summary.json names best on validation."""
+    if not summary_path.is_file():
+        raise UserError(f"{summary_path} is missing: pass --module to choose the module to export")
+    try:
+        summary = json.loads(summary_path.read_text())
+        return int(summary["best_module"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(
+            f"{summary_path} does not name a best_module ({type(error).__name__}); pass --module"
+        ) from error
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,8 @@ from trgl_pipe.config import DebugConfig
 class InjectedFault(RuntimeError):
     """Raised on purpose by ``debug.raise_at_step``."""
 
+    exit_code = 1  # one line, as any failure of a run (a traceback would hide what the test checks)
+
 
 def fault_hook(cfg: DebugConfig, module: int) -> Callable[[Any, bool], None] | None:
     """A per-batch hook ``hook(worker, training)`` for module ``module`` that sleeps or raises as

@@ -214,6 +214,23 @@ def launch_lines(config: str, layout: Layout, gpus_per_node: int) -> tuple[str, 
     return torchrun, slurm
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """One line for an invalid argument (rather than a search that finds no layout)."""
+    for name in ("gpus", "gpus_per_node", "threads", "top"):
+        if getattr(args, name) < 1:
+            raise UserError(
+                f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: it must be at least 1"
+            )
+    for name in ("gpu_memory", "link_gbps"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} {value:g} is invalid: it must be greater than 0")
+    if args.device not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device} is invalid: use cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA GPU here; time the modules with --device cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trgl_pipe.plan", description=__doc__.splitlines()[0])
     parser.add_argument("config")
@@ -227,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="CPU threads per device when timing on the CPU"
     )
     parser.add_argument("--top", type=int, default=10)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options, as the help shows
     try:
+        _check_arguments(args)
         cfg = load_config(args.config, args.overrides)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -75,10 +75,44 @@ def load_run(path: Path) -> Run:
     try:
         summary = json.loads(summary_path.read_text())
         config = yaml.safe_load(config_path.read_text())
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise UserError(f"{path}: unreadable summary.json or config.yaml ({error})") from error
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as error:
+        reason = str(error).splitlines()[0]
+        raise UserError(f"{path}: unreadable summary.json or config.yaml ({reason})") from error
+    _check_run_files(path, summary, config)
     metrics = path / "metrics.jsonl"
-    return Run(path, config, summary, read_metrics(metrics) if metrics.is_file() else [])
+    events = read_metrics(metrics) if metrics.is_file() else []
+    return Run(path, config, summary, [e for e in events if _well_formed(e)])
+
+
+SUMMARY_KEYS = ("regime", "num_modules", "modules", "best_module", "best_test_accuracy", "wall_time_s")
+CONFIG_SECTIONS = ("model", "data", "trgl")
+TRAIN_FIELDS = ("module", "step", "epoch")
+
+
+def _check_run_files(path: Path, summary: Any, config: Any) -> None:
+    """A report reads these keys: say which file lacks one instead of failing in a table."""
+    if not isinstance(summary, dict):
+        raise UserError(f"{path / 'summary.json'} holds a {type(summary).__name__}, not a run summary")
+    if not isinstance(config, dict):
+        raise UserError(f"{path / 'config.yaml'} holds a {type(config).__name__}, not a run config")
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    if missing or not isinstance(summary["modules"], list):
+        raise UserError(
+            f"{path / 'summary.json'} lacks {', '.join(missing) or 'modules'}; is it a trgl_pipe run?"
+        )
+    missing = [k for k in CONFIG_SECTIONS if not isinstance(config.get(k), dict)]
+    if missing or "seed" not in config:
+        raise UserError(
+            f"{path / 'config.yaml'} lacks {', '.join(missing) or 'seed'}; is it a trgl_pipe run?"
+        )
+
+
+def _well_formed(event: dict) -> bool:
+    """An event the report can plot (a damaged metrics.jsonl loses lines, not the report)."""
+    if event.get("event") != "train":
+        return "event" in event
+    counts = all(isinstance(event.get(k), int) for k in TRAIN_FIELDS)
+    return counts and all(isinstance(event.get(k), (int, float)) for k in ("accuracy", "samples"))
 
 
 def order(run: Run) -> tuple:
@@ -503,6 +537,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("report"), help="folder for report.md and figures")
     parser.add_argument("--title", default="trgl_pipe report")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        print(
+            f"error: --out {args.out} is a file; name a folder for report.md and its figures", file=sys.stderr
+        )
+        return 2
     try:
         report = build_report(args.runs, args.out, args.title)
     except UserError as error:

@@ -22,6 +22,7 @@ import sys
 
 from trgl_pipe.config import load_config
 from trgl_pipe.errors import UserError
+from trgl_pipe.launch import record_failure
 from trgl_pipe.runtime import preemption
 
 
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_single(cfg)
     except UserError as error:
-        if rank == 0:
+        # every rank finds the same bad input: rank 0 says it (or the launcher, from the error file)
+        if not record_failure(f"error: {error}", error.exit_code) and rank == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
         return error.exit_code
     except Exception as error:

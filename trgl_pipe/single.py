@@ -8,12 +8,13 @@ from typing import Any
 
 import torch
 
-from trgl_pipe.checkpoint import CheckpointWriter, find_resume, restore_workers
+from trgl_pipe.checkpoint import CheckpointWriter, find_resume, log_resume, restore_workers
 from trgl_pipe.config import Config, save_config
-from trgl_pipe.context import RunContext, build_context, configure_torch, prepare_out_dir, resolve_device
+from trgl_pipe.context import RunContext, build_context, configure_torch, resolve_device
 from trgl_pipe.live import LiveView, LocalBoard, Publisher
 from trgl_pipe.metrics import MetricsLogger, describe_argv
 from trgl_pipe.regimes import run_regime
+from trgl_pipe.run_folder import RunFolder, claim, discard_replaced
 from trgl_pipe.runtime import preemption
 from trgl_pipe.runtime.clock import Clock, clock_for
 from trgl_pipe.runtime.loop import rank_stats
@@ -37,11 +38,33 @@ def _process_report(
 def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
     """Train in this process as ``cfg`` says; write and return the summary."""
     configure_torch(cfg)
-    out = prepare_out_dir(cfg)
     device = resolve_device(cfg.device)
+    with claim(cfg) as folder:
+        return _run(cfg, folder, device, console_summary)
+
+
+def _run(cfg: Config, folder: RunFolder, device: torch.device, console_summary: bool) -> dict[str, Any]:
+    out = folder.out
     ctx = build_context(cfg, device)
+    logger = MetricsLogger(out / "metrics.jsonl", start_time=ctx.start_time)  # the file opens at "start"
+    writer = CheckpointWriter(
+        cfg,
+        ctx.partition,
+        cfg.train.regime,
+        ctx.model_info(),
+        ctx.steps_per_epoch,
+        on_complete=lambda: discard_replaced(out),
+    )
+    stages = [ctx.build_stage(i) for i in range(ctx.num_modules)]
+    simulated = cfg.pipeline.transport == "sim"
+    clock = clock_for(device)  # one process: one clock for all modules (sim: one per thread)
+    workers = [make_worker(s, cfg, logger, writer, None if simulated else clock) for s in stages]
+    telemetry = Telemetry(device)
+    resume = find_resume(cfg, ctx.partition, cfg.train.regime, ctx.steps_per_epoch)
+    progress = restore_workers(resume, workers) if resume is not None else None
+    # everything is checked: from here on the run writes
+    folder.commit()
     save_config(cfg, out / "config.yaml")
-    logger = MetricsLogger(out / "metrics.jsonl", start_time=ctx.start_time)
     logger.log(
         "start",
         argv=describe_argv(),
@@ -50,6 +73,8 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
         data=ctx.data.describe(),
         device=str(device),
     )
+    if progress is not None:
+        log_resume(logger, resume, workers, progress)
     print(f"data: {ctx.data.describe()}", flush=True)
     print(
         f"modules: {ctx.num_modules} · blocks per module {[b - a for a, b in ctx.partition]} · "
@@ -58,14 +83,6 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    writer = CheckpointWriter(cfg, ctx.partition, cfg.train.regime, ctx.model_info(), ctx.steps_per_epoch)
-    stages = [ctx.build_stage(i) for i in range(ctx.num_modules)]
-    simulated = cfg.pipeline.transport == "sim"
-    clock = clock_for(device)  # one process: one clock for all modules (sim: one per thread)
-    workers = [make_worker(s, cfg, logger, writer, None if simulated else clock) for s in stages]
-    telemetry = Telemetry(device)
-    folder = find_resume(cfg, ctx.partition, cfg.train.regime, ctx.steps_per_epoch)
-    progress = restore_workers(folder, workers, logger) if folder is not None else None
     preemption.install()
     t0 = time.time()
     if simulated:
@@ -96,6 +113,7 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
     logger.log("end", wall_time_s=wall, best_module=summary["best_module"])
     logger.close()
     write_summary(Path(out), summary)
+    discard_replaced(out)
     if console_summary:
         print_summary(summary)
     return summary

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from trgl_pipe.config import Config
 from trgl_pipe.data import DataSplits
+from trgl_pipe.errors import OutputError
 from trgl_pipe.io import atomic_write_json
 from trgl_pipe.metrics import versions
 from trgl_pipe.partition import Partition
@@ -107,7 +108,10 @@ def stage_figures(ranks: list[dict[str, Any]], num_stages: int) -> list[dict[str
 
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
     path = out_dir / "summary.json"
-    atomic_write_json(path, summary)
+    try:
+        atomic_write_json(path, summary)
+    except OSError as error:
+        raise OutputError(path, error) from error
     return path
 
 

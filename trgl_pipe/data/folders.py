@@ -162,6 +162,11 @@ def _class_folder_items(folder: Path, classes: list[str] | None) -> tuple[list[I
     items = []
     for label, name in enumerate(classes):
         files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in _EXTENSIONS)
+        if not files and classes is found:  # the training folder decides the classes
+            raise DataError(
+                f"data.name=image_folder: class folder {folder / name} holds no images "
+                f"({', '.join(sorted(_EXTENSIONS))}); add its images or remove the folder"
+            )
         items += [(p, label) for p in files]
     if not items:
         raise DataError(f"data.name=image_folder: no images under {folder}/<class>/")

@@ -15,8 +15,10 @@ in one process (2 for bad input, 3 for a non-finite loss, 1 otherwise, 143 for S
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,21 +26,22 @@ from typing import Any
 
 import torch
 
-from trgl_pipe.checkpoint import CheckpointWriter, find_resume, restore_workers
+from trgl_pipe.checkpoint import CheckpointWriter, find_resume, log_resume, restore_workers
 from trgl_pipe.config import Config, save_config
 from trgl_pipe.context import (
     RunContext,
     build_context,
     configure_torch,
     context_from_shape_info,
-    prepare_out_dir,
     resolve_device,
 )
 from trgl_pipe.data import load_data, shard_bounds
-from trgl_pipe.errors import ConfigError, PipelineError, UserError
+from trgl_pipe.errors import ConfigError, OutputError, PipelineError, UserError
 from trgl_pipe.faults import Tracer
+from trgl_pipe.launch import record_failure
 from trgl_pipe.live import LiveView, Publisher, StoreBoard
 from trgl_pipe.metrics import MetricsLogger, describe_argv
+from trgl_pipe.run_folder import RunFolder, claim, discard_replaced
 from trgl_pipe.runtime import preemption
 from trgl_pipe.runtime.buffer import Waiter
 from trgl_pipe.runtime.clock import clock_for
@@ -69,16 +72,18 @@ STARTUP_TIMEOUT_S = 900.0  # rank 0 may spend minutes reading a large image fold
 # Setup: what to build, from the data rank 0 reads
 
 
-def _setup(cfg: Config, session: DistSession, device: torch.device) -> RunContext:
-    """Rank 0 reads the data and decides split and resume; the others build from what it shares."""
+def _setup(cfg: Config, session: DistSession, device: torch.device, folder: RunFolder | None) -> RunContext:
+    """Rank 0 reads the data and decides split and resume; the others build from what it shares.
+
+    Nothing is written here: rank 0 holds the run folder (``folder``) and writes once every rank
+    has checked its part (:func:`_ready_barrier`).
+    """
     rank, layout = session.env.rank, session.layout
     shard = (session.replica, layout.replicas)
     if rank == 0:
-        prepare_out_dir(cfg)
         ctx = build_context(cfg, device, shard=shard)
-        save_config(cfg, Path(cfg.out_dir) / "config.yaml")
-        folder = find_resume(cfg, ctx.partition, "parallel", ctx.steps_per_epoch)
-        ctx.resume_from = None if folder is None else str(folder)
+        resume = find_resume(cfg, ctx.partition, "parallel", ctx.steps_per_epoch)
+        ctx.resume_from = None if resume is None else str(resume)
         session.publish_json("setup", {**ctx.shape_info(), "resume": ctx.resume_from})
         return ctx
     info = session.wait_json("setup", STARTUP_TIMEOUT_S, "rank 0 to read the data")
@@ -119,13 +124,25 @@ def _metrics_path(out_dir: Path, rank: int) -> Path:
 
 
 def _merge_metrics(out_dir: Path, world_size: int) -> None:
-    """Append the other ranks' events to metrics.jsonl (where rank 0 can see their files)."""
-    with open(out_dir / "metrics.jsonl", "a") as merged:
-        for rank in range(1, world_size):
-            path = _metrics_path(out_dir, rank)
-            if path.is_file():
-                merged.write(path.read_text())
-                path.unlink()
+    """Append the other ranks' events to metrics.jsonl (where rank 0 can see their files).
+
+    Whole lines only: a failed append is cut back, and a rank's file goes only once it is merged.
+    """
+    target = out_dir / "metrics.jsonl"
+    for rank in range(1, world_size):
+        path = _metrics_path(out_dir, rank)
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        end = target.stat().st_size if target.exists() else 0
+        try:
+            with open(target, "a") as merged:
+                merged.write(text[: text.rfind("\n") + 1])
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.truncate(target, end)
+            raise OutputError(target, error) from error
+        path.unlink()
 
 
 def _ready_barrier(session: DistSession) -> None:
@@ -140,23 +157,15 @@ def _ready_barrier(session: DistSession) -> None:
 # Training
 
 
-def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
+def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder | None) -> bool:
     """Train this rank's modules; False if the run stopped early on SIGTERM (every rank agrees)."""
     env, layout = session.env, session.layout
     rank, stage_index, replica = env.rank, session.stage, session.replica
     out_dir = Path(cfg.out_dir)
-    logger = MetricsLogger(_metrics_path(out_dir, rank), start_time=ctx.start_time)
+    logger = MetricsLogger(
+        _metrics_path(out_dir, rank), start_time=ctx.start_time
+    )  # opens at its first event
     if rank == 0:
-        logger.log(
-            "start",
-            argv=describe_argv(),
-            regime="parallel",
-            partition=ctx.partition,
-            data=ctx.data.describe(),
-            world_size=env.world_size,
-            backend=session.data_backend,
-            layout=layout.describe(),
-        )
         print(f"data: {ctx.data.describe()}", flush=True)
         print(
             f"pipeline: {layout.describe()} · blocks per module {[b - a for a, b in ctx.partition]} · "
@@ -179,13 +188,20 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
         replicate(stage, session.dp_group)
     writer = None
     if replica == 0:  # the replicas hold the same weights: one of them writes
-        writer = CheckpointWriter(cfg, ctx.partition, "parallel", ctx.model_info(), ctx.steps_per_epoch)
+        writer = CheckpointWriter(
+            cfg,
+            ctx.partition,
+            "parallel",
+            ctx.model_info(),
+            ctx.steps_per_epoch,
+            on_complete=lambda: discard_replaced(out_dir),
+        )
     clock = clock_for(device)
     fields = {"replica": replica} if layout.replicas > 1 else {}
     chain = [make_worker(stage, cfg, logger, writer, clock, fields) for stage in stages]
-    start = Position()
+    start, progress = Position(), None
     if ctx.resume_from is not None:
-        progress = restore_workers(Path(ctx.resume_from), chain, logger, announce=rank == 0)
+        progress = restore_workers(Path(ctx.resume_from), chain, announce=rank == 0)
         start = Position(progress.epoch, progress.batch, progress.step)
     should_stop = preemption.shared_flag(session.store, rank)
     capacity = cfg.pipeline.buffer_size
@@ -232,6 +248,22 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
     for stage, (shape, dtype) in zip(stages, shapes, strict=True):
         stage.warm_up(shape, dtype, train_sizes, eval_sizes)
     _ready_barrier(session)
+    # every rank has checked its part (shards, shapes): from here on the run writes
+    if folder is not None:
+        folder.commit()
+        save_config(cfg, out_dir / "config.yaml")
+        logger.log(
+            "start",
+            argv=describe_argv(),
+            regime="parallel",
+            partition=ctx.partition,
+            data=ctx.data.describe(),
+            world_size=env.world_size,
+            backend=session.data_backend,
+            layout=layout.describe(),
+        )
+    if progress is not None:
+        log_resume(logger, Path(ctx.resume_from), chain, progress)
 
     tracer = Tracer(out_dir / f"trace.rank{rank}.jsonl" if cfg.debug.trace else None)
     waiter = Waiter(session.control, cfg.pipeline.timeout_s, f"rank {rank}")
@@ -288,6 +320,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
         summary["stages"] = stage_figures(ranks, layout.num_stages)
         _merge_metrics(out_dir, env.world_size)
         write_summary(out_dir, summary)
+        discard_replaced(out_dir)
         print_summary(summary)
     return True
 
@@ -296,8 +329,36 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
 # Entry point and failures
 
 
-def _report_failure(error: BaseException, rank: int, modules: list[int], control: StoreControl | None) -> int:
-    """Print one line for ``error`` on this rank, record it for the others; returns the exit code."""
+_STALLED = re.compile(r"rank (\d+): waited (\S+) s for .*?\brank (\d+)\b.*; that peer is stuck or dead")
+
+
+def _failure_of(error: BaseException, rank: int, layout: Layout) -> Failure:
+    """The failure ``error`` stands for: a wait for another rank that ran out names that rank."""
+    code = int(getattr(error, "exit_code", 1))
+    stalled = _STALLED.match(str(error)) if isinstance(error, PipelineError) else None
+    if stalled is not None and int(stalled.group(1)) == rank:
+        peer = int(stalled.group(3))
+        message = (
+            f": stuck or dead: its neighbours waited {stalled.group(2)} s for it "
+            "(pipeline.timeout_s sets this limit)"
+        )
+        return Failure(peer, layout.modules_of(peer), message, code, False)
+    if isinstance(error, UserError):
+        message = f": {error}"
+    elif isinstance(error, PipelineError):
+        message = f": {str(error).removeprefix(f'rank {rank}: ')}"
+    else:
+        message = f" failed: {type(error).__name__}: {error}"
+    return Failure(rank, layout.modules_of(rank), message, code, isinstance(error, UserError))
+
+
+def _report_failure(error: BaseException, rank: int, layout: Layout, control: StoreControl | None) -> int:
+    """Say ``error`` once for the whole job and record it for the others; returns the exit code.
+
+    The line goes to torchrun's error file of this rank (:func:`trgl_pipe.launch.record_failure`,
+    which ``launch/torchrun.sh`` prints last); it is printed here only by the rank that failed
+    first, and only when no launcher prints it. Ranks that stop because of it stay silent.
+    """
     failure = error.failure if isinstance(error, AbortedError) else None
     if failure is None and not isinstance(error, UserError) and control is not None:
         # a lost connection, a timeout or a transfer error is often the echo of a neighbour's own
@@ -305,24 +366,17 @@ def _report_failure(error: BaseException, rank: int, modules: list[int], control
         earlier = control.wait_for_failure(grace_s=2.0)
         if earlier is not None and earlier.rank != rank:
             failure = earlier
-            error = AbortedError(earlier)
-    if failure is not None:  # another rank failed first: repeat its cause unless it said it already
-        if not failure.user_error:
-            print(f"error: rank {rank}: {error}", file=sys.stderr, flush=True)
+    if failure is not None:  # another rank failed first: it says why
+        record_failure(f"error: {failure.describe()}", failure.code)
         return failure.code
-    code = int(getattr(error, "exit_code", 1))
-    if isinstance(error, UserError):
-        message = f": {error}"
-    elif isinstance(error, PipelineError):
-        message = f": {str(error).removeprefix(f'rank {rank}: ')}"
-    else:
-        message = f" failed: {type(error).__name__}: {error}"
-    failure = Failure(rank, modules, message, code, isinstance(error, UserError))
+    failure = _failure_of(error, rank, layout)
     recorded = control.abort(failure) if control is not None else failure
-    if recorded.rank != rank and recorded.message == message:
-        return code  # every rank found the same problem: the first to record it says it
-    print(f"error: {failure.describe()}", file=sys.stderr, flush=True)
-    return code
+    launched = record_failure(f"error: {recorded.describe()}", recorded.code)
+    if recorded != failure and recorded.message == failure.message:
+        return failure.code  # every rank found the same problem: the first to record it says it
+    if not launched or recorded != failure:
+        print(f"error: {failure.describe()}", file=sys.stderr, flush=True)
+    return failure.code
 
 
 def run_rank(cfg: Config, exit_process: bool = True) -> dict[str, Any] | None:
@@ -338,8 +392,8 @@ def run_rank(cfg: Config, exit_process: bool = True) -> dict[str, Any] | None:
         )
     layout: Layout = check_launch(cfg, env)  # every rank finds the same error; rank 0 prints it
     configure_torch(cfg, ranks_on_host=env.local_world_size)
-    modules = layout.modules_of(env.rank)
     control: StoreControl | None = None
+    folder: RunFolder | None = None
     preemption.install()
     code = 0
     try:
@@ -347,8 +401,9 @@ def run_rank(cfg: Config, exit_process: bool = True) -> dict[str, Any] | None:
         control = StoreControl(store)
         device = resolve_device(cfg.device, env.local_rank)
         session = init_distributed(cfg, env, layout, device, store, control, STARTUP_TIMEOUT_S)
-        ctx = _setup(cfg, session, device)
-        completed = _train(cfg, session, ctx)
+        folder = claim(cfg) if env.rank == 0 else None  # only rank 0 locks and writes the run files
+        ctx = _setup(cfg, session, device, folder)
+        completed = _train(cfg, session, ctx, folder)
         shutdown(session, cfg.pipeline.timeout_s)
         if not completed:
             code = preemption.EXIT_CODE
@@ -360,7 +415,9 @@ def run_rank(cfg: Config, exit_process: bool = True) -> dict[str, Any] | None:
                     flush=True,
                 )
     except BaseException as error:
-        code = _report_failure(error, env.rank, modules, control)
+        code = _report_failure(error, env.rank, layout, control)
+    if folder is not None:
+        folder.release()
     if code == 0 and not exit_process:
         path = Path(cfg.out_dir) / "summary.json"
         return json.loads(path.read_text()) if path.is_file() else None

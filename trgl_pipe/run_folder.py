@@ -1,0 +1,216 @@
+"""The run folder: held by one run at a time, checked before anything in it changes.
+
+A run folder is days of compute, so a run treats it as a database treats its files:
+
+1. :func:`claim` takes an exclusive lock on ``out_dir`` (``out_dir/.lock``, holding the owner's
+   host and pid) and checks that the folder may be used as the config asks, writing nothing else.
+   The lock is an ``flock`` on that file: the kernel drops it when its process ends, however it
+   ends, so a lock left behind by a crashed run is taken over by the next one.
+2. The run checks everything else (data, split, the checkpoint against the config) with no file
+   written.
+3. :meth:`RunFolder.commit`: only then may the run write. With ``overwrite=true`` the earlier run
+   is moved aside into ``out_dir/.replaced`` (a rename, nothing is copied or deleted) and removed
+   once the new run has a complete checkpoint or has ended (:func:`discard_replaced`).
+
+A command refused at step 1 or 2 leaves the folder as it found it (a folder it created for the
+run is removed again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from trgl_pipe.checkpoint import checkpoint_root, latest_complete
+from trgl_pipe.config import Config
+from trgl_pipe.errors import ConfigError
+
+RUN_FILES = ("summary.json", "metrics.jsonl", "config.yaml")
+LOCK = ".lock"
+REPLACED = ".replaced"
+
+
+def earlier_run(out: Path) -> list[str]:
+    """The names of an earlier run's files in ``out`` (empty if it holds none)."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    root = checkpoint_root(out)
+    if root.is_dir() and any(root.iterdir()):
+        found.append("checkpoints")
+    return found
+
+
+def _holder(text: str) -> dict:
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _describe(info: dict) -> str:
+    if not info:
+        return "another run"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("time", 0)))
+    return f"pid {info.get('pid')} on host {info.get('host')} (since {since})"
+
+
+def _alive_here(info: dict) -> bool:
+    """Whether the holder named in a lock file runs on this host (another host's cannot be asked)."""
+    if info.get("host") != socket.gethostname():
+        return bool(info)
+    try:
+        os.kill(int(info.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
+
+
+class RunFolder:
+    """``out_dir`` held by this process: see the module docstring for the order of events."""
+
+    def __init__(self, out: Path, fd: int, created: bool, replace: list[str]) -> None:
+        self.out = out
+        self._fd: int | None = fd
+        self._created = created
+        self._replace = replace
+        self.committed = False
+
+    def commit(self) -> None:
+        """Everything is checked: move an earlier run aside if it is being replaced."""
+        if self._replace:
+            aside = self.out / REPLACED
+            shutil.rmtree(aside, ignore_errors=True)  # a replacement that never got going
+            aside.mkdir()
+            for name in self._replace:
+                os.replace(self.out / name, aside / name)
+            print(
+                f"overwrite=true: the earlier run is kept in {aside} until this one writes a complete "
+                "checkpoint or ends",
+                flush=True,
+            )
+        self.committed = True
+
+    def release(self) -> None:
+        """Drop the lock; a refused run also removes the folder it created, if still empty."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.out / LOCK)
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+        if self._created and not self.committed:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()  # only if empty
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def _lock(out: Path) -> int:
+    """Open and flock ``out/.lock``; refuse with one line naming the holder."""
+    path = out / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = _holder(os.read(fd, 4096).decode(errors="replace"))
+            os.close(fd)
+            raise ConfigError(
+                f"out_dir={out} is in use by {_describe(info)} ({path}); wait for that run to end or "
+                "choose another out_dir"
+            ) from None
+        except OSError as error:  # a file system without flock: judge by the holder's pid
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            info = _holder(os.read(fd, 4096).decode(errors="replace"))
+            if info.get("pid") != os.getpid() and _alive_here(info):
+                os.close(fd)
+                raise ConfigError(
+                    f"out_dir={out} is in use by {_describe(info)} ({path}); wait for that run to end, "
+                    f"or delete {path} if it is no longer running"
+                ) from None
+        # the holder may have unlinked the file between our open and our flock: lock the live one
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    previous = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+    if previous and previous.get("pid") != os.getpid():
+        print(f"out_dir: taking over the lock left by {_describe(previous)}, which has ended", flush=True)
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), "argv": sys.argv}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    return fd
+
+
+def claim(cfg: Config) -> RunFolder:
+    """Lock ``out_dir`` and check it may hold this run; writes nothing but the lock file."""
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir={out} exists and is not a folder; choose another out_dir")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = _lock(out)
+    except OSError as error:
+        raise ConfigError(
+            f"out_dir={out} cannot be written ({error.strerror or error}); choose a writable out_dir"
+        ) from error
+    folder = RunFolder(out, fd, created, [])
+    try:
+        earlier = earlier_run(out)
+        if earlier and cfg.resume is None and not cfg.overwrite:
+            raise ConfigError(
+                f"out_dir={out} already holds a run ({', '.join(earlier)}); pass resume=auto to "
+                "continue it, overwrite=true to replace it, or choose another out_dir"
+            )
+        if (
+            earlier
+            and cfg.resume == "auto"
+            and latest_complete(out) is None
+            and not _restart_of_this_job(out)
+        ):
+            raise ConfigError(
+                f"resume=auto: out_dir={out} holds a run ({', '.join(earlier)}) but no complete checkpoint "
+                "to continue from; pass overwrite=true instead of resume to replace that run, or choose "
+                "another out_dir"
+            )
+        if earlier and cfg.overwrite:  # config checks: overwrite=true comes without resume
+            folder._replace = earlier
+    except BaseException:
+        folder.release()
+        raise
+    return folder
+
+
+def _restart_of_this_job(out: Path) -> bool:
+    """torchrun --max-restarts restarting a job that died before its first checkpoint: what is in
+    ``out`` is that job's own start, not a run to keep."""
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
+    return restarted and not (out / "summary.json").exists()
+
+
+def discard_replaced(out: str | Path) -> None:
+    """The new run has a complete checkpoint or has ended: the run it replaced may go."""
+    shutil.rmtree(Path(out) / REPLACED, ignore_errors=True)
