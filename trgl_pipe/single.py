@@ -20,6 +20,7 @@ from trgl_pipe.runtime.loop import rank_stats
 from trgl_pipe.runtime.worker import StageWorker, make_worker
 from trgl_pipe.summary import build_summary, print_summary, write_summary
 from trgl_pipe.telemetry import Telemetry
+from trgl_pipe.watch import open_watch
 
 
 class Preempted(Exception):
@@ -50,6 +51,7 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
         data=ctx.data.describe(),
         device=str(device),
     )
+    watch = open_watch(cfg)
     print(f"data: {ctx.data.describe()}", flush=True)
     print(
         f"modules: {ctx.num_modules} · blocks per module {[b - a for a, b in ctx.partition]} · "
@@ -75,6 +77,8 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
         transport = "sim"
     else:
         board = LocalBoard()
+        if watch is not None:
+            watch.attach_board(board, {0: 0})
         publishers = [Publisher(board, f"module/{w.index}", cfg.log.live_interval_s) for w in workers]
         title = f"trgl_pipe · {cfg.train.regime}"
         with LiveView(board, cfg.log.live, cfg.log.live_interval_s, title, telemetry):
@@ -86,6 +90,8 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
     if preemption.requested():
         logger.log("preempted", wall_time_s=wall)
         logger.close()
+        if watch is not None:
+            watch.finish(None)
         raise Preempted(
             f"stopped by SIGTERM after a checkpoint in {Path(cfg.out_dir) / 'checkpoints'}; "
             "continue with resume=auto"
@@ -95,6 +101,8 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
     )
     logger.log("end", wall_time_s=wall, best_module=summary["best_module"])
     logger.close()
+    if watch is not None:
+        watch.finish(summary)
     write_summary(Path(out), summary)
     if console_summary:
         print_summary(summary)

@@ -72,7 +72,7 @@ def run_worker(
                         snapshot["buffer"] = outbox.gate.mean_occupancy
                     publisher.publish(snapshot)
             if monitor is not None and monitor[0].due():
-                monitor[0].publish(monitor[1].sample())
+                monitor[0].publish({**monitor[1].sample(), **rank_progress(chain, clock)})
         if poll is not None:
             poll()
         if msg.kind is Kind.STOP:
@@ -82,6 +82,18 @@ def run_worker(
     inbox.close(waiter)
     clock.settle()
     return msg
+
+
+def rank_progress(chain: Sequence[StageWorker], clock: Clock) -> dict[str, Any]:
+    """Where this rank's time went so far, for the watchers (TensorBoard, W&B) on rank 0."""
+    return {
+        "step": chain[0].stage.num_steps,
+        "elapsed_s": round(max(w.elapsed_s for w in chain), 3),
+        "train_samples": chain[0].train_samples,
+        "compute_s": round(sum(w.compute_s for w in chain), 3),
+        "recv_wait_s": round(clock.total("recv_wait"), 3),
+        "send_wait_s": round(clock.total("send_wait"), 3),
+    }
 
 
 def rank_stats(

@@ -60,6 +60,7 @@ from trgl_pipe.runtime.transport import DistInbox, DistOutbox, StreamInbox
 from trgl_pipe.runtime.worker import make_worker
 from trgl_pipe.summary import build_summary, print_summary, stage_figures, write_summary
 from trgl_pipe.telemetry import Telemetry
+from trgl_pipe.watch import open_watch
 
 STARTUP_TIMEOUT_S = 900.0  # rank 0 may spend minutes reading a large image folder, ranks compiling
 
@@ -144,6 +145,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
     rank, stage_index, replica = env.rank, session.stage, session.replica
     out_dir = Path(cfg.out_dir)
     logger = MetricsLogger(_metrics_path(out_dir, rank), start_time=ctx.start_time)
+    watch = open_watch(cfg, env.world_size) if rank == 0 else None
     if rank == 0:
         logger.log(
             "start",
@@ -235,6 +237,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
     waiter = Waiter(session.control, cfg.pipeline.timeout_s, f"rank {rank}")
     keys = [f"module/{k}" for k in range(layout.num_modules)] + [f"rank/{r}" for r in range(env.world_size)]
     board = StoreBoard(session.store, keys)
+    if watch is not None:
+        watch.attach_board(board, {r: layout.modules_of(r)[0] for r in range(env.world_size)})
     interval = cfg.log.live_interval_s
     publishers = [Publisher(board if replica == 0 else None, f"module/{w.index}", interval) for w in chain]
     telemetry = Telemetry(device)
@@ -257,6 +261,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
     if stop.preempted:
         logger.log("preempted", module=chain[0].index, rank=rank, wall_time_s=time.time() - t0)
         logger.close()
+        if watch is not None:
+            watch.finish(None)
         return False
     logger.log("end", module=chain[0].index, rank=rank, wall_time_s=time.time() - t0)
     logger.close()
@@ -284,6 +290,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
             "stages": layout.num_stages,
         }
         summary["stages"] = stage_figures(ranks, layout.num_stages)
+        if watch is not None:
+            watch.finish(summary)
         _merge_metrics(out_dir, env.world_size)
         write_summary(out_dir, summary)
         print_summary(summary)

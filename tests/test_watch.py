@@ -1,0 +1,131 @@
+"""TensorBoard (and W&B) series: what the event files hold equals what metrics.jsonl holds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from trgl_pipe.metrics import read_metrics
+from trgl_pipe.single import run_single
+from trgl_pipe.watch.series import SeriesBuilder, rank_points
+
+pytest.importorskip("tensorboard")
+
+
+def read_tensorboard(log_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar series of the event files under ``log_dir``: tag -> {step: value}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def expected_series(events: list[dict]) -> dict[str, dict[int, float]]:
+    series: dict[str, dict[int, float]] = {}
+    for e in events:
+        m = e.get("module")
+        if e["event"] == "train":
+            for name, tag in (("loss", "loss"), ("ce", "ce"), ("kinetic", "kinetic"), ("lr", "lr")):
+                series.setdefault(f"module_{m}/{tag}", {})[e["step"]] = e[name]
+            series.setdefault(f"module_{m}/train_accuracy", {})[e["step"]] = e["accuracy"]
+            if e.get("tau") is not None:
+                series.setdefault(f"module_{m}/tau", {})[e["step"]] = e["tau"]
+        elif e["event"] == "eval":
+            series.setdefault(f"module_{m}/{e['split']}_accuracy", {})[e["step"]] = e["accuracy"]
+    return series
+
+
+def assert_same(found: dict[str, dict[int, float]], events: list[dict]) -> None:
+    expected = expected_series(events)
+    assert len(expected) >= 8
+    for tag, points in expected.items():
+        assert tag in found, tag
+        assert sorted(found[tag]) == sorted(points), tag
+        for step, value in points.items():
+            assert math.isclose(found[tag][step], value, rel_tol=1e-6, abs_tol=1e-6), (tag, step)
+
+
+def test_tensorboard_event_files_hold_the_metrics_of_a_one_process_run(tiny) -> None:
+    cfg = tiny("log.tensorboard=true", "train.epochs=2")
+    summary = run_single(cfg, console_summary=False)
+    out = Path(cfg.out_dir)
+    events = read_metrics(out / "metrics.jsonl")
+    found = read_tensorboard(out / "tensorboard")
+    assert_same(found, events)
+    # every training step of every module is a point (log.every_steps=1 in the tiny config)
+    steps = summary["modules"][0]["num_steps"]
+    assert sorted(found["module_0/loss"]) == list(range(1, steps + 1))
+    # the per-process figures, at the end of training, keyed by module 0's step
+    assert found["rank_0/samples_per_s"][steps] == pytest.approx(
+        summary["ranks"][0]["train_samples"] / summary["ranks"][0]["elapsed_s"], rel=1e-5
+    )
+    assert 0 < found["rank_0/compute_fraction"][steps] <= 1
+    hparams = read_tensorboard(out / "tensorboard" / ".")
+    assert hparams["hparam/best_test_accuracy"][0] == pytest.approx(summary["best_test_accuracy"])
+
+
+def test_no_tensorboard_folder_unless_asked(tiny) -> None:
+    cfg = tiny("train.max_steps=2", "train.epochs=1")
+    run_single(cfg, console_summary=False)
+    assert not (Path(cfg.out_dir) / "tensorboard").exists()
+
+
+def test_series_are_keyed_by_the_module_step_and_skip_other_replicas() -> None:
+    builder = SeriesBuilder()
+    train = {
+        "event": "train",
+        "module": 2,
+        "step": 50,
+        "loss": 1.5,
+        "ce": 1.0,
+        "kinetic": 3.0,
+        "accuracy": 0.5,
+        "lr": 0.1,
+        "tau": None,
+        "lambda": 2e5,
+    }
+    points = builder.from_event(train)
+    assert {(p.tag, p.step) for p in points} >= {("module_2/loss", 50), ("module_2/lambda", 50)}
+    assert not any(p.tag.endswith("/tau") for p in points)
+    # an event written before eval events carried a step: the module's latest step
+    old_eval = {"event": "eval", "module": 2, "split": "val", "accuracy": 0.7, "ce": 0.9}
+    assert next((p.tag, p.step) for p in builder.from_event(old_eval)) == ("module_2/val_accuracy", 50)
+    assert builder.from_event({**old_eval, "replica": 1}) == []
+    replica = builder.from_event({**train, "replica": 1})
+    assert replica[0].tag.startswith("module_2/replica_1/")
+    figures = {
+        "elapsed_s": 10.0,
+        "train_samples": 1000,
+        "compute_s": 7.0,
+        "recv_wait_s": 2.0,
+        "send_wait_s": 1.0,
+        "rss_bytes": 5,
+        "gpu_util_percent": None,
+    }
+    by_tag = {p.tag: p.value for p in rank_points(3, figures, 7)}
+    assert by_tag == {
+        "rank_3/samples_per_s": 100.0,
+        "rank_3/compute_fraction": 0.7,
+        "rank_3/input_wait_fraction": 0.2,
+        "rank_3/room_wait_fraction": 0.1,
+        "rank_3/rss_bytes": 5.0,
+    }
+
+
+def test_follower_reads_only_new_complete_lines(tmp_path: Path) -> None:
+    from trgl_pipe.watch.follow import _Tail
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"event": "train", "step": 1}) + "\n")
+    tail = _Tail(path)  # a resumed run: what was there is not sent again
+    assert tail.read() == []
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"event": "train", "step": 2}) + "\n" + '{"event": "tr')
+    assert tail.read() == [{"event": "train", "step": 2}]
+    with open(path, "a") as handle:
+        handle.write('ain", "step": 3}\n')
+    assert tail.read() == [{"event": "train", "step": 3}]
