@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import itertools
+
 from conftest import TINY, run_torchrun
 from test_watch import assert_same, read_tensorboard
 
@@ -30,3 +32,31 @@ def test_tensorboard_of_a_pipeline_equals_its_metrics(tmp_path: Path) -> None:
         steps = summary["modules"][first]["num_steps"]
         fraction = found[f"rank_{r}/input_wait_fraction"][steps]
         assert fraction == pytest.approx(figures["recv_wait_s"] / figures["elapsed_s"], rel=1e-5)
+
+
+def test_timeline_of_four_ranks_has_one_track_each_covering_wall_time(tmp_path: Path) -> None:
+    from trgl_pipe.timeline import main as timeline
+
+    out = tmp_path / "run"
+    overrides = [*TINY, f"out_dir={out}", "model.num_modules=4", "train.epochs=1"]
+    result = run_torchrun(4, overrides)
+    assert result.returncode == 0, result.stderr
+    assert timeline([str(out), "--png"]) == 0
+    trace = json.loads((out / "timeline.json").read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in spans} == {0, 1, 2, 3}
+    names = {e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"}
+    assert names == {f"rank {r} (module {r})" for r in range(4)}
+    summary = json.loads((out / "summary.json").read_text())
+    for figures in summary["ranks"]:
+        track = sorted((e for e in spans if e["pid"] == figures["rank"]), key=lambda e: e["ts"])
+        for before, after in itertools.pairwise(track):  # contiguous: no gap, no overlap
+            assert after["ts"] == pytest.approx(before["ts"] + before["dur"], abs=2.0)
+        covered_s = sum(e["dur"] for e in track) / 1e6
+        # from the first batch to the stop: at least the rank's elapsed time, at most the run's
+        assert figures["elapsed_s"] * 0.99 <= covered_s <= summary["wall_time_s"] + 0.5
+        by_kind = {c: sum(e["dur"] for e in track if e["cat"] == c) / 1e6 for c in ("compute", "evaluation")}
+        assert by_kind["compute"] == pytest.approx(figures["train_compute_s"], rel=0.05, abs=0.05)
+        assert {e["cat"] for e in track} >= {"input", "compute", "evaluation", "checkpoint"}
+        assert ("room" in {e["cat"] for e in track}) == (figures["rank"] < 3)  # the last rank sends nothing
+    assert (out / "timeline.png").stat().st_size > 5000

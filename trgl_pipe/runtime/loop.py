@@ -22,6 +22,7 @@ from trgl_pipe.runtime.messages import Kind, Message
 from trgl_pipe.runtime.transport import Inbox, Outbox
 from trgl_pipe.runtime.worker import StageWorker
 from trgl_pipe.telemetry import Telemetry
+from trgl_pipe.watch.spans import CATEGORY_OF_KIND, SpanRecorder
 
 
 def handle_chain(chain: Sequence[StageWorker], msg: Message) -> Message:
@@ -41,10 +42,16 @@ def run_worker(
     poll: Callable[[], Any] | None = None,
     tracer: Callable[..., None] | None = None,
     monitor: tuple[Publisher, Telemetry] | None = None,
+    spans: SpanRecorder | None = None,
 ) -> Message:
-    """Process messages until STOP has been handled and passed on; returns the STOP message."""
+    """Process messages until STOP has been handled and passed on; returns the STOP message.
+
+    ``spans`` records the loop's contiguous spans for the timeline (input, handling, room).
+    """
+    spans = spans or SpanRecorder(None, {})
     for worker in chain:
         worker.restart_clock()
+    spans.start()
     trace_id = chain[0].index
     received = sent = 0
     while True:
@@ -52,13 +59,16 @@ def run_worker(
         msg = inbox.recv(waiter)
         t1 = time.perf_counter()
         clock.add_wait("recv_wait", t1 - t0)
+        spans.until("input")
         out = handle_chain(chain, msg)
         if tracer is not None:  # before the credit goes back, so the sender's next send is later
             tracer("consumed", trace_id, received, msg.kind.name, time.perf_counter() - t1)
         received += 1
         inbox.release(msg)
+        spans.until(CATEGORY_OF_KIND[msg.kind])
         if outbox is not None:
             clock.add_wait("send_wait", outbox.send(out, waiter))
+            spans.until("room")
             if tracer is not None:
                 tracer("sent", trace_id, sent, out.kind.name)
             sent += 1

@@ -61,6 +61,7 @@ from trgl_pipe.runtime.worker import make_worker
 from trgl_pipe.summary import build_summary, print_summary, stage_figures, write_summary
 from trgl_pipe.telemetry import Telemetry
 from trgl_pipe.watch import open_watch
+from trgl_pipe.watch.spans import SpanRecorder
 
 STARTUP_TIMEOUT_S = 900.0  # rank 0 may spend minutes reading a large image folder, ranks compiling
 
@@ -234,6 +235,12 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
     _ready_barrier(session)
 
     tracer = Tracer(out_dir / f"trace.rank{rank}.jsonl" if cfg.debug.trace else None)
+    span_meta = {"rank": rank, "stage": stage_index, "replica": replica, "modules": layout.modules_of(rank)}
+    spans = SpanRecorder(
+        out_dir / "spans" / f"rank{rank}.tsv" if cfg.log.timeline else None,
+        span_meta,
+        append=ctx.resume_from is not None,
+    )
     waiter = Waiter(session.control, cfg.pipeline.timeout_s, f"rank {rank}")
     keys = [f"module/{k}" for k in range(layout.num_modules)] + [f"rank/{r}" for r in range(env.world_size)]
     board = StoreBoard(session.store, keys)
@@ -256,8 +263,10 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
             poll=None if previous is None else should_stop,
             tracer=tracer,
             monitor=monitor,
+            spans=spans,
         )
     tracer.close()
+    spans.close()
     if stop.preempted:
         logger.log("preempted", module=chain[0].index, rank=rank, wall_time_s=time.time() - t0)
         logger.close()

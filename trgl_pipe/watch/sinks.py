@@ -7,6 +7,7 @@ that is not installed is a one-line error before any work starts.
 from __future__ import annotations
 
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,7 +44,8 @@ def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class TensorBoardSink:
     """Event files under ``out_dir/tensorboard``; the config and final accuracies as hparams."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, fresh: bool) -> None:
+        """``fresh``: a new run (not a resumed one) replaces event files an earlier run left."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:
@@ -52,6 +54,8 @@ class TensorBoardSink:
                 "(or pip install tensorboard), or set log.tensorboard=false"
             ) from error
         self.log_dir = log_dir
+        if fresh and log_dir.is_dir():
+            shutil.rmtree(log_dir)
         self._writer = SummaryWriter(log_dir=str(log_dir))
 
     def scalars(self, points: list[Point]) -> None:
@@ -133,7 +137,7 @@ def open_sinks(cfg: Config) -> list[Sink]:
     """The sinks the config asks for (``log.tensorboard``, ``log.wandb.mode``)."""
     sinks: list[Sink] = []
     if cfg.log.tensorboard:
-        sinks.append(TensorBoardSink(Path(cfg.out_dir) / "tensorboard"))
+        sinks.append(TensorBoardSink(Path(cfg.out_dir) / "tensorboard", fresh=cfg.resume is None))
     if cfg.log.wandb.mode != "disabled":
         sinks.append(WandbSink(cfg))
     return sinks
