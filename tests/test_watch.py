@@ -129,3 +129,22 @@ def test_follower_reads_only_new_complete_lines(tmp_path: Path) -> None:
     with open(path, "a") as handle:
         handle.write('ain", "step": 3}\n')
     assert tail.read() == [{"event": "train", "step": 3}]
+
+
+def profiler_traces(out: Path) -> dict[str, dict]:
+    """rank name -> the Chrome trace torch.profiler wrote for it."""
+    traces = {}
+    for path in sorted((out / "profile").glob("*.pt.trace.json")):
+        traces[path.name.split(".")[0]] = json.loads(path.read_text())
+    return traces
+
+
+def test_profile_steps_writes_a_trace_of_those_steps(tiny) -> None:
+    cfg = tiny("debug.profile_steps=[2, 3]", "train.epochs=1")
+    run_single(cfg, console_summary=False)
+    traces = profiler_traces(Path(cfg.out_dir))
+    assert list(traces) == ["rank0"]
+    names = {e.get("name") for e in traces["rank0"]["traceEvents"]}
+    steps = {n for n in names if str(n).startswith("ProfilerStep#")}
+    assert steps == {"ProfilerStep#2", "ProfilerStep#3"}  # the two steps, marked by the module's step
+    assert any(str(n).startswith("aten::conv") for n in names)

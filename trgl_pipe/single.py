@@ -21,6 +21,7 @@ from trgl_pipe.runtime.worker import StageWorker, make_worker
 from trgl_pipe.summary import build_summary, print_summary, write_summary
 from trgl_pipe.telemetry import Telemetry
 from trgl_pipe.watch import open_watch
+from trgl_pipe.watch.profile import profiler_for
 
 
 class Preempted(Exception):
@@ -66,6 +67,7 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
     clock = clock_for(device)  # one process: one clock for all modules (sim: one per thread)
     workers = [make_worker(s, cfg, logger, writer, None if simulated else clock) for s in stages]
     telemetry = Telemetry(device)
+    profiler = profiler_for(cfg, workers[0], "rank0")
     folder = find_resume(cfg, ctx.partition, cfg.train.regime, ctx.steps_per_epoch)
     progress = restore_workers(folder, workers, logger) if folder is not None else None
     preemption.install()
@@ -87,6 +89,8 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
         ranks = [_process_report(ctx, workers, clock, telemetry)]
         transport = "none"
     wall = time.time() - t0
+    if profiler is not None:
+        profiler.stop()
     if preemption.requested():
         logger.log("preempted", wall_time_s=wall)
         logger.close()

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import itertools
 
 from conftest import TINY, run_torchrun
-from test_watch import assert_same, read_tensorboard
+from test_watch import assert_same, profiler_traces, read_tensorboard
 
 from trgl_pipe.metrics import read_metrics
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.multiproc
 def test_tensorboard_of_a_pipeline_equals_its_metrics(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
-    result = run_torchrun(2, [*TINY, f"out_dir={out}", "log.tensorboard=true"])
+    result = run_torchrun(2, [*TINY, f"out_dir={out}", "log.tensorboard=true", "debug.profile_steps=[3,4]"])
     assert result.returncode == 0, result.stderr
     found = read_tensorboard(out / "tensorboard")
     assert_same(found, read_metrics(out / "metrics.jsonl"))
@@ -32,6 +32,15 @@ def test_tensorboard_of_a_pipeline_equals_its_metrics(tmp_path: Path) -> None:
         steps = summary["modules"][first]["num_steps"]
         fraction = found[f"rank_{r}/input_wait_fraction"][steps]
         assert fraction == pytest.approx(figures["recv_wait_s"] / figures["elapsed_s"], rel=1e-5)
+    # debug.profile_steps: one torch.profiler trace per rank, with the two steps marked
+    traces = profiler_traces(out)
+    assert sorted(traces) == ["rank0", "rank1"]
+    for trace in traces.values():
+        names = {e.get("name") for e in trace["traceEvents"]}
+        assert {n for n in names if str(n).startswith("ProfilerStep#")} == {
+            "ProfilerStep#3",
+            "ProfilerStep#4",
+        }
 
 
 def test_timeline_of_four_ranks_has_one_track_each_covering_wall_time(tmp_path: Path) -> None:

@@ -61,6 +61,7 @@ from trgl_pipe.runtime.worker import make_worker
 from trgl_pipe.summary import build_summary, print_summary, stage_figures, write_summary
 from trgl_pipe.telemetry import Telemetry
 from trgl_pipe.watch import open_watch
+from trgl_pipe.watch.profile import profiler_for
 from trgl_pipe.watch.spans import SpanRecorder
 
 STARTUP_TIMEOUT_S = 900.0  # rank 0 may spend minutes reading a large image folder, ranks compiling
@@ -184,6 +185,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
     clock = clock_for(device)
     fields = {"replica": replica} if layout.replicas > 1 else {}
     chain = [make_worker(stage, cfg, logger, writer, clock, fields) for stage in stages]
+    profiler = profiler_for(cfg, chain[0], f"rank{rank}")
     start = Position()
     if ctx.resume_from is not None:
         progress = restore_workers(Path(ctx.resume_from), chain, logger, announce=rank == 0)
@@ -267,6 +269,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
         )
     tracer.close()
     spans.close()
+    if profiler is not None:
+        profiler.stop()
     if stop.preempted:
         logger.log("preempted", module=chain[0].index, rank=rank, wall_time_s=time.time() - t0)
         logger.close()
