@@ -148,3 +148,70 @@ def test_profile_steps_writes_a_trace_of_those_steps(tiny) -> None:
     steps = {n for n in names if str(n).startswith("ProfilerStep#")}
     assert steps == {"ProfilerStep#2", "ProfilerStep#3"}  # the two steps, marked by the module's step
     assert any(str(n).startswith("aten::conv") for n in names)
+
+
+def read_wandb_history(path: Path) -> list[dict]:
+    """The history rows of an offline W&B run file (LevelDB log blocks of protobuf records)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, pending, rows = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk  # full / first, or middle / last
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                items = record.history.item
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
+    return rows
+
+
+def wandb_series(rows: list[dict]) -> dict[str, dict[int, float]]:
+    series: dict[str, dict[int, float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            axis = key.split("/", 1)[0]
+            if "/" in key and not key.endswith("/step"):
+                series.setdefault(key, {})[row[f"{axis}/step"]] = value
+    return series
+
+
+def test_offline_wandb_run_holds_the_series_and_resume_continues_it(tiny) -> None:
+    pytest.importorskip("wandb")
+    import shutil
+
+    cfg = tiny(
+        "log.wandb.mode=offline",
+        "log.wandb.project=trgl-test",
+        "checkpoint.every_steps=3",
+        "checkpoint.keep=100",
+    )
+    run_single(cfg, console_summary=False)
+    out = Path(cfg.out_dir)
+    (first,) = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    found = wandb_series(read_wandb_history(first))
+    assert_same(found, read_metrics(out / "metrics.jsonl"))
+    run_id = (out / "wandb_run_id").read_text().strip()
+    assert first.name == f"run-{run_id}.wandb"
+    # resume=auto from step 3 in place: the same W&B run continues from there
+    for folder in sorted((out / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(folder)
+    lines_before = len(read_metrics(out / "metrics.jsonl"))
+    again = tiny(f"out_dir={out}", "resume=auto", "log.wandb.mode=offline", "log.wandb.project=trgl-test")
+    run_single(again, console_summary=False)
+    runs = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 2 and {p.name for p in runs} == {f"run-{run_id}.wandb"}
+    resumed = wandb_series(read_wandb_history(next(p for p in runs if p != first)))
+    assert_same(resumed, read_metrics(out / "metrics.jsonl")[lines_before:])
+    assert min(resumed["module_0/loss"]) == 4

@@ -130,7 +130,7 @@ class WandbSink:
         pass
 
     def close(self) -> None:
-        self._run.finish(quiet=True)
+        self._run.finish()
 
 
 def open_sinks(cfg: Config) -> list[Sink]:
