@@ -65,7 +65,14 @@ def test_timeline_of_four_ranks_has_one_track_each_covering_wall_time(tmp_path: 
         # from the first batch to the stop: at least the rank's elapsed time, at most the run's
         assert figures["elapsed_s"] * 0.99 <= covered_s <= summary["wall_time_s"] + 0.5
         by_kind = {c: sum(e["dur"] for e in track if e["cat"] == c) / 1e6 for c in ("compute", "evaluation")}
-        assert by_kind["compute"] == pytest.approx(figures["train_compute_s"], rel=0.05, abs=0.05)
+        # a compute span holds the training step the clock times, and the step's logging around it
+        assert figures["train_compute_s"] - 1e-3 <= by_kind["compute"] <= figures["elapsed_s"]
         assert {e["cat"] for e in track} >= {"input", "compute", "evaluation", "checkpoint"}
         assert ("room" in {e["cat"] for e in track}) == (figures["rank"] < 3)  # the last rank sends nothing
     assert (out / "timeline.png").stat().st_size > 5000
+    # the report draws the same chart for a window of steps
+    from trgl_pipe.report import build_report
+
+    report = build_report([out], tmp_path / "report", "t").read_text()
+    assert "](timeline_" in report
+    assert next((tmp_path / "report").glob("timeline_*.png")).stat().st_size > 5000
