@@ -215,3 +215,20 @@ def test_offline_wandb_run_holds_the_series_and_resume_continues_it(tiny) -> Non
     resumed = wandb_series(read_wandb_history(next(p for p in runs if p != first)))
     assert_same(resumed, read_metrics(out / "metrics.jsonl")[lines_before:])
     assert min(resumed["module_0/loss"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("debug.profile_steps=[3, 2]", "debug.profile_steps must be [first, last] training steps"),
+        ("debug.profile_steps=[0, 2]", "debug.profile_steps must be [first, last] training steps"),
+        ("log.wandb.mode=cloud", "log.wandb.mode must be one of online | offline | disabled"),
+        ("log.wandb.projekt=x", "unknown config key 'log.wandb.projekt'"),
+    ],
+)
+def test_bad_watch_keys_are_one_line_errors(override: str, message: str) -> None:
+    from trgl_pipe.config import load_config
+    from trgl_pipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("|", r"\|").replace("[", r"\[")):
+        load_config(None, [override])
