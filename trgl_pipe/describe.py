@@ -180,6 +180,8 @@ def describe_run(cfg: Config, config_path: str | None, overrides: list[str]) -> 
         out.append(f"{k:>6} {f'{a}-{b - 1}':>8} {b - a:>3} {body:>12,} {head:>12,}  {ranks}")
     total = sum(b + h for b, h in counts)
     out.append(f"total parameters (bodies and heads): {total:,}")
+    if cfg.model.split == "balanced" and cfg.train.regime != "e2e":
+        out.append("model.split=balanced: measured now on this CPU; the run measures again on its device")
     out.append("")
     out.append("# launch")
     out.append(launch_line(cfg, config_path, overrides))
