@@ -62,6 +62,7 @@ class RunWatch:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._poll_s = poll_s
+        self._error: Exception | None = None
         self._thread = threading.Thread(target=self._run, name="run-watch", daemon=True)
         self._thread.start()
 
@@ -75,7 +76,8 @@ class RunWatch:
             try:
                 self.poll()
             except Exception as error:  # watching must never take training down
-                print(f"[watch] stopped following the run: {error}", file=sys.stderr, flush=True)
+                # said at finish(): a failing run's last words stay its own one line
+                self._error = error
                 return
 
     def poll(self) -> None:
@@ -109,6 +111,8 @@ class RunWatch:
         accuracies (when the run completed), and close the sinks."""
         self._stop.set()
         self._thread.join(timeout=30)
+        if self._error is not None:
+            print(f"[watch] stopped following the run early: {self._error}", file=sys.stderr, flush=True)
         self.poll()
         with self._lock:
             if summary is not None:
