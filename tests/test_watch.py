@@ -232,3 +232,30 @@ def test_bad_watch_keys_are_one_line_errors(override: str, message: str) -> None
 
     with pytest.raises(ConfigError, match=message.replace("|", r"\|").replace("[", r"\[")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "package"), [("log.tensorboard=true", "tensorboard"), ("log.wandb.mode=offline", "wandb")]
+)
+def test_a_missing_package_is_a_one_line_error_before_any_work(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    override: str,
+    package: str,
+) -> None:
+    import importlib.util
+
+    from conftest import TINY
+
+    from trgl_pipe.run import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a)
+    )
+    out = tmp_path / "run"
+    assert main([*TINY, f"out_dir={out}", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"needs the {package} package: pip install -e '.[{package}]'" in err[0]
+    assert not out.exists()

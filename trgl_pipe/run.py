@@ -23,6 +23,7 @@ import sys
 from trgl_pipe.config import load_config
 from trgl_pipe.errors import UserError
 from trgl_pipe.runtime import preemption
+from trgl_pipe.watch.sinks import check_packages
 
 
 def _launched_world_size() -> int:
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             if rank == 0:
                 print(describe_run(cfg, config_path, overrides), flush=True)
             return 0
+        check_packages(cfg)  # TensorBoard / W&B asked for but not installed: say so before any work
         if _launched_world_size() > 1 or cfg.pipeline.transport == "dist":
             from trgl_pipe.runtime.rank import run_rank
 

@@ -133,6 +133,22 @@ class WandbSink:
         self._run.finish()
 
 
+def check_packages(cfg: Config) -> None:
+    """Before any work: the packages the asked-for sinks need are installed (one-line error)."""
+    import importlib.util
+
+    if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "log.tensorboard=true needs the tensorboard package: pip install -e '.[tensorboard]' "
+            "(or pip install tensorboard), or set log.tensorboard=false"
+        )
+    if cfg.log.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"log.wandb.mode={cfg.log.wandb.mode} needs the wandb package: pip install -e '.[wandb]' "
+            "(or pip install wandb), or set log.wandb.mode=disabled"
+        )
+
+
 def open_sinks(cfg: Config) -> list[Sink]:
     """The sinks the config asks for (``log.tensorboard``, ``log.wandb.mode``)."""
     sinks: list[Sink] = []
