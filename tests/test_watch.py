@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -259,3 +260,25 @@ def test_a_missing_package_is_a_one_line_error_before_any_work(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"needs the {package} package: pip install -e '.[{package}]'" in err[0]
     assert not out.exists()
+
+
+def test_spans_are_contiguous_and_reach_the_file_every_few_seconds(tmp_path: Path, monkeypatch) -> None:
+    from trgl_pipe.watch import spans as spans_module
+    from trgl_pipe.watch.spans import SpanRecorder, read_spans
+
+    monkeypatch.setattr(spans_module, "FLUSH_S", 0.0)
+    path = tmp_path / "rank0.tsv"
+    recorder = SpanRecorder(path, {"rank": 0})
+    recorder.start()
+    for category in ("input", "compute", "room"):
+        recorder.until(category)
+    # not closed (a rank that died): what was recorded is on disk anyway
+    ((meta, spans),) = read_spans(path)
+    assert meta["rank"] == 0 and [s[0] for s in spans] == ["input", "compute", "room"]
+    assert all(a[2] == b[1] for a, b in itertools.pairwise(spans))
+    recorder.close()
+    again = SpanRecorder(path, {"rank": 0}, append=True)  # a resumed run adds a segment
+    again.start()
+    again.until("compute")
+    again.close()
+    assert [len(s) for _, s in read_spans(path)] == [3, 1]

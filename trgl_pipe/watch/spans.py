@@ -29,6 +29,7 @@ CATEGORY_OF_KIND = {
     Kind.STOP: "other",
 }
 BUFFER_BYTES = 1 << 16
+FLUSH_S = 5.0
 
 
 class SpanRecorder:
@@ -37,7 +38,7 @@ class SpanRecorder:
     def __init__(self, path: Path | None, meta: dict[str, Any], append: bool = False) -> None:
         """``append``: a resumed run adds a segment to the file; a fresh run starts it anew."""
         self._file = None
-        self._last = time.monotonic()
+        self._last = self._flushed = time.monotonic()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a" if append else "w", buffering=BUFFER_BYTES)  # noqa: SIM115 - kept open for the run
@@ -45,7 +46,7 @@ class SpanRecorder:
 
     def start(self) -> None:
         """The first span starts now; the header ties this clock to wall time."""
-        self._last = time.monotonic()
+        self._last = self._flushed = time.monotonic()
         if self._file is not None:
             header = {**self._meta, "monotonic": self._last, "wall": time.time()}
             self._file.write(f"# {json.dumps(header)}\n")
@@ -57,6 +58,9 @@ class SpanRecorder:
         now = time.monotonic()
         self._file.write(f"{category}\t{self._last:.6f}\t{now:.6f}\n")
         self._last = now
+        if now - self._flushed > FLUSH_S:  # a rank that fails or hangs keeps all but its last seconds
+            self._file.flush()
+            self._flushed = now
 
     def close(self) -> None:
         if self._file is not None:
