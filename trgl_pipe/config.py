@@ -361,12 +361,29 @@ class PipelineConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class WandbConfig:
+    """A Weights & Biases run fed with the TensorBoard series (needs the [wandb] extra)."""
+
+    mode: Literal["online", "offline", "disabled"] = "disabled"  # offline: files under out_dir/wandb
+    project: str | None = None  # null: W&B's default project
+    entity: str | None = None
+    name: str | None = None  # null: the name of out_dir
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True, slots=True)
 class LogConfig:
     """What is written to metrics.jsonl and shown while training."""
 
     every_steps: int = 50  # training-step averages per module (1 = every step)
     live: Literal["auto", "rich", "plain", "off"] = "auto"  # auto: rich on a terminal
     live_interval_s: float | None = None  # null: 2 s for the rich view, 30 s for plain blocks
+    # TensorBoard event files under out_dir/tensorboard, keyed by each module's step ([tensorboard] extra)
+    tensorboard: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # each rank's spans (compute, waits, evaluation, checkpoint) for python -m trgl_pipe.timeline
+    timeline: bool = True
 
     def __post_init__(self) -> None:
         _positive("log.every_steps", self.every_steps)
@@ -399,6 +416,8 @@ class DebugConfig:
     slow_s: float = 0.0
     slow_eval_s: float = 0.0  # ... and `slow_eval_s` seconds in every evaluation step
     trace: bool = False  # write each send and each consumed message, with times, to trace.jsonl
+    # [a, b]: torch.profiler on every rank for training steps a..b of its first module
+    profile_steps: list[int] | None = None
 
     def __post_init__(self) -> None:
         _non_negative("debug.raise_on_module", self.raise_on_module)
@@ -408,6 +427,12 @@ class DebugConfig:
             _positive("debug.raise_at_step", self.raise_at_step)
         if self.nan_at_step is not None:
             _positive("debug.nan_at_step", self.nan_at_step)
+        steps = self.profile_steps
+        if steps is not None and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+            raise ConfigError(
+                "debug.profile_steps must be [first, last] training steps with 1 <= first <= last, "
+                f"got {steps}"
+            )
 
 
 @dataclass(kw_only=True, slots=True)

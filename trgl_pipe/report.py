@@ -415,6 +415,18 @@ def plot_ranks(run: Run, path: Path) -> bool:
     return True
 
 
+def plot_timeline(run: Run, path: Path) -> bool:
+    """The Gantt chart of a window of steps of a pipeline run that recorded its spans."""
+    if not (run.path / "spans").is_dir() or _plt() is None:
+        return False
+    from trgl_pipe.timeline import default_window, draw_gantt, load_tracks
+
+    tracks = load_tracks(run.path)
+    window = default_window(tracks)
+    draw_gantt(tracks, path, window, f"{run.label}: {window[1]:.2f} s from {window[0]:.2f} s")
+    return True
+
+
 def _final_train_accuracy(run: Run) -> dict[int, float]:
     """Each module's training accuracy over its last epoch (the running average of that epoch)."""
     train = [e for e in run.events if e["event"] == "train"]
@@ -519,6 +531,8 @@ def build_report(paths: list[Path], out: Path, title: str) -> Path:
             figures.append((f"λ_k over steps: {run.label}", f"lambda_{slug}.png"))
         if plot_ranks(run, out / f"ranks_{slug}.png"):
             figures.append((f"Pipeline ranks: {run.label}", f"ranks_{slug}.png"))
+        if plot_timeline(run, out / f"timeline_{slug}.png"):
+            figures.append((f"Timeline of the ranks, a window of steps: {run.label}", f"timeline_{slug}.png"))
     if figures:
         lines += ["## Figures", ""]
         for caption, name in figures:

@@ -24,6 +24,7 @@ from trgl_pipe.config import load_config
 from trgl_pipe.errors import UserError
 from trgl_pipe.launch import record_failure
 from trgl_pipe.runtime import preemption
+from trgl_pipe.watch.sinks import check_packages
 
 
 def _launched_world_size() -> int:
@@ -31,13 +32,21 @@ def _launched_world_size() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trgl_pipe.describe import describe_run, keys_help
+
     parser = argparse.ArgumentParser(
         prog="python -m trgl_pipe.run",
         description="Module-wise training with TRGL.",
-        epilog="Overrides look like train.epochs=5 or model.split=[3,6,9].",
+        epilog="Overrides look like train.epochs=5 or model.split=[3,6,9].\n\n" + keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", nargs="?", help="YAML config file (defaults apply without one)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config, the layout and the launch line, then exit without training",
+    )
     args = parser.parse_args(argv)
     config_path = args.config
     overrides = list(args.overrides)
@@ -47,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = load_config(config_path, overrides)
+        if args.print_config:
+            if rank == 0:
+                print(describe_run(cfg, config_path, overrides), flush=True)
+            return 0
+        check_packages(cfg)  # TensorBoard / W&B asked for but not installed: say so before any work
         if _launched_world_size() > 1 or cfg.pipeline.transport == "dist":
             from trgl_pipe.runtime.rank import run_rank
 

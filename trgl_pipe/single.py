@@ -21,6 +21,8 @@ from trgl_pipe.runtime.loop import rank_stats
 from trgl_pipe.runtime.worker import StageWorker, make_worker
 from trgl_pipe.summary import build_summary, print_summary, write_summary
 from trgl_pipe.telemetry import Telemetry
+from trgl_pipe.watch import open_watch
+from trgl_pipe.watch.profile import profiler_for
 
 
 class Preempted(Exception):
@@ -75,6 +77,8 @@ def _run(cfg: Config, folder: RunFolder, device: torch.device, console_summary: 
     )
     if progress is not None:
         log_resume(logger, resume, workers, progress)
+    watch = open_watch(cfg)
+    profiler = profiler_for(cfg, workers[0], "rank0")
     print(f"data: {ctx.data.describe()}", flush=True)
     print(
         f"modules: {ctx.num_modules} · blocks per module {[b - a for a, b in ctx.partition]} · "
@@ -92,6 +96,8 @@ def _run(cfg: Config, folder: RunFolder, device: torch.device, console_summary: 
         transport = "sim"
     else:
         board = LocalBoard()
+        if watch is not None:
+            watch.attach_board(board, {0: 0})
         publishers = [Publisher(board, f"module/{w.index}", cfg.log.live_interval_s) for w in workers]
         title = f"trgl_pipe · {cfg.train.regime}"
         with LiveView(board, cfg.log.live, cfg.log.live_interval_s, title, telemetry):
@@ -100,9 +106,13 @@ def _run(cfg: Config, folder: RunFolder, device: torch.device, console_summary: 
         ranks = [_process_report(ctx, workers, clock, telemetry)]
         transport = "none"
     wall = time.time() - t0
+    if profiler is not None:
+        profiler.stop()
     if preemption.requested():
         logger.log("preempted", wall_time_s=wall)
         logger.close()
+        if watch is not None:
+            watch.finish(None)
         raise Preempted(
             f"stopped by SIGTERM after a checkpoint in {Path(cfg.out_dir) / 'checkpoints'}; "
             "continue with resume=auto"
@@ -112,6 +122,8 @@ def _run(cfg: Config, folder: RunFolder, device: torch.device, console_summary: 
     )
     logger.log("end", wall_time_s=wall, best_module=summary["best_module"])
     logger.close()
+    if watch is not None:
+        watch.finish(summary)
     write_summary(Path(out), summary)
     discard_replaced(out)
     if console_summary:

@@ -22,6 +22,7 @@ from trgl_pipe.runtime.messages import Kind, Message
 from trgl_pipe.runtime.transport import Inbox, Outbox
 from trgl_pipe.runtime.worker import StageWorker
 from trgl_pipe.telemetry import Telemetry
+from trgl_pipe.watch.spans import CATEGORY_OF_KIND, SpanRecorder
 
 
 def handle_chain(chain: Sequence[StageWorker], msg: Message) -> Message:
@@ -41,10 +42,16 @@ def run_worker(
     poll: Callable[[], Any] | None = None,
     tracer: Callable[..., None] | None = None,
     monitor: tuple[Publisher, Telemetry] | None = None,
+    spans: SpanRecorder | None = None,
 ) -> Message:
-    """Process messages until STOP has been handled and passed on; returns the STOP message."""
+    """Process messages until STOP has been handled and passed on; returns the STOP message.
+
+    ``spans`` records the loop's contiguous spans for the timeline (input, handling, room).
+    """
+    spans = spans or SpanRecorder(None, {})
     for worker in chain:
         worker.restart_clock()
+    spans.start()
     trace_id = chain[0].index
     received = sent = 0
     while True:
@@ -52,13 +59,16 @@ def run_worker(
         msg = inbox.recv(waiter)
         t1 = time.perf_counter()
         clock.add_wait("recv_wait", t1 - t0)
+        spans.until("input")
         out = handle_chain(chain, msg)
         if tracer is not None:  # before the credit goes back, so the sender's next send is later
             tracer("consumed", trace_id, received, msg.kind.name, time.perf_counter() - t1)
         received += 1
         inbox.release(msg)
+        spans.until(CATEGORY_OF_KIND[msg.kind])
         if outbox is not None:
             clock.add_wait("send_wait", outbox.send(out, waiter))
+            spans.until("room")
             if tracer is not None:
                 tracer("sent", trace_id, sent, out.kind.name)
             sent += 1
@@ -72,7 +82,7 @@ def run_worker(
                         snapshot["buffer"] = outbox.gate.mean_occupancy
                     publisher.publish(snapshot)
             if monitor is not None and monitor[0].due():
-                monitor[0].publish(monitor[1].sample())
+                monitor[0].publish({**monitor[1].sample(), **rank_progress(chain, clock)})
         if poll is not None:
             poll()
         if msg.kind is Kind.STOP:
@@ -82,6 +92,18 @@ def run_worker(
     inbox.close(waiter)
     clock.settle()
     return msg
+
+
+def rank_progress(chain: Sequence[StageWorker], clock: Clock) -> dict[str, Any]:
+    """Where this rank's time went so far, for the watchers (TensorBoard, W&B) on rank 0."""
+    return {
+        "step": chain[0].stage.num_steps,
+        "elapsed_s": round(max(w.elapsed_s for w in chain), 3),
+        "train_samples": chain[0].train_samples,
+        "compute_s": round(sum(w.compute_s for w in chain), 3),
+        "recv_wait_s": round(clock.total("recv_wait"), 3),
+        "send_wait_s": round(clock.total("send_wait"), 3),
+    }
 
 
 def rank_stats(

@@ -64,6 +64,9 @@ from trgl_pipe.runtime.transport import DistInbox, DistOutbox, StreamInbox
 from trgl_pipe.runtime.worker import make_worker
 from trgl_pipe.summary import build_summary, print_summary, stage_figures, write_summary
 from trgl_pipe.telemetry import Telemetry
+from trgl_pipe.watch import open_watch
+from trgl_pipe.watch.profile import profiler_for
+from trgl_pipe.watch.spans import SpanRecorder
 
 STARTUP_TIMEOUT_S = 900.0  # rank 0 may spend minutes reading a large image folder, ranks compiling
 
@@ -162,9 +165,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     env, layout = session.env, session.layout
     rank, stage_index, replica = env.rank, session.stage, session.replica
     out_dir = Path(cfg.out_dir)
-    logger = MetricsLogger(
-        _metrics_path(out_dir, rank), start_time=ctx.start_time
-    )  # opens at its first event
+    logger = MetricsLogger(_metrics_path(out_dir, rank), start_time=ctx.start_time)  # opens at first event
     if rank == 0:
         print(f"data: {ctx.data.describe()}", flush=True)
         print(
@@ -264,11 +265,21 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
         )
     if progress is not None:
         log_resume(logger, Path(ctx.resume_from), chain, progress)
+    watch = open_watch(cfg, env.world_size) if rank == 0 else None
+    profiler = profiler_for(cfg, chain[0], f"rank{rank}")
 
     tracer = Tracer(out_dir / f"trace.rank{rank}.jsonl" if cfg.debug.trace else None)
+    span_meta = {"rank": rank, "stage": stage_index, "replica": replica, "modules": layout.modules_of(rank)}
+    spans = SpanRecorder(
+        out_dir / "spans" / f"rank{rank}.tsv" if cfg.log.timeline else None,
+        span_meta,
+        append=ctx.resume_from is not None,
+    )
     waiter = Waiter(session.control, cfg.pipeline.timeout_s, f"rank {rank}")
     keys = [f"module/{k}" for k in range(layout.num_modules)] + [f"rank/{r}" for r in range(env.world_size)]
     board = StoreBoard(session.store, keys)
+    if watch is not None:
+        watch.attach_board(board, {r: layout.modules_of(r)[0] for r in range(env.world_size)})
     interval = cfg.log.live_interval_s
     publishers = [Publisher(board if replica == 0 else None, f"module/{w.index}", interval) for w in chain]
     telemetry = Telemetry(device)
@@ -286,11 +297,17 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
             poll=None if previous is None else should_stop,
             tracer=tracer,
             monitor=monitor,
+            spans=spans,
         )
     tracer.close()
+    spans.close()
+    if profiler is not None:
+        profiler.stop()
     if stop.preempted:
         logger.log("preempted", module=chain[0].index, rank=rank, wall_time_s=time.time() - t0)
         logger.close()
+        if watch is not None:
+            watch.finish(None)
         return False
     logger.log("end", module=chain[0].index, rank=rank, wall_time_s=time.time() - t0)
     logger.close()
@@ -318,6 +335,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
             "stages": layout.num_stages,
         }
         summary["stages"] = stage_figures(ranks, layout.num_stages)
+        if watch is not None:
+            watch.finish(summary)
         _merge_metrics(out_dir, env.world_size)
         write_summary(out_dir, summary)
         discard_replaced(out_dir)

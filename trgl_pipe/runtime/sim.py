@@ -20,6 +20,7 @@ from trgl_pipe.runtime.schedule import Position, parallel_stream
 from trgl_pipe.runtime.transport import StreamInbox, local_link
 from trgl_pipe.runtime.worker import StageWorker
 from trgl_pipe.telemetry import Telemetry
+from trgl_pipe.watch.spans import SpanRecorder
 
 
 def run_simulated(
@@ -51,14 +52,25 @@ def run_simulated(
     def body(i: int) -> None:
         waiter = Waiter(control, cfg.pipeline.timeout_s, f"module {i}")
         publisher = Publisher(board, f"module/{i}", cfg.log.live_interval_s)
+        path = Path(cfg.out_dir) / "spans" / f"rank{i}.tsv" if cfg.log.timeline else None
+        spans = SpanRecorder(path, {"rank": i, "modules": [i], "thread": True}, append=progress is not None)
         try:
             run_worker(
-                [workers[i]], inboxes[i], outboxes[i], waiter, workers[i].clock, [publisher], tracer=tracer
+                [workers[i]],
+                inboxes[i],
+                outboxes[i],
+                waiter,
+                workers[i].clock,
+                [publisher],
+                tracer=tracer,
+                spans=spans,
             )
         except BaseException as error:
             errors.append(error)
             if not isinstance(error, PipelineError) or not control.aborted:
                 control.abort(f"module {i} failed: {error}")
+        finally:
+            spans.close()
 
     threads = [threading.Thread(target=body, args=(i,), name=f"module-{i}", daemon=True) for i in range(k)]
     with LiveView(board, cfg.log.live, cfg.log.live_interval_s, "trgl_pipe · sim pipeline", telemetry):

@@ -134,7 +134,15 @@ class StageWorker:
         }
         self.eval_history.append(record)
         for split, values in results.items():
-            self.logger.log("eval", module=self.index, **self.log_fields, epoch=epoch, split=split, **values)
+            self.logger.log(
+                "eval",
+                module=self.index,
+                **self.log_fields,
+                epoch=epoch,
+                step=self.stage.num_steps,
+                split=split,
+                **values,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this module exactly: stage state and eval history."""
