@@ -428,6 +428,11 @@ class Config:
                 f"(train.regime is {self.train.regime}); set train.regime=parallel or "
                 "pipeline.transport=auto"
             )
+        if self.aux.type != "conv" and self.model.arch.startswith("swin"):
+            raise ConfigError(
+                f"aux.type={self.aux.type} is a head for CNN feature maps; {self.model.arch}'s modules "
+                "output token maps: use aux.type=conv"
+            )
         if self.resume is not None and self.overwrite:
             raise ConfigError("resume and overwrite=true contradict each other; choose one")
         k, m = self.model.num_modules, self.pipeline.modules_per_rank

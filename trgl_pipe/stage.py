@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from trgl_pipe.config import Config
 from trgl_pipe.errors import NonFiniteLossError
 from trgl_pipe.models import AuxHead, Backbone, TokenHead, build_backbone, kinetic_energy
+from trgl_pipe.models.dgl_heads import DglHead
 from trgl_pipe.models.init import fork_seeded, init_scheme
 from trgl_pipe.models.random_stream import RandomStream, is_stochastic
 from trgl_pipe.objectives import LocalInputs, ModuleSpec, Objective, build_objective
@@ -451,6 +452,8 @@ def make_aux_head(
     channels = backbone.channels(block)
     if backbone.tokens:
         head: nn.Module = TokenHead(channels, num_classes, cfg.aux.hidden)
+    elif cfg.aux.type != "conv":  # DGL's CNN or MLP-SR head
+        head = DglHead(channels, num_classes, backbone.spatial(block), cfg.aux.type.removeprefix("dgl_"))
     else:
         head = AuxHead(
             channels,
