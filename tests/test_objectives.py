@@ -221,3 +221,22 @@ def test_simulated_pipeline_carries_the_image_and_equals_the_parallel_regime(tin
         }
 
     assert losses(a) == losses(b) and len(losses(a)) == 40
+
+
+def test_the_competitors_study_is_defined_with_valid_configs() -> None:
+    import importlib.util
+
+    from trgl_pipe.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "run.py"
+    spec = importlib.util.spec_from_file_location("experiments_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    runs = module.experiment("competitors")
+    assert len(runs) == 8 and all(seeds == [0, 1, 2] for _, _, seeds in runs)  # 24 runs
+    names = set()
+    for _, overrides, _ in runs:
+        cfg = load_config(None, overrides)  # every key valid
+        assert cfg.data.train_size == 5000 and cfg.train.epochs == 30 and cfg.model.depth == 38
+        names.add((cfg.objective.name, cfg.objective.infopro_loss, cfg.aux.type, cfg.model.num_modules))
+    assert len(names) == 8
