@@ -240,3 +240,17 @@ def test_the_competitors_study_is_defined_with_valid_configs() -> None:
         assert cfg.data.train_size == 5000 and cfg.train.epochs == 30 and cfg.model.depth == 38
         names.add((cfg.objective.name, cfg.objective.infopro_loss, cfg.aux.type, cfg.model.num_modules))
     assert len(names) == 8
+
+
+@pytest.mark.parametrize("method", ["infopro", "predsim"])
+def test_a_module_with_the_objectives_own_head_exports_with_its_accuracy(tiny, method: str) -> None:
+    from trgl_pipe.evaluate import evaluate
+    from trgl_pipe.export import export
+
+    cfg = tiny(f"objective.name={method}")
+    summary = run_single(cfg, console_summary=False)
+    out = Path(cfg.out_dir)
+    export(out, module=0)  # module 0's F_k is the projection / prediction head
+    assert (
+        evaluate(out / "export", "test", program=False)["accuracy"] == summary["modules"][0]["test_accuracy"]
+    )

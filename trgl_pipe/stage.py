@@ -517,6 +517,15 @@ def build_stage(
     return Stage(plan, body, head, cfg, total_steps, steps_per_epoch, device, objective, aux)
 
 
+def module_head(backbone: Backbone, plan: StagePlan, num_classes: int, cfg: Config) -> nn.Module:
+    """F_k as training builds it: the objective's own classifier (InfoPro, PredSim), else the
+    ``aux`` section's (for an export, which then loads the trained weights)."""
+    spec = module_spec(backbone, plan, num_classes, None)
+    with fork_seeded(cfg.seed, 5, plan.index, plan.stop):
+        own = build_objective(cfg, spec, torch.device("cpu")).head()
+    return own if own is not None else build_head(backbone, plan, num_classes, cfg)
+
+
 def module_spec(parts: Backbone, plan: StagePlan, num_classes: int, normalization: dict | None) -> ModuleSpec:
     """What an objective may know of module ``plan.index``: the shapes around it, the images'."""
     norm = normalization or {}
