@@ -254,3 +254,22 @@ def test_a_module_with_the_objectives_own_head_exports_with_its_accuracy(tiny, m
     assert (
         evaluate(out / "export", "test", program=False)["accuracy"] == summary["modules"][0]["test_accuracy"]
     )
+
+
+def test_a_resumed_infopro_run_ends_like_an_uninterrupted_one(tiny) -> None:
+    # the decoder, projection head and their optimizer state are part of the module's shard
+    common = ("objective.name=infopro", "objective.infopro_loss=contrast", "checkpoint.keep=100")
+    full = tiny(*common, "checkpoint.every_steps=3")
+    run_single(full, console_summary=False)
+    resumed = tiny(*common, f"resume={Path(full.out_dir) / 'checkpoints' / '0000000003'}")
+    run_single(resumed, console_summary=False)
+
+    def final(out: str) -> dict:
+        folder = sorted((Path(out) / "checkpoints").iterdir())[-1]
+        return torch.load(folder / "module-0.pt", weights_only=True)["stage"]
+
+    a, b = final(full.out_dir), final(resumed.out_dir)
+    assert a["aux"].keys() == b["aux"].keys() and "decoder.net.0.weight" in a["aux"]
+    for part in ("body", "head", "aux"):
+        for name, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][name]), (part, name)
