@@ -23,7 +23,6 @@ from trgl_pipe.models.dgl_heads import DglHead
 from trgl_pipe.models.init import fork_seeded, init_scheme
 from trgl_pipe.models.random_stream import RandomStream, is_stochastic
 from trgl_pipe.objectives import LocalInputs, ModuleSpec, Objective, build_objective
-from trgl_pipe.objectives.trgl import TrglObjective
 from trgl_pipe.optim import build_optimizer, build_scheduler
 from trgl_pipe.partition import Partition
 
@@ -182,9 +181,8 @@ class Stage:
         if self.channels_last:
             self.body.to(memory_format=torch.channels_last)
             self.head.to(memory_format=torch.channels_last)
-        if objective is None:  # no spec given: the trgl section's objective
-            spec = ModuleSpec(plan.index, plan.num_modules, (), (), (), 0)
-            objective = TrglObjective(cfg.trgl, spec, device)
+        if objective is None:  # built without shapes: an objective that needs none (TRGL, VanGL)
+            objective = build_objective(cfg, ModuleSpec(plan.index, plan.num_modules, (), (), (), 0), device)
         self.objective = objective
         self.local_net = LocalNet(self.body, self.head, objective, aux)
         self.aux = self.local_net.aux.to(device)
@@ -414,7 +412,11 @@ class Stage:
         if bad_step >= 0:
             raise NonFiniteLossError(
                 f"module {self.index}: the local loss became NaN or infinite at its step {bad_step}; "
-                "lower optim.lr or raise trgl.tau"
+                + (
+                    "lower optim.lr or raise trgl.tau"
+                    if self.objective.uses_kinetic
+                    else "lower optim.lr (or the objective's loss weights)"
+                )
             )
 
     # -- state ------------------------------------------------------------------------------
