@@ -273,3 +273,31 @@ def test_a_resumed_infopro_run_ends_like_an_uninterrupted_one(tiny) -> None:
     for part in ("body", "head", "aux"):
         for name, tensor in a[part].items():
             assert torch.equal(tensor, b[part][name]), (part, name)
+
+
+def test_reports_and_summaries_name_the_objective() -> None:
+    from trgl_pipe.report import describe
+
+    summary = {"regime": "parallel", "num_modules": 4}
+
+    def config(objective: dict, aux_type: str = "conv", enabled: bool = True) -> dict:
+        trgl = {"enabled": enabled, "tau": 1e4, "tau_schedule": "constant"}
+        return {
+            "trgl": trgl,
+            "objective": objective,
+            "aux": {"type": aux_type},
+            "model": {"split": "depth"},
+            "data": {},
+        }
+
+    assert (
+        describe(config({"name": "infopro", "infopro_loss": "contrast"}), summary)
+        == "Par InfoPro (contrast) K=4"
+    )
+    assert describe(config({"name": "predsim"}), summary) == "Par PredSim K=4"
+    assert describe(config({"name": "vangl"}, "dgl_mlp_sr"), summary) == "Par DGL (MLP-SR) K=4"
+    assert describe(config({"name": "trgl"}, enabled=False), summary) == "Par VanGL K=4"
+    assert describe(config({"name": "trgl"}), summary) == "Par TRGL τ=10000 K=4"
+    old = config({})
+    del old["objective"]
+    assert describe(old, summary) == "Par TRGL τ=10000 K=4"  # runs from before objectives existed
