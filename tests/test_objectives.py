@@ -301,3 +301,19 @@ def test_reports_and_summaries_name_the_objective() -> None:
     old = config({})
     del old["objective"]
     assert describe(old, summary) == "Par TRGL τ=10000 K=4"  # runs from before objectives existed
+
+
+def test_objectives_run_on_swin_token_maps(tiny) -> None:
+    from trgl_pipe.context import build_context
+
+    swin = ["model.arch=swin_t", "model.patch_size=2", "model.window_size=2", "data.name=synthetic"]
+    swin += ["data.channels=3", "data.image_size=32", "data.batch_size=8", "model.num_modules=4"]
+    for extra in (["objective.name=infopro", "objective.infopro_loss=contrast"], ["objective.name=predsim"]):
+        ctx = build_context(tiny(*swin, *extra), CPU)
+        stages = [ctx.build_stage(i) for i in range(4)]
+        x, y = next(iter(ctx.batches.train_batches(0)))
+        h = x
+        for stage in stages:
+            h = stage.train_step(h, y, x if stage.objective.needs_image else None)
+        assert all(math.isfinite(float(s.last_loss)) for s in stages)
+        assert stages[1].num_aux_params > 0  # the decoder / similarity conv on [N, H, W, C] tokens
