@@ -8,6 +8,7 @@
     python experiments/run.py scarce-sweep       # 5a: τ of TRGL-halves on 5,000 images (tuning seed)
     python experiments/run.py scarce             # 5: E2E / VanGL / TRGL-halves at K = 2..16, 5,000 images
     python experiments/run.py authors            # 6: the authors' knobs against trgl_pipe's defaults
+    python experiments/run.py competitors        # 7: InfoPro, PredSim, DGL in experiment 5's setting
     python experiments/run.py all --dry-run      # print the commands only
     python experiments/run.py blockwise --only '*-tenth' --max-seeds 1   # a part of one
 
@@ -67,6 +68,21 @@ SCARCE = [
 SCARCE_TUNING_SEED = 100  # the τ sweep's seed; the comparison uses fresh seeds 0, 1, 2
 SCARCE_TAUS = ("1e3", "3e3", "1e4", "3e4", "1e5")
 SCARCE_TAU: str | None = "1e4"  # the best validation accuracy of scarce-sweep (seed 100): docs/results.md
+
+
+# Experiment 7: the paper's competitors in experiment 5's setting (5,000 images, ResNet-38 width 8,
+# 30 epochs, fresh seeds 0-2), beside the committed VanGL and TRGL runs of experiments/runs/scarce.
+# Hyper-parameters from each method's paper: InfoPro's per-module weights are the authors' ResNet-110
+# commands for K (objective.infopro_weights=null), temperature 0.07, their "1c2f" head; PredSim's
+# β = 0.99; DGL is VanGL with DGL's MLP-SR head. The optimizer and schedule are experiment 5's for
+# every method (equal terms), not each paper's own.
+COMPETITORS = {
+    "infopro-softmax": ["objective.name=infopro", "objective.infopro_loss=softmax"],
+    "infopro-contrast": ["objective.name=infopro", "objective.infopro_loss=contrast"],
+    "predsim": ["objective.name=predsim", "objective.predsim_beta=0.99"],
+    "dgl-mlp-sr": ["objective.name=vangl", "aux.type=dgl_mlp_sr"],
+}
+COMPETITOR_KS = (4, 16)
 
 
 # Experiment 6: the authors' setup against trgl_pipe's defaults, one knob at a time: 10,000
@@ -208,6 +224,12 @@ def experiment(name: str) -> list[tuple[str, list[str], list[int]]]:
                 (f"trgl-halves-k{k}", [*net, "trgl.tau_schedule=halves", f"trgl.tau={SCARCE_TAU}"], seeds)
             )
         return runs
+    if name == "competitors":
+        return [
+            (f"{method}-k{k}", [*SCARCE, f"model.num_modules={k}", *extra], [0, 1, 2])
+            for k in COMPETITOR_KS
+            for method, extra in COMPETITORS.items()
+        ]
     if name == "authors":
         seeds = [0, 1, 2]
         runs = [

@@ -215,6 +215,8 @@ class AuxConfig:
     last: Literal["own", "aux"] = "own"  # the last module's head: the network's own, or an aux head
     # "pkg.mod:callable" building every auxiliary head from (shape, num_classes, module, num_modules)
     head: str | None = None
+    # conv: the head above; dgl_cnn / dgl_mlp_sr: DGL's CNN and MLP-SR heads (Belilovsky et al. 2020)
+    type: Literal["conv", "dgl_cnn", "dgl_mlp_sr"] = "conv"
 
     def __post_init__(self) -> None:
         for key in ("pool_size", "pool_kernel"):
@@ -329,6 +331,43 @@ class TrglConfig:
         _positive("trgl.lambda_init", self.lambda_init)
         _non_negative("trgl.h", self.h)
         _positive("trgl.s", self.s)
+
+
+@dataclass(kw_only=True, slots=True)
+class ObjectiveConfig:
+    """The local objective of every module (see trgl_pipe.objectives and docs/method.md).
+
+    trgl: CE + kinetic energy (the trgl section; trgl.enabled=false is VanGL); vangl: CE only;
+    infopro: image reconstruction + a task term (Wang et al. 2021); infopro_l: reconstruction of
+    the module's input instead of the image; predsim: prediction + similarity matching (Nøkland &
+    Eidnes 2019).
+    """
+
+    name: Literal["trgl", "vangl", "infopro", "infopro_l", "predsim"] = "trgl"
+    infopro_loss: Literal["softmax", "contrast"] = "softmax"  # InfoPro's task term
+    # [λ1 first, λ2 first, λ1 at module K-2, λ2 at module K-2] (reconstruction, task), linear in
+    # between; null: the authors' ResNet-110 CIFAR-10 values for K (2, 4, 8, 16)
+    infopro_weights: list[float] | None = None
+    infopro_widen: float = 1.0  # width factor of the decoder and the projection head
+    infopro_feature_dim: int = 128  # hidden width of the projection head (and contrast's embedding)
+    infopro_temperature: float = 0.07  # contrast
+    predsim_beta: float = 0.99  # L = (1 - β) prediction + β similarity matching
+    predsim_dim_in_decoder: int = 4096  # the prediction head pools its input to at most this many features
+
+    def __post_init__(self) -> None:
+        if self.infopro_weights is not None and len(self.infopro_weights) != 4:
+            raise ConfigError(
+                f"objective.infopro_weights lists {len(self.infopro_weights)} numbers; give 4: "
+                "[reconstruction, task] at the first module, then at module K-2 (or null)"
+            )
+        if self.infopro_weights is not None and any(w < 0 for w in self.infopro_weights):
+            raise ConfigError(f"objective.infopro_weights must be 0 or more, got {self.infopro_weights}")
+        _positive("objective.infopro_widen", self.infopro_widen)
+        _positive("objective.infopro_feature_dim", self.infopro_feature_dim)
+        _positive("objective.infopro_temperature", self.infopro_temperature)
+        _positive("objective.predsim_dim_in_decoder", self.predsim_dim_in_decoder)
+        if not 0 <= self.predsim_beta <= 1:
+            raise ConfigError(f"objective.predsim_beta must be in [0, 1], got {self.predsim_beta}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -450,6 +489,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trgl: TrglConfig = field(default_factory=TrglConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -461,6 +501,11 @@ class Config:
                 f"pipeline.transport={self.pipeline.transport} runs the parallel regime only "
                 f"(train.regime is {self.train.regime}); set train.regime=parallel or "
                 "pipeline.transport=auto"
+            )
+        if self.aux.type != "conv" and self.model.arch.startswith("swin"):
+            raise ConfigError(
+                f"aux.type={self.aux.type} is a head for CNN feature maps; {self.model.arch}'s modules "
+                "output token maps: use aux.type=conv"
             )
         if self.resume is not None and self.overwrite:
             raise ConfigError("resume and overwrite=true contradict each other; choose one")

@@ -128,6 +128,7 @@ class RunContext:
             self.steps_per_epoch,
             self.device,
             transform,
+            self.normalization,
         )
 
     def shape_info(self) -> dict:

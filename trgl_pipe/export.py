@@ -26,7 +26,7 @@ from trgl_pipe.checkpoint import latest_complete, load_shard, read_meta
 from trgl_pipe.config import Config, from_dict
 from trgl_pipe.errors import CheckpointError, OutputError, UserError
 from trgl_pipe.io import atomic_write, atomic_write_json
-from trgl_pipe.stage import ModuleBody, StagePlan, build_head, build_parts
+from trgl_pipe.stage import ModuleBody, StagePlan, build_parts, module_head
 
 FORMAT = 2  # 2: the model is rebuilt from the run's config (every backbone)
 
@@ -64,7 +64,7 @@ def build_exported(spec: dict[str, Any]) -> ExportedClassifier:
     ]
     a, b = partition[-1]
     plan = StagePlan(spec["module"], spec["num_modules"], a, b)
-    head = build_head(backbone, plan, spec["num_classes"], cfg)
+    head = module_head(backbone, plan, spec["num_classes"], cfg)
     model = ExportedClassifier(bodies, head, spec["mean"], spec["std"])
     return model.eval()
 

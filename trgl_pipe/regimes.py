@@ -92,9 +92,11 @@ def run_sequential(
             if should_stop():
                 checkpoint(p, b)
                 return
+            image = x if worker.reads_image else None
             for stage in frozen:
                 x = stage.forward_frozen(x)
-            worker.handle(Message(Kind.TRAIN, x, y, epoch=epoch, batch=b, step=worker.stage.num_steps))
+            step = worker.stage.num_steps
+            worker.handle(Message(Kind.TRAIN, x, y, epoch=epoch, batch=b, step=step, image=image))
             if publishers and publishers[k].due():
                 publishers[k].publish(worker.live_snapshot())
         worker.handle(Message(Kind.EPOCH_END, epoch=epoch))

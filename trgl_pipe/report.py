@@ -49,8 +49,12 @@ def describe(config: dict[str, Any], summary: dict[str, Any]) -> str:
         name = "E2E"
     else:
         short = {"parallel": "Par", "sequential": "Seq", "multilap": f"MLS{summary.get('laps', 1)}"}[regime]
-        if not config["trgl"]["enabled"]:
-            method = "VanGL"
+        objective = config.get("objective", {})
+        aux_type = config.get("aux", {}).get("type", "conv")
+        if objective.get("name", "trgl") not in ("trgl", "vangl"):
+            method = other_method(objective)
+        elif objective.get("name") == "vangl" or not config["trgl"]["enabled"]:
+            method = "VanGL" if aux_type == "conv" else f"DGL ({_DGL_HEADS[aux_type]})"
         elif config["trgl"]["tau_schedule"] == "adaptive":
             method = "TRGL-adaptive"
         else:
@@ -66,6 +70,17 @@ def describe(config: dict[str, Any], summary: dict[str, Any]) -> str:
     if summary.get("transport") == "dist":
         name += " (pipeline)"
     return name
+
+
+_DGL_HEADS = {"dgl_cnn": "CNN", "dgl_mlp_sr": "MLP-SR"}
+
+
+def other_method(objective: dict[str, Any]) -> str:
+    """The label of a local objective other than TRGL / VanGL."""
+    name = objective["name"]
+    if name == "infopro":
+        return f"InfoPro ({objective.get('infopro_loss', 'softmax')})"
+    return {"infopro_l": "InfoProL", "predsim": "PredSim"}.get(name, name)
 
 
 def load_run(path: Path) -> Run:
@@ -119,9 +134,12 @@ def order(run: Run) -> tuple:
     """Table order: regime, then K, then VanGL before TRGL (by τ), bigger training sets first."""
     regimes = {"e2e": 0, "parallel": 1, "sequential": 2, "multilap": 3}
     trgl = run.config["trgl"]
+    objective = run.config.get("objective", {}).get("name", "trgl")
     method = (
-        (0, 0.0)
-        if not trgl["enabled"]
+        (3, describe(run.config, run.summary))  # the other objectives after TRGL, by name
+        if objective not in ("trgl", "vangl")
+        else (0, 0.0)
+        if not trgl["enabled"] or objective == "vangl"
         else (2, 0.0)
         if trgl["tau_schedule"] == "adaptive"
         else (1, trgl["tau"])

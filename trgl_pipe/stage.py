@@ -19,9 +19,10 @@ from torch import Tensor, nn
 from trgl_pipe.config import Config
 from trgl_pipe.errors import ConfigError, NonFiniteLossError
 from trgl_pipe.models import AuxHead, Backbone, TokenHead, VectorHead, build_backbone, kinetic_energy
+from trgl_pipe.models.dgl_heads import DglHead
 from trgl_pipe.models.init import fork_seeded, init_scheme
 from trgl_pipe.models.random_stream import RandomStream, is_stochastic
-from trgl_pipe.objective import LocalObjective
+from trgl_pipe.objectives import LocalInputs, ModuleSpec, Objective, build_objective
 from trgl_pipe.optim import build_optimizer, build_scheduler
 from trgl_pipe.partition import Partition
 
@@ -70,18 +71,39 @@ class ModuleBody(nn.Module):
 
 
 class LocalNet(nn.Module):
-    """T_k then F_k as one module: what a data-parallel replica wraps (one gradient all-reduce)."""
+    """T_k then F_k (and the objective's auxiliary networks) as one module: what a data-parallel
+    replica wraps (one gradient all-reduce)."""
 
-    def __init__(self, body: ModuleBody, head: nn.Module) -> None:
+    def __init__(
+        self,
+        body: ModuleBody,
+        head: nn.Module,
+        objective: Objective | None = None,
+        aux: nn.ModuleDict | None = None,
+    ) -> None:
         super().__init__()
         self.body = body
         self.head = head
+        self.objective = objective
+        self.aux = aux if aux is not None else nn.ModuleDict()
+        self.probe_head = objective is not None and objective.probe_head
 
     def forward(
-        self, x: Tensor, kinetic_grad: bool = True, per_block: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self,
+        x: Tensor,
+        kinetic_grad: bool = True,
+        per_block: bool = False,
+        image: Tensor | None = None,
+        extras: bool = False,
+    ) -> tuple[Tensor, ...]:
+        """T_k(x), C_k and F_k's logits; with ``extras`` also what the objective's networks
+        computed (a dict). A probe head reads the detached output: it only measures accuracy."""
         out, energy = self.body(x, kinetic_grad=kinetic_grad, per_block=per_block)
-        return out, energy, self.head(out)
+        logits = self.head(out.detach() if self.probe_head else out)
+        if not extras:
+            return out, energy, logits
+        assert self.objective is not None
+        return out, energy, logits, self.objective.forward(self.aux, x, out, image)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +169,8 @@ class Stage:
         total_steps: int,
         steps_per_epoch: int,
         device: torch.device,
+        objective: Objective | None = None,
+        aux: nn.ModuleDict | None = None,
     ) -> None:
         self.plan = plan
         self.index = plan.index
@@ -157,7 +181,13 @@ class Stage:
         if self.channels_last:
             self.body.to(memory_format=torch.channels_last)
             self.head.to(memory_format=torch.channels_last)
-        self.objective = LocalObjective(cfg.trgl, plan.index, plan.num_modules, device)
+        if objective is None:  # built without shapes: an objective that needs none (TRGL, VanGL)
+            objective = build_objective(cfg, ModuleSpec(plan.index, plan.num_modules, (), (), (), 0), device)
+        self.objective = objective
+        self.local_net = LocalNet(self.body, self.head, objective, aux)
+        self.aux = self.local_net.aux.to(device)
+        # the stage asks the objective's networks for more than C_k and the logits
+        self.extended = len(self.aux) > 0
         self.label_smoothing = cfg.optim.label_smoothing
         self.optimizer = build_optimizer(self.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps, steps_per_epoch)
@@ -167,7 +197,6 @@ class Stage:
         if cfg.train.compile:
             self.body.compile()
             self.head.compile()
-        self.local_net = LocalNet(self.body, self.head)
         self.seed = cfg.seed
         # dropout / stochastic depth draw from the module's own stream (None: nothing random)
         self.random: RandomStream | None = (
@@ -194,11 +223,16 @@ class Stage:
             self.random = RandomStream(self.seed, self.index, self.device, replica)
 
     def parameters(self) -> list[nn.Parameter]:
-        return [*self.body.parameters(), *self.head.parameters()]
+        return [*self.body.parameters(), *self.head.parameters(), *self.aux.parameters()]
 
     @property
     def num_params(self) -> int:
-        return self.num_body_params + self.num_head_params
+        return self.num_body_params + self.num_head_params + self.num_aux_params
+
+    @property
+    def num_aux_params(self) -> int:
+        """Parameters of the objective's networks besides F_k (InfoPro's decoder, ...)."""
+        return sum(p.numel() for p in self.aux.parameters())
 
     @property
     def num_body_params(self) -> int:
@@ -225,18 +259,33 @@ class Stage:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)
 
-    def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _loss(
+        self, x: Tensor, y: Tensor, image: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        objective = self.objective
+        extras: dict[str, Tensor] = {}
         with self._autocast():
-            out, kinetic, logits = self.net(x, kinetic_grad=self.objective.enabled)
+            if self.extended:
+                out, kinetic, logits, extras = self.net(
+                    x, kinetic_grad=objective.uses_kinetic, image=image, extras=True
+                )
+            else:
+                out, kinetic, logits = self.net(x, kinetic_grad=objective.uses_kinetic)
         ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
-        return out, kinetic, logits, ce, self.objective(ce, kinetic)
+        loss = objective.loss(LocalInputs(x, out, kinetic, logits, ce, y, image, extras))
+        return out, kinetic, logits, ce, loss
 
-    def train_step(self, x: Tensor, y: Tensor) -> Tensor:
-        """One local update of T_k and F_k; returns T_k(x) detached from the graph."""
+    def train_step(self, x: Tensor, y: Tensor, image: Tensor | None = None) -> Tensor:
+        """One local update of T_k, F_k and the objective's networks; returns T_k(x) detached.
+
+        ``image`` is the batch's input image, for an objective that reads it (InfoPro).
+        """
         x, y = self._prepare(x, y)
+        if image is not None:
+            image = image.to(self.device, non_blocking=True)
         self.local_net.train()
         with self.random.active() if self.random is not None else contextlib.nullcontext():
-            out, kinetic, logits, ce, loss = self._loss(x, y)
+            out, kinetic, logits, ce, loss = self._loss(x, y, image)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -345,7 +394,7 @@ class Stage:
             x = torch.zeros((n, *feature_shape), dtype=dtype, device=self.device)
             net.train()
             with self._autocast():
-                _, kinetic, logits = net(x, kinetic_grad=self.objective.enabled)
+                _, kinetic, logits = net(x, kinetic_grad=self.objective.uses_kinetic)
             (logits.float().sum() + kinetic.float()).backward()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -363,7 +412,11 @@ class Stage:
         if bad_step >= 0:
             raise NonFiniteLossError(
                 f"module {self.index}: the local loss became NaN or infinite at its step {bad_step}; "
-                "lower optim.lr or raise trgl.tau"
+                + (
+                    "lower optim.lr or raise trgl.tau"
+                    if self.objective.uses_kinetic
+                    else "lower optim.lr (or the objective's loss weights)"
+                )
             )
 
     # -- state ------------------------------------------------------------------------------
@@ -375,6 +428,7 @@ class Stage:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "objective": self.objective.state_dict(),
+            **({"aux": self.aux.state_dict()} if self.extended else {}),
             "num_steps": self.num_steps,
             **({"random": self.random.state_dict()} if self.random is not None else {}),
         }
@@ -385,6 +439,8 @@ class Stage:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state["objective"])
+        if self.extended:
+            self.aux.load_state_dict(state["aux"])
         self.num_steps = int(state["num_steps"])
         if self.random is not None and "random" in state:
             self.random.load_state_dict(state["random"])
@@ -405,10 +461,17 @@ def make_aux_head(
         return head
     kind = backbone.kind(block)
     channels = backbone.channels(block) if kind else 0
+    if cfg.aux.type != "conv" and kind != "map":
+        raise ConfigError(
+            f"aux.type={cfg.aux.type} is a head for [N, C, H, W] feature maps; block {block} of "
+            f"model.arch={backbone.arch} gives {kind or 'other'} outputs: use aux.type=conv"
+        )
     if kind == "tokens":
         head: nn.Module = TokenHead(channels, num_classes, cfg.aux.hidden)
     elif kind == "vector":
         head = VectorHead(channels, num_classes, cfg.aux.hidden)
+    elif kind == "map" and cfg.aux.type != "conv":  # DGL's CNN or MLP-SR head
+        head = DglHead(channels, num_classes, backbone.spatial(block), cfg.aux.type.removeprefix("dgl_"))
     elif kind == "map":
         head = AuxHead(
             channels,
@@ -455,18 +518,51 @@ def build_stage(
     steps_per_epoch: int,
     device: torch.device,
     transform: Callable[[nn.Module], nn.Module] | None = None,
+    normalization: dict | None = None,
 ) -> Stage:
     """Stage ``index`` of ``partition`` (the stem goes with module 0).
 
-    ``transform`` rewrites the body and the head before the optimizer sees their parameters
-    (SyncBatchNorm for data-parallel replicas).
+    ``transform`` rewrites the body, the head and the objective's networks before the optimizer
+    sees their parameters (SyncBatchNorm for data-parallel replicas). ``normalization`` (the
+    images' per-channel mean and std) lets an objective restore the image (InfoPro).
     """
     start, stop = partition[index]
     plan = StagePlan(index, len(partition), start, stop)
     body = ModuleBody(
         parts.stem if plan.is_first else None, parts.blocks[start:stop], start, cfg.trgl.reduction
     )
-    head = build_head(parts, plan, num_classes, cfg)
+    spec = module_spec(parts, plan, num_classes, normalization)
+    # the objective's networks (and a head of its own) are seeded by (seed, k, last block): rank-free
+    with fork_seeded(cfg.seed, 5, plan.index, plan.stop):
+        objective = build_objective(cfg, spec, device)
+        own_head = objective.head()
+        aux = objective.networks()
+    head = own_head if own_head is not None else build_head(parts, plan, num_classes, cfg)
     if transform is not None:
-        body, head = transform(body), transform(head)
-    return Stage(plan, body, head, cfg, total_steps, steps_per_epoch, device)
+        body, head, aux = transform(body), transform(head), transform(aux)
+    return Stage(plan, body, head, cfg, total_steps, steps_per_epoch, device, objective, aux)
+
+
+def module_head(backbone: Backbone, plan: StagePlan, num_classes: int, cfg: Config) -> nn.Module:
+    """F_k as training builds it: the objective's own classifier (InfoPro, PredSim), else the
+    ``aux`` section's (for an export, which then loads the trained weights)."""
+    spec = module_spec(backbone, plan, num_classes, None)
+    with fork_seeded(cfg.seed, 5, plan.index, plan.stop):
+        own = build_objective(cfg, spec, torch.device("cpu")).head()
+    return own if own is not None else build_head(backbone, plan, num_classes, cfg)
+
+
+def module_spec(parts: Backbone, plan: StagePlan, num_classes: int, normalization: dict | None) -> ModuleSpec:
+    """What an objective may know of module ``plan.index``: the shapes around it, the images'."""
+    norm = normalization or {}
+    return ModuleSpec(
+        index=plan.index,
+        num_modules=plan.num_modules,
+        in_shape=parts.input_shape if plan.is_first else parts.input_of(plan.start),
+        out_shape=parts.shapes[plan.stop - 1],
+        image_shape=parts.input_shape,
+        num_classes=num_classes,
+        tokens=parts.tokens,
+        mean=tuple(norm.get("mean", ())),
+        std=tuple(norm.get("std", ())),
+    )

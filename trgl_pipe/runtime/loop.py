@@ -128,5 +128,8 @@ def rank_stats(
         "mean_buffer_occupancy": None if outbox is None else outbox.gate.mean_occupancy,
         "max_buffer_occupancy": None if outbox is None else outbox.gate.max_in_flight,
         "buffer_size": None if outbox is None else outbox.gate.capacity,
+        # bytes sent to the next rank: activations, and input images (an objective that reads them)
+        "sent_bytes": getattr(outbox, "sent_bytes", None),
+        "image_sent_bytes": getattr(outbox, "image_sent_bytes", None),
         "peak_memory_bytes": peak_memory_bytes(device),
     }

@@ -41,11 +41,13 @@ class Message:
     split: int = 0  # EVAL: index into SPLITS
     final: bool = False  # EVAL_DONE / CHECKPOINT: the last one of the run
     preempted: bool = False  # STOP: the run stops early (SIGTERM); every rank exits with 143
+    image: Tensor | None = None  # TRAIN: the batch's input image, while a later module needs it
 
     @property
     def num_samples(self) -> int:
         return 0 if self.y is None else int(self.y.shape[0])
 
-    def forward(self, x: Tensor | None) -> Message:
-        """The same message carrying the next module's input."""
-        return replace(self, x=x)
+    def forward(self, x: Tensor | None, image: Tensor | None = None) -> Message:
+        """The same message carrying the next module's input (and the image, if a later module
+        reads it)."""
+        return replace(self, x=x, image=image)

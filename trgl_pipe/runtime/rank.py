@@ -224,6 +224,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
             device,
             cfg.pipeline.timeout_s,
             session.staged,
+            # the image follows each training batch while this rank or a later one reads it
+            ctx.input_shape if any(w.reads_image or w.passes_image for w in chain) else None,
         )
         in_shape, in_dtype = inbox.handshake()
     with torch.no_grad():  # the shape and dtype of each module's output, for the next one

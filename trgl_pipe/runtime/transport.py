@@ -31,6 +31,7 @@ from trgl_pipe.runtime.messages import Kind, Message
 
 HEADER = 8  # kind, n, epoch, batch, step, split, final, preempted; then up to max_batch labels
 HEADER_TAG, DATA_TAG, CREDIT_TAG = 1, 2, 3
+IMAGE_TAG = 4  # a training batch's input image, after its activation, when a later rank reads it
 # Waits that may legitimately last long: the handshake (a neighbour may still be reading data or
 # compiling) and the next header or credit (the main thread bounds these by pipeline.timeout_s
 # from the moment it needs them; a dead peer ends them at once by closing its connection).
@@ -269,6 +270,8 @@ class DistOutbox:
         self._error: BaseException | None = None
         self._staging: StagingBuffers | None = None
         self._num_sent = 0
+        self.sent_bytes = 0  # activations sent (headers and credits not counted)
+        self.image_sent_bytes = 0  # input images sent with training batches
         self._credit_thread = threading.Thread(
             target=self._collect_credits, name=f"credits-from-{peer}", daemon=True
         )
@@ -318,7 +321,15 @@ class DistOutbox:
                 x = buffer[: x.shape[0]].copy_(x)
             if x.shape[0]:  # an empty evaluation shard sends its header only
                 works.append(_isend(x, self.rank, self.peer, self.group, DATA_TAG))
+                self.sent_bytes += x.numel() * x.element_size()
             keep.append(x)
+            if msg.image is not None and x.shape[0]:  # the receiver expects it (same rule there)
+                image = msg.image.contiguous()
+                if self.staged:
+                    image = image.cpu()
+                works.append(_isend(image, self.rank, self.peer, self.group, IMAGE_TAG))
+                self.image_sent_bytes += image.numel() * image.element_size()
+                keep.append(image)
         self._num_sent += 1
         self._completer.add(works, keep, done)
         return waited
@@ -354,10 +365,12 @@ class DistInbox:
         device: torch.device,
         timeout_s: float,
         staged: bool = False,
+        image_shape: tuple[int, ...] | None = None,
     ) -> None:
         self.rank = rank
         self.peer = peer
         self.group = group
+        self.image_shape = image_shape  # training batches bring their image (a later module reads it)
         self.capacity = capacity
         self.max_batch = max_batch
         self.device = device
@@ -413,9 +426,10 @@ class DistInbox:
                 dist.irecv(header, self.peer, group=self.group, tag=HEADER_TAG).wait(IDLE_TIMEOUT)
                 kind, n, epoch, batch, step, split, final, preempted = header[:HEADER].tolist()
                 y = header[HEADER : HEADER + n].clone() if n else None
-                x, ready = None, None
+                x, ready, image = None, None, None
                 if Kind(kind).has_payload:
-                    x, ready = self._receive_payload(slot, n)
+                    with_image = self.image_shape is not None and kind == Kind.TRAIN and n > 0
+                    x, ready, image = self._receive_payload(slot, n, with_image)
                 msg = Message(
                     Kind(kind),
                     x,
@@ -426,6 +440,7 @@ class DistInbox:
                     split=split,
                     final=bool(final),
                     preempted=bool(preempted),
+                    image=image,
                 )
                 self._ready.put((msg, slot, ready))
                 if kind == Kind.STOP:
@@ -433,28 +448,41 @@ class DistInbox:
         except Exception as error:
             self._ready.put(PipelineError(f"rank {self.rank}: lost rank {self.peer} ({_short(error)})"))
 
-    def _receive_payload(self, slot: int, n: int) -> tuple[torch.Tensor, Any]:
+    def _receive_image(self, n: int, device: torch.device) -> torch.Tensor:
+        """A training batch's image, into a tensor of its own (it is read after the slot's reuse)."""
+        image = torch.empty((n, *self.image_shape), dtype=torch.float32, device=device)
+        dist.irecv(image, self.peer, group=self.group, tag=IMAGE_TAG).wait(self.timeout)
+        return image
+
+    def _receive_payload(self, slot: int, n: int, with_image: bool = False) -> tuple[torch.Tensor, Any, Any]:
         view = self._slots[slot][:n]
         if n == 0:  # an empty evaluation shard: no data follows its header
-            return (view.to(self.device) if self.staged else view), None
+            return (view.to(self.device) if self.staged else view), None, None
         if self._stream is None:  # CPU ranks
             dist.irecv(view, self.peer, group=self.group, tag=DATA_TAG).wait(self.timeout)
-            return view, None
+            return view, None, self._receive_image(n, self.device) if with_image else None
         with torch.cuda.stream(self._stream):
+            image = None
             if self.staged:  # gloo into pinned host memory, then to this rank's GPU
                 dist.irecv(view, self.peer, group=self.group, tag=DATA_TAG).wait(self.timeout)
                 x = view.to(self.device, non_blocking=True)
+                if with_image:
+                    image = self._receive_image(n, torch.device("cpu")).to(self.device, non_blocking=True)
+                    image.record_stream(self._compute_stream)
                 self._stream.synchronize()  # the host slot may be reused once this returns
                 x.record_stream(self._compute_stream)  # keep its memory until the training loop is done
-                return x, None
+                return x, None, image
             if self._free_events[slot] is not None:  # the compute that read this slot is done
                 self._stream.wait_event(self._free_events[slot])
             # With a timeout, an NCCL wait blocks this thread until the data is here: a message is
             # handed over only once it has arrived, and a dead sender surfaces as an error.
             dist.irecv(view, self.peer, group=self.group, tag=DATA_TAG).wait(self.timeout)
+            if with_image:
+                image = self._receive_image(n, self.device)
+                image.record_stream(self._compute_stream)
             ready = torch.cuda.Event()
             ready.record(self._stream)
-            return view, ready
+            return view, ready, image
 
     def recv(self, waiter: Waiter) -> Message:
         item = waiter.wait(lambda t: _queue_get(self._ready, t), f"a message from rank {self.peer}")

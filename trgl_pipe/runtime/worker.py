@@ -47,6 +47,8 @@ class StageWorker:
         self.faults: Callable[[StageWorker, bool], None] | None = None
         self.total_steps = stage.total_steps
         self.epochs = 0  # set by the run: for progress and ETA
+        self.reads_image = False  # the stage's objective reads the batch's image
+        self.passes_image = False  # a later module reads it: it travels on with the output
 
     @property
     def index(self) -> int:
@@ -58,13 +60,15 @@ class StageWorker:
         if kind is Kind.TRAIN:
             if self.faults is not None:
                 self.faults(self, True)
+            # the first module's input is the image itself
+            image = msg.x if self.index == 0 else msg.image
             with self.clock.region(f"train/{self.index}"):
-                out = self.stage.train_step(msg.x, msg.y)
+                out = self.stage.train_step(msg.x, msg.y, image if self.reads_image else None)
             self.train_samples += msg.num_samples
             self.epoch = msg.epoch
             if self.stage.num_steps % self.log_every_steps == 0:
                 self._log_train()
-            return msg.forward(out)
+            return msg.forward(out, image if self.passes_image else None)
         if kind is Kind.EVAL:
             if self.faults is not None:
                 self.faults(self, False)
@@ -168,7 +172,8 @@ class StageWorker:
         elif weight["lambda"] is not None:
             shown = f"λ={weight['lambda']:.4g}"
         else:
-            shown = "VanGL"
+            method = weight.get("method", "vangl")
+            shown = "VanGL" if method == "vangl" else method
         elapsed = self.elapsed_s
         val = self.last_eval.get("val", {}).get("accuracy")
         return {
@@ -201,6 +206,7 @@ class StageWorker:
             "num_params": self.stage.num_params,
             "body_params": self.stage.num_body_params,
             "head_params": self.stage.num_head_params,
+            **({"aux_params": self.stage.num_aux_params} if self.stage.extended else {}),
             "num_steps": self.stage.num_steps,
             "compute_s": round(self.train_compute_s, 4),
             "history": self.eval_history,
@@ -217,8 +223,12 @@ def make_worker(
 ) -> StageWorker:
     """A worker for ``stage`` with the run's logging, checkpoint hook and any injected faults."""
     from trgl_pipe.faults import fault_hook
+    from trgl_pipe.objectives import needs_image
 
     worker = StageWorker(stage, logger, cfg.log.every_steps, checkpoint_hook, clock, log_fields)
     worker.faults = fault_hook(cfg.debug, stage.index)
     worker.epochs = cfg.train.epochs
+    num_modules = stage.plan.num_modules
+    worker.reads_image = needs_image(cfg, stage.index, num_modules)
+    worker.passes_image = any(needs_image(cfg, k, num_modules) for k in range(stage.index + 1, num_modules))
     return worker

@@ -1,0 +1,97 @@
+"""The interface every local objective offers a stage.
+
+An objective is built for one module from a :class:`ModuleSpec` (its index, the shapes of its input,
+output and the batch's image). It may own auxiliary networks besides the classifier F_k (a decoder,
+a projection head); the stage trains them with the module and runs them inside the module's
+forward, so data-parallel replicas average their gradients too. Each training step the stage hands
+the objective a :class:`LocalInputs` and backpropagates the scalar it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleSpec:
+    """What an objective may know about module ``index`` of ``num_modules`` (shapes of one sample)."""
+
+    index: int
+    num_modules: int
+    in_shape: tuple[int, ...]  # the module's input (the image for module 0)
+    out_shape: tuple[int, ...]  # the module's output, [C, H, W] (or [H, W, C] for token maps)
+    image_shape: tuple[int, ...]  # the batch's input image, [C, H, W]
+    num_classes: int
+    tokens: bool = False  # outputs are [N, H, W, C] token maps (Swin)
+    mean: tuple[float, ...] = ()  # per-channel normalisation of the images (empty: none)
+    std: tuple[float, ...] = ()
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_modules - 1
+
+
+@dataclass(slots=True)
+class LocalInputs:
+    """What one training step of a module gives its objective."""
+
+    x: Tensor  # the module's input (detached: no gradient crosses modules)
+    out: Tensor  # T_k(x)
+    kinetic: Tensor  # C_k: the reduced kinetic energy of the module's residual branches
+    logits: Tensor  # F_k(T_k(x))
+    ce: Tensor  # the cross-entropy of ``logits`` (what the logs call ce)
+    y: Tensor
+    image: Tensor | None = None  # the batch's input image, when the objective asked for it
+    extras: dict[str, Tensor] = field(default_factory=dict)  # what ``forward`` computed
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+class Objective:
+    """A local objective: by default plain cross-entropy through F_k (VanGL).
+
+    Class attributes say what the stage must provide: ``needs_image`` (the batch's image must
+    reach this module), ``uses_kinetic`` (C_k enters the loss: keep the residuals for autograd),
+    ``probe_head`` (F_k trains on the detached output, so it only measures accuracy).
+    """
+
+    name = "vangl"
+    needs_image: bool = False
+    uses_kinetic: bool = False
+    probe_head: bool = False
+
+    def __init__(self) -> None:
+        # data-parallel replicas average what must stay equal on all of them (λ's CE)
+        self.average: Callable[[Tensor], Tensor] = _identity
+
+    def head(self) -> nn.Module | None:
+        """A classifier F_k of the method's own (None: the one the ``aux`` section builds)."""
+        return None
+
+    def networks(self) -> nn.ModuleDict:
+        """The auxiliary networks besides F_k, built once, trained with the module."""
+        return nn.ModuleDict()
+
+    def forward(self, nets: nn.ModuleDict, x: Tensor, out: Tensor, image: Tensor | None) -> dict[str, Tensor]:
+        """Run the auxiliary networks on the module's output (inside the module's forward)."""
+        return {}
+
+    def loss(self, inputs: LocalInputs) -> Tensor:
+        """The scalar to backpropagate at this training step."""
+        return inputs.ce
+
+    def describe(self) -> dict[str, Any]:
+        """τ / λ (None when the method has none) and the method's name, for logs and the summary."""
+        return {"tau": None, "lambda": None, "method": self.name}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

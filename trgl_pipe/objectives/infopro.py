@@ -1,0 +1,229 @@
+"""InfoPro (Wang et al., ICLR 2021) and InfoProL, the variant the TRGL paper compares on Swin.
+
+InfoPro, module k < K-1:  L_k = λ1_k · BCE(D_k(h), image in [0, 1]) + λ2_k · task(h, y)
+    D_k: h upsampled (bilinear) to the image's size → 3×3 conv → BN → ReLU → 3×3 conv → sigmoid.
+    task: "softmax", cross-entropy through a projection head (3×3 conv → BN → ReLU → pool →
+    linear → ReLU → linear), which is then F_k; or "contrast", the supervised contrastive loss
+    of the projection head's normalised embedding (F_k then trains on the detached output, only
+    to measure the module's accuracy).
+    (λ1_k, λ2_k) move linearly from the first module's pair to module K-2's pair.
+InfoProL: the decoder reconstructs the module's input (the previous module's output; the image
+    for module 0) with a mean squared error, so the image need not travel down the pipeline.
+The last module trains on plain cross-entropy through the network's own head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trgl_pipe.config import ObjectiveConfig
+from trgl_pipe.errors import ConfigError
+from trgl_pipe.objectives.base import LocalInputs, ModuleSpec, Objective
+
+# The authors' ResNet-110 CIFAR-10 commands: [λ1, λ2] of the first module, then of module K-2
+AUTHORS_WEIGHTS = {
+    2: [5.0, 0.5, 0.0, 0.0],
+    4: [1.0, 0.0, 0.0, 1.0],
+    8: [5.0, 0.0, 0.0, 1.0],
+    16: [5.0, 0.0, 0.5, 1.0],
+}
+BASE_TEMPERATURE = 0.07  # the supervised contrastive loss's fixed scale (loss × τ / 0.07)
+SMALLEST_DOWNSAMPLED = 8  # the projection head keeps maps of this side or less at their size
+
+
+def to_map(t: Tensor, tokens: bool) -> Tensor:
+    """[N, C, H, W] from a token map [N, H, W, C]; a feature map as it is."""
+    return t.permute(0, 3, 1, 2) if tokens else t
+
+
+def channels_and_side(shape: tuple[int, ...], tokens: bool) -> tuple[int, tuple[int, int]]:
+    """(channels, (height, width)) of one sample of a feature or token map."""
+    if tokens:
+        return shape[2], (shape[0], shape[1])
+    return shape[0], (shape[1], shape[2])
+
+
+def module_weights(weights: list[float], index: int, num_modules: int) -> tuple[float, float]:
+    """(λ1, λ2) of module ``index``: linear from the first module's pair to module K-2's."""
+    ratio = index / (num_modules - 2) if num_modules > 2 else 0.0
+    return (
+        weights[0] * (1 - ratio) + weights[2] * ratio,
+        weights[1] * (1 - ratio) + weights[3] * ratio,
+    )
+
+
+class Decoder(nn.Module):
+    """Upsample h to ``size``, then 3×3 conv → BN → ReLU → 3×3 conv (→ sigmoid for images)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, size: tuple[int, int], widen: float, sigmoid: bool
+    ) -> None:
+        super().__init__()
+        hidden = int(12 * widen)
+        self.size = size
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, hidden, 3, padding=1),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(),
+            nn.Conv2d(hidden, out_channels, 3, padding=1),
+        ]
+        if sigmoid:
+            layers.append(nn.Sigmoid())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = F.interpolate(h, size=list(self.size), mode="bilinear", align_corners=True)
+        return self.net(h)
+
+
+class ProjectionHead(nn.Module):
+    """3×3 conv (stride 2 and twice the channels while the map is larger than 8×8) → BN → ReLU →
+    global average pool → linear → ReLU → linear: the authors' "1c2f" auxiliary network."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        side: tuple[int, int],
+        out_features: int,
+        feature_dim: int,
+        widen: float,
+        tokens: bool,
+    ) -> None:
+        super().__init__()
+        downsample = max(side) > SMALLEST_DOWNSAMPLED
+        conv_channels = int((2 * in_channels if downsample else in_channels) * widen)
+        hidden = int(feature_dim * widen)
+        self.tokens = tokens
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, conv_channels, 3, stride=2 if downsample else 1, padding=1, bias=False),
+            nn.BatchNorm2d(conv_channels),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(conv_channels, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, out_features),
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(to_map(h, self.tokens))
+
+
+def supervised_contrastive(embedding: Tensor, y: Tensor, temperature: float) -> Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020) of one view: for each anchor i, minus the
+    mean over its positives p ≠ i of log softmax_{j ≠ i}(z_i·z_j / τ)_p, times τ / 0.07, averaged
+    over anchors (an anchor without positives counts 0). ``embedding`` rows are unit vectors."""
+    n = embedding.shape[0]
+    logits = embedding @ embedding.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    not_self = ~torch.eye(n, dtype=torch.bool, device=embedding.device)
+    positive = (y[:, None] == y[None, :]) & not_self
+    denominator = (logits.exp() * not_self).sum(1, keepdim=True)
+    log_prob = logits - denominator.log()
+    count = positive.sum(1).clamp(min=1)
+    mean_log_prob = (log_prob * positive).sum(1) / count
+    return -(temperature / BASE_TEMPERATURE) * mean_log_prob.mean()
+
+
+class InfoProObjective(Objective):
+    """InfoPro (``reconstruct="image"``) or InfoProL (``reconstruct="input"``) for one module."""
+
+    def __init__(self, cfg: ObjectiveConfig, spec: ModuleSpec, reconstruct: str) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.spec = spec
+        self.reconstruct = reconstruct
+        self.name = "infopro" if reconstruct == "image" else "infopro_l"
+        self.task = cfg.infopro_loss
+        self.active = not spec.is_last  # the last module: plain CE through the network's head
+        weights = cfg.infopro_weights
+        if weights is None and self.active:
+            if spec.num_modules not in AUTHORS_WEIGHTS:
+                raise ConfigError(
+                    f"objective.infopro_weights: the authors give weights for K in {sorted(AUTHORS_WEIGHTS)} "
+                    f"only, not K={spec.num_modules}; set objective.infopro_weights=[λ1, λ2, λ1', λ2']"
+                )
+            weights = AUTHORS_WEIGHTS[spec.num_modules]
+        self.weights = module_weights(weights, spec.index, spec.num_modules) if self.active else (0.0, 1.0)
+        self.needs_image = self.active and reconstruct == "image"
+        self.probe_head = self.active and self.task == "contrast"
+        channels, _ = channels_and_side(spec.image_shape, False)
+        self.image_channels = channels
+        view = (1, -1, 1, 1)
+        self.mean = torch.tensor(spec.mean or [0.0] * channels).view(view)
+        self.std = torch.tensor(spec.std or [1.0] * channels).view(view)
+
+    def _projection(self, out_features: int) -> ProjectionHead:
+        channels, side = channels_and_side(self.spec.out_shape, self.spec.tokens)
+        cfg = self.cfg
+        return ProjectionHead(
+            channels, side, out_features, cfg.infopro_feature_dim, cfg.infopro_widen, self.spec.tokens
+        )
+
+    def head(self) -> nn.Module | None:
+        """F_k of the softmax task: the projection head, to the classes."""
+        if self.active and self.task == "softmax":
+            return self._projection(self.spec.num_classes)
+        return None
+
+    def networks(self) -> nn.ModuleDict:
+        if not self.active:
+            return nn.ModuleDict()
+        channels, _ = channels_and_side(self.spec.out_shape, self.spec.tokens)
+        if self.reconstruct == "image":
+            target_channels, size = channels_and_side(self.spec.image_shape, False)
+        else:
+            target_channels, size = channels_and_side(
+                self.spec.in_shape, self.spec.tokens and self.spec.index > 0
+            )
+        nets = nn.ModuleDict(
+            {
+                "decoder": Decoder(
+                    channels, target_channels, size, self.cfg.infopro_widen, self.reconstruct == "image"
+                )
+            }
+        )
+        if self.task == "contrast":
+            nets["projection"] = self._projection(self.cfg.infopro_feature_dim)
+        return nets
+
+    def forward(self, nets: nn.ModuleDict, x: Tensor, out: Tensor, image: Tensor | None) -> dict[str, Tensor]:
+        if not self.active:
+            return {}
+        extras = {"reconstruction": nets["decoder"](to_map(out, self.spec.tokens))}
+        if "projection" in nets:
+            extras["embedding"] = F.normalize(nets["projection"](out), dim=1)
+        return extras
+
+    def target(self, x: Tensor, image: Tensor | None) -> Tensor:
+        """What the decoder reconstructs: the image in [0, 1], or the module's input."""
+        if self.reconstruct == "image":
+            if image is None:
+                raise RuntimeError(f"module {self.spec.index}: InfoPro needs the batch's image")
+            mean, std = self.mean.to(image.device), self.std.to(image.device)
+            return (image.float() * std + mean).clamp(0, 1)
+        return to_map(x, self.spec.tokens and self.spec.index > 0).detach().float()
+
+    def loss(self, inputs: LocalInputs) -> Tensor:
+        if not self.active:
+            return inputs.ce
+        recon_weight, task_weight = self.weights
+        reconstruction = inputs.extras["reconstruction"].float()
+        target = self.target(inputs.x, inputs.image)
+        if self.reconstruct == "image":
+            recon = F.binary_cross_entropy(reconstruction, target)
+        else:
+            recon = F.mse_loss(reconstruction, target)
+        if self.task == "softmax":
+            return recon_weight * recon + task_weight * inputs.ce
+        contrast = supervised_contrastive(
+            inputs.extras["embedding"].float(), inputs.y, self.cfg.infopro_temperature
+        )
+        return recon_weight * recon + task_weight * contrast + inputs.ce  # + the probe's CE
+
+    def describe(self) -> dict[str, Any]:
+        return {"tau": None, "lambda": None, "method": self.name}
