@@ -165,6 +165,25 @@ def _encode_header(msg: Message, max_batch: int) -> torch.Tensor:
     return header
 
 
+def _decode_header(header: torch.Tensor) -> Message:
+    """The message a header describes, without its activation. A message with a payload always
+    has labels, an empty evaluation shard's too (zero of them), so a module never sees None."""
+    kind, n, epoch, batch, step, split, final, preempted = header[:HEADER].tolist()
+    kind = Kind(kind)
+    y = header[HEADER : HEADER + n].clone() if kind.has_payload else None
+    return Message(
+        kind,
+        None,
+        y,
+        epoch=epoch,
+        batch=batch,
+        step=step,
+        split=split,
+        final=bool(final),
+        preempted=bool(preempted),
+    )
+
+
 class StagingBuffers:
     """Host buffers that activations of a GPU pass through when gloo carries them (ranks sharing a
     GPU): buffer i is free again once the send that used it has completed.
@@ -411,24 +430,11 @@ class DistInbox:
                 slot = index % self.capacity
                 index += 1
                 dist.irecv(header, self.peer, group=self.group, tag=HEADER_TAG).wait(IDLE_TIMEOUT)
-                kind, n, epoch, batch, step, split, final, preempted = header[:HEADER].tolist()
-                y = header[HEADER : HEADER + n].clone() if n else None
-                x, ready = None, None
-                if Kind(kind).has_payload:
-                    x, ready = self._receive_payload(slot, n)
-                msg = Message(
-                    Kind(kind),
-                    x,
-                    y,
-                    epoch=epoch,
-                    batch=batch,
-                    step=step,
-                    split=split,
-                    final=bool(final),
-                    preempted=bool(preempted),
-                )
+                msg, ready = _decode_header(header), None
+                if msg.kind.has_payload:
+                    msg.x, ready = self._receive_payload(slot, msg.num_samples)
                 self._ready.put((msg, slot, ready))
-                if kind == Kind.STOP:
+                if msg.kind is Kind.STOP:
                     return
         except Exception as error:
             self._ready.put(PipelineError(f"rank {self.rank}: lost rank {self.peer} ({_short(error)})"))
