@@ -225,7 +225,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
             cfg.pipeline.timeout_s,
             session.staged,
         )
-        outbox.handshake(tuple(probe.shape[1:]), probe.dtype)
+        outbox.handshake(tuple(probe.shape[1:]), probe.dtype, cfg.train.channels_last and probe.dim() == 4)
     train_sizes, eval_sizes = batch_sizes(cfg, ctx, replica, layout.replicas)
     for stage, (shape, dtype) in zip(stages, shapes, strict=True):
         stage.warm_up(shape, dtype, train_sizes, eval_sizes)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
 import threading
@@ -31,6 +32,7 @@ from trgl_pipe.runtime.messages import Kind, Message
 
 HEADER = 8  # kind, n, epoch, batch, step, split, final, preempted; then up to max_batch labels
 HEADER_TAG, DATA_TAG, CREDIT_TAG = 1, 2, 3
+INFO = 9  # the handshake: ndim, up to 6 sizes, dtype, channels_last
 # Waits that may legitimately last long: the handshake (a neighbour may still be reading data or
 # compiling) and the next header or credit (the main thread bounds these by pipeline.timeout_s
 # from the moment it needs them; a dead peer ends them at once by closing its connection).
@@ -153,6 +155,54 @@ def use_device(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
+def _encode_info(feature_shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """The handshake: ndim, the shape of one sample (up to 6 dimensions), dtype, layout."""
+    info = torch.zeros(INFO, dtype=torch.int64)
+    info[0] = len(feature_shape)
+    info[1 : 1 + len(feature_shape)] = torch.tensor(feature_shape)
+    info[7] = DTYPES.index(dtype)
+    info[8] = int(channels_last)
+    return info
+
+
+def _decode_info(info: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, bool]:
+    ndim = int(info[0])
+    return tuple(int(v) for v in info[1 : 1 + ndim]), DTYPES[int(info[7])], bool(info[8])
+
+
+def to_wire(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``x`` as the contiguous tensor a backend sends (gloo and NCCL take contiguous tensors only):
+    a channels_last activation is sent as its NHWC view, the same memory, so nothing is copied."""
+    if channels_last:
+        return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    return x.contiguous()
+
+
+def from_wire(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The activation a received wire tensor holds (channels_last again, without a copy)."""
+    return t.permute(0, 3, 1, 2) if channels_last else t
+
+
+def _wire_shape(feature_shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
+    if channels_last:
+        c, h, w = feature_shape
+        return (h, w, c)
+    return feature_shape
+
+
+def side_stream(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make a new stream of ``device`` this thread's current one (nothing on a CPU).
+
+    A background thread of the runtime must never make the training stream wait: an NCCL work's
+    ``wait()`` first makes the calling thread's *current* stream wait for the transfer, and a
+    thread's current stream is the device's default one, the stream training runs on. Inside
+    this context that wait lands on a stream of the thread's own, which nothing else uses.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.Stream(device))
+
+
 def _encode_header(msg: Message, max_batch: int) -> torch.Tensor:
     header = torch.zeros(HEADER + max_batch, dtype=torch.int64)
     n = msg.num_samples
@@ -226,6 +276,8 @@ class _Completer:
     A gloo send completes only once the peer has posted the matching receive, and an NCCL work's
     plain ``wait()`` returns at once on the host; waiting with a timeout blocks this thread until
     the transfer is done or ``timeout_s`` has passed, which is what makes a dead peer visible.
+    The thread waits on a stream of its own (:func:`side_stream`), never on the training stream.
+    ``later`` starts a send from this thread once its data is ready (a host-staged copy).
     """
 
     def __init__(self, name: str, device: torch.device, timeout_s: float) -> None:
@@ -233,20 +285,35 @@ class _Completer:
         self.error: BaseException | None = None
         self.device = device
         self.timeout = timedelta(seconds=timeout_s)
+        self.stream: Any = None  # the stream the thread waits on (CUDA only), set once it runs
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def add(self, works: list[Any], tensors: list[torch.Tensor], done: threading.Event | None = None) -> None:
-        self._items.put((works, tensors, done))
+    def add(
+        self,
+        works: list[Any],
+        tensors: list[torch.Tensor],
+        done: threading.Event | None = None,
+        later: Callable[[], Any] | None = None,
+    ) -> None:
+        self._items.put((works, tensors, done, later))
 
     def _run(self) -> None:
         use_device(self.device)
+        with side_stream(self.device):
+            if self.device.type == "cuda":
+                self.stream = torch.cuda.current_stream(self.device)
+            self._complete()
+
+    def _complete(self) -> None:
         while True:
             item = self._items.get()
             if item is None:
                 return
-            works, _, done = item
+            works, _, done, later = item
             try:
+                if later is not None:
+                    works = [*works, later()]
                 for work in works:
                     work.wait(self.timeout)
             except Exception as error:
@@ -287,60 +354,90 @@ class DistOutbox:
         self._completer = _Completer(f"sends-to-{peer}", device, timeout_s)
         self._error: BaseException | None = None
         self._staging: StagingBuffers | None = None
+        self._copy_stream: Any = None
+        self._copied: list[Any] = []
+        self.channels_last = False  # activations travel as their NHWC view
         self._num_sent = 0
         self._credit_thread = threading.Thread(
             target=self._collect_credits, name=f"credits-from-{peer}", daemon=True
         )
         self._credit_thread.start()
 
-    def handshake(self, feature_shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        """Tell the next rank the shape and dtype of one sample of our output (once)."""
-        info = torch.zeros(8, dtype=torch.int64)
-        info[0] = len(feature_shape)
-        info[1 : 1 + len(feature_shape)] = torch.tensor(feature_shape)
-        info[7] = DTYPES.index(dtype)
-        dist.isend(info, self.peer, group=self.group, tag=HEADER_TAG).wait(STARTUP_TIMEOUT)
+    def handshake(
+        self, feature_shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool = False
+    ) -> None:
+        """Tell the next rank the shape, dtype and memory layout of one sample of our output (once).
+
+        Activations travel in the layout the modules compute in (channels_last or not), so
+        neither end copies them into another layout.
+        """
+        self.channels_last = channels_last
+        dist.isend(
+            _encode_info(feature_shape, dtype, channels_last), self.peer, group=self.group, tag=HEADER_TAG
+        ).wait(STARTUP_TIMEOUT)
         if self.staged:
             self._staging = StagingBuffers(
                 [
-                    torch.empty((self.max_batch, *feature_shape), dtype=dtype).pin_memory()
+                    torch.empty(
+                        (self.max_batch, *_wire_shape(feature_shape, channels_last)), dtype=dtype
+                    ).pin_memory()
                     for _ in range(self.gate.capacity + 1)
                 ]
             )
+            self._copy_stream = torch.cuda.Stream(self.device)
+            self._copied = [torch.cuda.Event() for _ in range(len(self._staging))]
 
     def _collect_credits(self) -> None:
         use_device(self.device)
         credit = torch.zeros(1, dtype=torch.int64)
         try:
-            while True:
-                dist.irecv(credit, self.peer, group=self.group, tag=CREDIT_TAG).wait(IDLE_TIMEOUT)
-                if int(credit) < 0:
-                    return
-                self.gate.release()
+            with side_stream(self.device):
+                self._credits_loop(credit)
         except Exception as error:
             self._error = PipelineError(f"rank {self.rank}: lost rank {self.peer} ({_short(error)})")
+
+    def _credits_loop(self, credit: torch.Tensor) -> None:
+        while True:
+            dist.irecv(credit, self.peer, group=self.group, tag=CREDIT_TAG).wait(IDLE_TIMEOUT)
+            if int(credit) < 0:
+                return
+            self.gate.release()
 
     def send(self, msg: Message, waiter: Waiter) -> float:
         waited = self.gate.acquire(waiter, f"room in the buffer of rank {self.peer}", self._failure)
         header = _encode_header(msg, self.max_batch)
         works = [_isend(header, self.rank, self.peer, self.group, HEADER_TAG)]
         keep = [header]
-        done = None
+        done, later = None, None
         if msg.kind.has_payload:
-            x = msg.x.contiguous()
-            if self._staging is not None:
+            x = to_wire(msg.x, self.channels_last)  # no copy when in the agreed layout
+            if self._staging is not None and x.shape[0]:
                 t0 = time.perf_counter()
-                buffer, done = self._staging.take(
-                    self._num_sent % len(self._staging), waiter, self._failure, f"rank {self.peer} to receive"
-                )
+                i = self._num_sent % len(self._staging)
+                buffer, done = self._staging.take(i, waiter, self._failure, f"rank {self.peer} to receive")
                 waited += time.perf_counter() - t0
-                x = buffer[: x.shape[0]].copy_(x)
-            if x.shape[0]:  # an empty evaluation shard sends its header only
+                later = self._stage(x, buffer[: x.shape[0]], self._copied[i])
+            elif x.shape[0]:  # an empty evaluation shard sends its header only
                 works.append(_isend(x, self.rank, self.peer, self.group, DATA_TAG))
             keep.append(x)
         self._num_sent += 1
-        self._completer.add(works, keep, done)
+        self._completer.add(works, keep, done, later)
         return waited
+
+    def _stage(self, x: torch.Tensor, host: torch.Tensor, copied: Any) -> Callable[[], Any]:
+        """Copy ``x`` to pinned ``host`` memory on a side stream without the host waiting; returns
+        what the completer thread calls to send it once the copy is done."""
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # x is computed
+        with torch.cuda.stream(self._copy_stream):
+            host.copy_(x, non_blocking=True)
+            copied.record(self._copy_stream)
+        x.record_stream(self._copy_stream)
+
+        def send() -> Any:
+            copied.synchronize()
+            return _isend(host, self.rank, self.peer, self.group, DATA_TAG)
+
+        return send
 
     def _failure(self) -> BaseException | None:
         if self._completer.error is not None:
@@ -386,24 +483,26 @@ class DistInbox:
         self._ready: queue.Queue = queue.Queue()
         self._free_slots = threading.Semaphore(capacity)
         self._in_use: deque[int] = deque()
-        self._free_events: list[Any] = [None] * capacity
+        self._used = [False] * capacity  # a slot's `consumed` event has been recorded
+        self._arrived: list[Any] = []
+        self._consumed: list[Any] = []
         self._credits = _Completer(f"credits-to-{peer}", device, timeout_s)
         self._closing = threading.Event()
         self._slots: list[torch.Tensor] = []
         self._thread: threading.Thread | None = None
         self.feature_shape: tuple[int, ...] = ()
         self.dtype = torch.float32
+        self.channels_last = False  # activations arrive as their NHWC view
 
     def handshake(self) -> tuple[tuple[int, ...], torch.dtype]:
         """Receive the sample shape and dtype, allocate the slots, start receiving."""
-        info = torch.zeros(8, dtype=torch.int64)
+        info = torch.zeros(INFO, dtype=torch.int64)
         dist.irecv(info, self.peer, group=self.group, tag=HEADER_TAG).wait(STARTUP_TIMEOUT)
-        ndim = int(info[0])
-        self.feature_shape = tuple(int(v) for v in info[1 : 1 + ndim])
-        self.dtype = DTYPES[int(info[7])]
+        self.feature_shape, self.dtype, self.channels_last = _decode_info(info)
+        wire_shape = _wire_shape(self.feature_shape, self.channels_last)
         slot_device = self.device if (self.on_gpu and not self.staged) else torch.device("cpu")
         self._slots = [
-            torch.empty((self.max_batch, *self.feature_shape), dtype=self.dtype, device=slot_device)
+            torch.empty((self.max_batch, *wire_shape), dtype=self.dtype, device=slot_device)
             for _ in range(self.capacity)
         ]
         if self.staged:
@@ -411,6 +510,9 @@ class DistInbox:
         self._stream = torch.cuda.Stream(self.device) if self.on_gpu else None
         # the stream the training loop runs on (this is the main thread)
         self._compute_stream = torch.cuda.current_stream(self.device) if self.on_gpu else None
+        # one event per slot, made once: "the data has arrived" and "the compute that read it is done"
+        self._arrived = [torch.cuda.Event() for _ in range(self.capacity)] if self.on_gpu else []
+        self._consumed = [torch.cuda.Event() for _ in range(self.capacity)] if self.on_gpu else []
         self._thread = threading.Thread(target=self._receive, name=f"recv-from-{self.peer}", daemon=True)
         self._thread.start()
         return self.feature_shape, self.dtype
@@ -432,7 +534,8 @@ class DistInbox:
                 dist.irecv(header, self.peer, group=self.group, tag=HEADER_TAG).wait(IDLE_TIMEOUT)
                 msg, ready = _decode_header(header), None
                 if msg.kind.has_payload:
-                    msg.x, ready = self._receive_payload(slot, msg.num_samples)
+                    x, ready = self._receive_payload(slot, msg.num_samples)
+                    msg.x = from_wire(x, self.channels_last)
                 self._ready.put((msg, slot, ready))
                 if msg.kind is Kind.STOP:
                     return
@@ -442,7 +545,7 @@ class DistInbox:
     def _receive_payload(self, slot: int, n: int) -> tuple[torch.Tensor, Any]:
         view = self._slots[slot][:n]
         if n == 0:  # an empty evaluation shard: no data follows its header
-            return (view.to(self.device) if self.staged else view), None
+            return (view.to(self.device, non_blocking=True) if self.staged else view), None
         if self._stream is None:  # CPU ranks
             dist.irecv(view, self.peer, group=self.group, tag=DATA_TAG).wait(self.timeout)
             return view, None
@@ -453,12 +556,12 @@ class DistInbox:
                 self._stream.synchronize()  # the host slot may be reused once this returns
                 x.record_stream(self._compute_stream)  # keep its memory until the training loop is done
                 return x, None
-            if self._free_events[slot] is not None:  # the compute that read this slot is done
-                self._stream.wait_event(self._free_events[slot])
+            if self._used[slot]:  # the compute that read this slot is done
+                self._stream.wait_event(self._consumed[slot])
             # With a timeout, an NCCL wait blocks this thread until the data is here: a message is
             # handed over only once it has arrived, and a dead sender surfaces as an error.
             dist.irecv(view, self.peer, group=self.group, tag=DATA_TAG).wait(self.timeout)
-            ready = torch.cuda.Event()
+            ready = self._arrived[slot]
             ready.record(self._stream)
             return view, ready
 
@@ -476,9 +579,8 @@ class DistInbox:
         """The message is consumed: free its slot and give the sender a credit (the last one: -1)."""
         slot = self._in_use.popleft()
         if self.on_gpu and not self.staged:
-            event = torch.cuda.Event()
-            event.record(self._compute_stream)
-            self._free_events[slot] = event
+            self._consumed[slot].record(self._compute_stream)
+            self._used[slot] = True
         self._free_slots.release()
         credit = torch.tensor([-1 if msg.kind is Kind.STOP else 0], dtype=torch.int64)
         self._credits.add([_isend(credit, self.rank, self.peer, self.group, CREDIT_TAG)], [credit])

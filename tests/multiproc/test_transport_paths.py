@@ -1,4 +1,4 @@
-"""An evaluation split smaller than the number of replicas, across real ranks (torchrun, gloo)."""
+"""Transport paths across real ranks (torchrun, gloo): empty evaluation shards, channels_last."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import TINY, run_torchrun
+from conftest import TINY, run_cli, run_torchrun
 
 from trgl_pipe.metrics import read_metrics
 
@@ -35,3 +35,19 @@ def test_a_validation_split_of_one_image_over_two_replicas_trains_and_counts_exa
     assert len(evals) == 2 * 2 * 2  # modules × replicas × splits
     assert {e["count"] for e in evals if e["split"] == "val"} == {1}
     assert {e["count"] for e in evals if e["split"] == "test"} == {3}
+
+
+def test_channels_last_activations_cross_ranks_and_compute_what_one_process_computes(tmp_path: Path) -> None:
+    # they travel as their NHWC view (no copy into NCHW and back): the same bits arrive
+    common = [*TINY, "train.channels_last=true", "train.epochs=1"]
+    single = run_cli([*common, f"out_dir={tmp_path / 'single'}"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    piped = run_torchrun(2, [*common, f"out_dir={tmp_path / 'pipe'}"])
+    assert piped.returncode == 0, piped.stderr[-3000:]
+
+    def losses(out: Path) -> dict:
+        events = read_metrics(out / "metrics.jsonl")
+        return {(e["module"], e["step"]): e["loss"] for e in events if e["event"] == "train"}
+
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "pipe")
+    assert len(a) == 2 * 5 and a == b
