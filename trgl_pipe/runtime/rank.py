@@ -53,6 +53,7 @@ from trgl_pipe.runtime.mesh import (
     connect_store,
     init_distributed,
     shutdown,
+    training_starts,
 )
 from trgl_pipe.runtime.replicas import replicate, sync_batchnorm
 from trgl_pipe.runtime.schedule import Position, parallel_stream
@@ -230,6 +231,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
     for stage, (shape, dtype) in zip(stages, shapes, strict=True):
         stage.warm_up(shape, dtype, train_sizes, eval_sizes)
     _ready_barrier(session)
+    training_starts(session)
 
     tracer = Tracer(out_dir / f"trace.rank{rank}.jsonl" if cfg.debug.trace else None)
     waiter = Waiter(session.control, cfg.pipeline.timeout_s, f"rank {rank}")
