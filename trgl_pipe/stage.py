@@ -126,6 +126,21 @@ class _Sums:
         return {"loss": loss, "ce": ce, "kinetic": kinetic, "accuracy": correct}
 
 
+def _allow_inexact_pool(index: int, head: nn.Module) -> None:
+    """train.deterministic on CUDA with a head whose pool has no deterministic backward (the map
+    does not divide into its bins): torch warns there instead of failing, and the run says so."""
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        return
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    h, w = head.spatial
+    print(
+        f"train.deterministic: the head of module {index} pools a {h}x{w} map into "
+        f"{head.pool.size[0]}x{head.pool.size[1]} bins, which has no deterministic CUDA backward; torch "
+        "warns instead of failing on such operations (set aux.pool_kernel or aux.pool_size to a divisor)",
+        flush=True,
+    )
+
+
 def _identity(t: Tensor) -> Tensor:
     return t
 
@@ -158,6 +173,8 @@ class Stage:
         if self.channels_last:
             self.body.to(memory_format=torch.channels_last)
             self.head.to(memory_format=torch.channels_last)
+        if cfg.train.deterministic and device.type == "cuda" and not getattr(head, "exact_pool", True):
+            _allow_inexact_pool(plan.index, head)
         self.objective = LocalObjective(cfg.trgl, plan.index, plan.num_modules, device)
         self.label_smoothing = cfg.optim.label_smoothing
         self.optimizer = build_optimizer(self.parameters(), cfg.optim)
