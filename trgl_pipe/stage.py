@@ -374,8 +374,13 @@ class Stage:
             return
         net = self.local_net
         saved = {name: b.clone() for name, b in net.named_buffers()}
+
+        def batch(n: int) -> Tensor:  # through _prepare, as a step gets it (channels_last too)
+            x = torch.zeros((n, *feature_shape), dtype=dtype)
+            return self._prepare(x, torch.zeros(n, dtype=torch.int64))[0]
+
         for n in dict.fromkeys(train_sizes):  # distinct sizes, in order
-            x = torch.zeros((n, *feature_shape), dtype=dtype, device=self.device)
+            x = batch(n)
             net.train()
             with self._autocast():
                 _, kinetic, logits = net(x, kinetic_grad=self.objective.enabled)
@@ -384,7 +389,7 @@ class Stage:
         with torch.no_grad():
             net.eval()
             for n in dict.fromkeys(s for s in eval_sizes if s > 0):
-                x = torch.zeros((n, *feature_shape), dtype=dtype, device=self.device)
+                x = batch(n)
                 with self._autocast():
                     net(x, kinetic_grad=False, per_block=True)
             for name, b in net.named_buffers():
