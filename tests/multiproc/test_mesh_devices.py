@@ -7,12 +7,8 @@ call it. Two gloo ranks reproduce that on any machine: rank 0 is told it has a G
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-from conftest import ROOT, free_port
+from conftest import run_ranks
 
 pytestmark = pytest.mark.multiproc
 
@@ -47,35 +43,5 @@ dist.destroy_process_group()
     ids=["pp-spans-the-world", "dp-spans-the-world"],
 )
 def test_a_rank_with_a_gpu_and_one_without_create_the_same_groups(layout, sizes) -> None:
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", SCRIPT, *map(str, layout)],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    outputs = []
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("the ranks hung creating their groups")
-        assert proc.returncode == 0, err[-2000:]
-        outputs.append(out.split())
-    assert [o[-3:] for o in outputs] == [[str(r), *map(str, sizes)] for r in range(2)]
+    outputs = run_ranks(SCRIPT, 2, [str(v) for v in layout])
+    assert [o.split()[-3:] for o in outputs] == [[str(r), *map(str, sizes)] for r in range(2)]

@@ -193,7 +193,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
     if previous is None:
         stream_stop = should_stop
         if layout.replicas > 1:
-            stream_stop = preemption.agreed(should_stop, session.dp_group)
+            stream_stop = preemption.agreed(should_stop, session.dp_group, cfg.pipeline.timeout_s)
         inbox = StreamInbox(parallel_stream(cfg, ctx.batches, start, stream_stop))
         in_shape, in_dtype = ctx.input_shape, torch.float32
     else:
