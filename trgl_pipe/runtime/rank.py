@@ -233,7 +233,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
     _ready_barrier(session)
     training_starts(session)
 
-    tracer = Tracer(out_dir / f"trace.rank{rank}.jsonl" if cfg.debug.trace else None)
+    tracer = Tracer(out_dir / f"trace.rank{rank}.jsonl" if cfg.debug.trace else None, device)
     waiter = Waiter(session.control, cfg.pipeline.timeout_s, f"rank {rank}")
     keys = [f"module/{k}" for k in range(layout.num_modules)] + [f"rank/{r}" for r in range(env.world_size)]
     board = StoreBoard(session.store, keys)
