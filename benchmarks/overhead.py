@@ -15,7 +15,7 @@ For each activation size (4 KiB … 16 MiB) and K, each repeat times N messages 
 (messages/s at the last rank) for both variants back to back; reported: the median ratio
 runtime / raw and its spread over the repeats, and the runtime's microseconds per message.
 
-    python benchmarks/overhead.py                 # K=2 and 4, 4 KiB..16 MiB, buffers 2 and 8, 3 repeats
+    python benchmarks/overhead.py                 # K=2 and 4, 4 KiB..16 MiB, buffers 2 and 8, 5 repeats
     python benchmarks/overhead.py --quick         # K=2, two sizes, 2 repeats (a smoke test)
 """
 
@@ -43,8 +43,8 @@ BATCH = 64  # samples per message; the activation is BATCH × (size / BATCH / 4)
 
 
 def messages_for(size: int) -> int:
-    """Enough messages for about 64 MiB per measurement, between 30 and 400."""
-    return max(30, min(400, (64 * 1024 * KIB) // size))
+    """Enough messages for about 256 MiB per measurement, between 40 and 2000."""
+    return max(40, min(2000, (256 * 1024 * KIB) // size))
 
 
 def _activation(size: int) -> torch.Tensor:
@@ -222,7 +222,7 @@ def sim_rows(k: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for size in args.sizes:
         x = _activation(size)
-        n = 2000  # a message is a reference here: its size does not matter, its count does
+        n = 20000  # a message is a reference here: its size does not matter, its count does
         _sim_raw(k, x, 100, 2)
         for repeat in range(args.repeats):
             for buffer in args.buffers:
@@ -279,7 +279,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="activation bytes")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--buffers", type=int, nargs="+", default=[2, 8], help="pipeline.buffer_size values")
     parser.add_argument("--quick", action="store_true", help="K=2, 4 KiB and 1 MiB, 2 repeats")
     parser.add_argument("--links", nargs="+", default=["dist", "sim"], choices=["dist", "sim"])

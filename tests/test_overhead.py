@@ -29,5 +29,5 @@ def test_both_sim_chains_carry_every_message_and_the_summary_pairs_them() -> Non
 
 
 def test_message_counts_scale_with_the_size() -> None:
-    assert overhead.messages_for(4 * 1024) == 400
-    assert overhead.messages_for(16 * 1024 * 1024) == 30
+    assert overhead.messages_for(4 * 1024) == 2000
+    assert overhead.messages_for(16 * 1024 * 1024) == 40
