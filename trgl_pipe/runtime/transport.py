@@ -7,6 +7,8 @@
   the same way. Header, data and credits use their own tags, so the three streams never mix. A
   background thread per inbox receives ahead into pre-allocated slots; a background thread per
   outbox collects credits; sends are non-blocking and a third thread waits for their completion.
+  Each background thread waits on a CUDA stream of its own, never on the training stream (see
+  :func:`side_stream`), and activations travel in the layout the modules compute in.
   The main thread never waits on a peer's backward pass, only on data (its input) or credits
   (room downstream). Every wait on a peer ends after ``pipeline.timeout_s``.
 """
