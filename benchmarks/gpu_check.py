@@ -1,30 +1,42 @@
-"""The GPU acceptance run: every GPU path of trgl_pipe exercised in a few minutes on one GPU.
+"""The GPU acceptance run: every GPU path of trgl_pipe that one GPU can reach, in a few minutes.
 
-    python benchmarks/gpu_check.py                       # on a GPU machine: at most ~8 minutes
+    python benchmarks/gpu_check.py                       # on a GPU machine: about 10 minutes
     python benchmarks/gpu_check.py --device cpu --quick  # the same checks on CPU, smaller (CI)
 
-Checks, each recorded with its figures and a pass/fail verdict (a failed check does not stop the
-others; the exit status is 1 if any failed):
+Checks, each recorded with its figures and a verdict (a failed check does not stop the others;
+the exit status is 1 if any failed; a check that needs CUDA is "skipped" in CPU mode):
 1. regimes: e2e, parallel, sequential and multi-lap sequential in one process, a few steps each;
 2. equivalence: a 4-rank pipeline sharing the one device (host-staged through gloo on a GPU)
    against the single-process parallel regime on the same device, ``train.deterministic=true``:
-   per-step losses and final parameters equal, else the largest difference;
+   every step present in both, per-step losses and final parameters equal, else the largest
+   difference (a NaN or a missing step fails);
 3. throughput: samples/s of the single-process parallel regime and of 2 and 4 ranks on the one
-   device, medians of interleaved repeats, for the quickstart model and ResNet-110 at 96×96
-   (synthetic data);
+   device, medians of interleaved repeats, for the quickstart model (synthetic 1×28×28 data, as
+   many images as the timed steps need) and ResNet-110 at 96×96 (synthetic);
 4. memory: every rank's peak (``torch.cuda.max_memory_allocated``) against plain end-to-end
    training (TRGL off, as the paper measures), ResNet-110, 96×96, batch 64, K = 2/4/8/16, equal
    depth and balanced splits, beside the meta-device estimate of benchmarks/memory.py;
-5. speed options: bf16, channels_last and torch.compile, one short run each, samples/s against fp32;
+5. speed options: bf16, channels_last, torch.compile (and on a GPU compile with channels_last),
+   one short run each, samples/s against fp32;
 6. failure: SIGKILL of one rank of the 4-rank one-device pipeline ends the job within
-   ``pipeline.timeout_s``.
-Writes ``<out>/gpu_check.{json,md}`` (``gpu_check_cpu`` on CPU) with machine, versions, command.
+   ``pipeline.timeout_s``;
+7. replicas: K=2 stages × R=2 replicas on the one device (gloo, CUDA tensors through pinned host
+   memory on a GPU, DDP), with a validation split of one image (an empty evaluation shard):
+   the run ends and every evaluation counts each image once;
+8. nccl (CUDA): one rank with ``cpu:gloo,cuda:nccl`` and the ("pp","dp") mesh on CUDA: a CUDA
+   all-reduce, an NCCL send-to-self of a channels_last activation waited with a timeout, and the
+   stall test (does a wait in a helper thread delay the training stream?) — benchmarks/gpu_probes.py;
+9. host_syncs (CUDA): host synchronisations per training step under
+   ``torch.cuda.set_sync_debug_mode("warn")``: none outside logging steps.
+Writes ``<out>/gpu_check.{json,md}`` (``gpu_check_cpu`` on CPU) with machine, versions, command,
+and prints a one-screen verdict that also says what one GPU cannot test.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import statistics
@@ -51,6 +63,72 @@ TINY = [
 ]
 
 
+def throughput_models(quick: bool) -> dict[str, list[str]]:
+    """The throughput check's models and their data. Synthetic data of the real shape: timing
+    needs as many images as the timed steps, more than the embedded Fashion-MNIST subset holds."""
+    if quick:
+        return {
+            "quickstart": ["data.source=embedded", "data.batch_size=64", "model.depth=14", "model.width=8"]
+        }
+    return {
+        "quickstart": [
+            "data.name=synthetic",
+            "data.image_size=28",
+            "data.channels=1",
+            "data.num_classes=10",
+            "data.batch_size=128",
+            "model.depth=20",
+            "model.width=16",
+        ],
+        "resnet110_96px": [
+            "data.name=synthetic",
+            "data.image_size=96",
+            "data.channels=3",
+            "data.batch_size=64",
+            "model.depth=110",
+            "model.block=postact",
+            "aux.pool_size=8",
+        ],
+    }
+
+
+def throughput_steps(quick: bool) -> tuple[int, int]:
+    """Timed steps per run and the first steps left out of the rate (warm-up)."""
+    return (20, 6) if quick else (120, 30)
+
+
+def throughput_args(model: list[str], device: str, steps: int) -> list[str]:
+    """The overrides of one throughput run: ``steps`` full batches of ``model`` on ``device``."""
+    batch = int(next(o for o in model if o.startswith("data.batch_size")).split("=")[1])
+    val = 200
+    # synthetic data holds the validation images out of its train_size; the embedded set has its own
+    train = batch * steps + (val if "data.name=synthetic" in model else 0)
+    return [
+        *model,
+        f"device={device}",
+        f"data.val_size={val}",
+        "data.test_size=200",
+        f"data.train_size={train}",
+        "data.eval_batch_size=64",
+        "train.epochs=1",
+        f"train.max_steps={steps}",
+        "train.eval_every_epochs=0",
+        "log.every_steps=5",
+        "log.live=off",
+        "checkpoint.every_epochs=0",
+        "model.num_modules=4",
+    ]
+
+
+def compare_steps(a: dict[Any, tuple[float, ...]], b: dict[Any, tuple[float, ...]]) -> dict[str, Any]:
+    """Per-step figures of two runs: the steps missing from either, and the largest difference,
+    NaN when a value is NaN (``max`` alone would skip a NaN that is not first)."""
+    missing = sorted(set(a) ^ set(b))
+    gaps = [abs(x - y) for k in set(a) & set(b) for x, y in zip(a[k], b[k], strict=True)]
+    largest = math.nan if not gaps or any(math.isnan(g) for g in gaps) else max(gaps)
+    return {"missing_steps": [list(k) for k in missing[:10]], "num_missing": len(missing), "largest": largest}
+
+
 def _env(threads: int = 1) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
@@ -75,7 +153,8 @@ class Check:
         self.results: list[dict[str, Any]] = []
         self.device = args.device
 
-    def run(self, name: str, fn: Callable[[], tuple[bool, dict[str, Any]]]) -> None:
+    def run(self, name: str, fn: Callable[[], tuple[bool | None, dict[str, Any]]]) -> None:
+        """Run one check; ``ok`` None means skipped (it needs CUDA)."""
         t0 = time.monotonic()
         print(f"== {name}", flush=True)
         try:
@@ -87,7 +166,8 @@ class Check:
             )
         seconds = round(time.monotonic() - t0, 1)
         self.results.append({"check": name, "ok": ok, "seconds": seconds, **figures})
-        print(f"   {'ok' if ok else 'FAILED'} in {seconds} s: {json.dumps(figures)[:600]}", flush=True)
+        verdict = "skipped" if ok is None else ("ok" if ok else "FAILED")
+        print(f"   {verdict} in {seconds} s: {json.dumps(figures)[:600]}", flush=True)
 
     def out(self, name: str) -> Path:
         return self.work / name
@@ -157,10 +237,8 @@ class Check:
             }
 
         a, b = steps(single), steps(piped)
-        loss_gap = max(
-            (abs(x - y) for k in a for x, y in zip(a[k], b.get(k, (float("nan"),) * 3), strict=True)),
-            default=float("nan"),
-        )
+        compared = compare_steps(a, b)
+        loss_gap = compared["largest"]
         param_gap = 0.0
         for k in range(4):
             fa = sorted((single / "checkpoints").iterdir())[-1] / f"module-{k}.pt"
@@ -169,11 +247,14 @@ class Check:
             sb = torch.load(fb, weights_only=True)["stage"]
             for part in ("body", "head"):
                 for name, t in sa[part].items():
-                    param_gap = max(param_gap, float((t.double() - sb[part][name].double()).abs().max()))
+                    gap = float((t.double() - sb[part][name].double()).abs().max())  # NaN if any is
+                    nan = math.isnan(gap) or math.isnan(param_gap)
+                    param_gap = math.nan if nan else max(param_gap, gap)
         s = _summary(piped)
         bitwise = a == b and param_gap == 0.0
         figures = {
             "steps_compared": len(a),
+            "steps_missing": compared["num_missing"],
             "bitwise": bitwise,
             "largest_loss_difference": loss_gap,
             "largest_parameter_difference": param_gap,
@@ -185,54 +266,21 @@ class Check:
                 "different kernels in the two processes (cuDNN/cuBLAS algorithm choice or reduction order) "
                 "despite train.deterministic=true"
             )
-        return len(a) == 4 * 10 and (bitwise or loss_gap < 1e-4), figures
+        complete = len(a) == 4 * 10 and compared["num_missing"] == 0
+        return complete and (bitwise or loss_gap < 1e-4) and not math.isnan(param_gap), figures
 
     # -- 3 -------------------------------------------------------------------------------------
 
     def throughput(self) -> tuple[bool, dict[str, Any]]:
         quick = self.args.quick
-        models = {
-            "quickstart": ["data.source=embedded", "data.batch_size=128", "model.depth=20", "model.width=16"],
-            "resnet110_96px": [
-                "data.name=synthetic",
-                "data.image_size=96",
-                "data.channels=3",
-                "data.batch_size=64",
-                "model.depth=110",
-                "model.block=postact",
-                "aux.pool_size=8",
-            ],
-        }
-        if quick:
-            models = {
-                "quickstart": [
-                    "data.source=embedded",
-                    "data.batch_size=64",
-                    "model.depth=14",
-                    "model.width=8",
-                ]
-            }
-        steps, skip = (20, 6) if quick else (120, 30)
+        models = throughput_models(quick)
+        steps, skip = throughput_steps(quick)
         repeats = 1 if quick else 3
         figures: dict[str, Any] = {}
         ok = True
         for name, model in models.items():
             batch = int(next(o for o in model if o.startswith("data.batch_size")).split("=")[1])
-            base = [
-                *model,
-                f"device={self.device}",
-                "data.val_size=200",
-                "data.test_size=200",
-                f"data.train_size={batch * steps}",
-                "data.eval_batch_size=64",
-                "train.epochs=1",
-                f"train.max_steps={steps}",
-                "train.eval_every_epochs=0",
-                "log.every_steps=5",
-                "log.live=off",
-                "checkpoint.every_epochs=0",
-                "model.num_modules=4",
-            ]
+            base = throughput_args(model, self.device, steps)
             rates: dict[str, list[float]] = {"single": [], "2 ranks": [], "4 ranks": []}
             for rep in range(repeats):  # interleaved: the variants share the machine's drifts
                 for variant in rates:
@@ -307,6 +355,11 @@ class Check:
             ("bf16", ["train.precision=bf16"]),
             ("channels_last", ["train.channels_last=true"]),
             ("compile", ["train.compile=true"]),
+            *(
+                []
+                if quick
+                else [("compile_channels_last", ["train.compile=true", "train.channels_last=true"])]
+            ),
         ):
             out = self.out(f"speed-{name}")
             env = {
@@ -319,7 +372,7 @@ class Check:
                 "samples_per_s": round(steady_throughput(out, batch, skip), 1),
                 "test_accuracy": s["best_test_accuracy"],
             }
-        for name in ("bf16", "channels_last", "compile"):
+        for name in [n for n in figures if n != "fp32"]:
             figures[name]["ratio_to_fp32"] = round(
                 figures[name]["samples_per_s"] / figures["fp32"]["samples_per_s"], 3
             )
@@ -378,6 +431,89 @@ class Check:
             "errors": named[:4],
         }
 
+    # -- 7 -------------------------------------------------------------------------------------
+
+    def replicas(self) -> tuple[bool, dict[str, Any]]:
+        out = self.out("replicas")
+        args = [
+            *TINY,
+            f"device={self.device}",
+            "data.train_size=256",
+            "data.val_size=1",
+            "data.test_size=3",
+            "data.eval_batch_size=2",
+            "data.batch_size=64",
+            "model.depth=14",
+            "model.width=8",
+            "model.num_modules=2",
+            "train.epochs=1",
+            "pipeline.replicas=2",
+            "pipeline.timeout_s=120",
+            f"out_dir={out}",
+        ]
+        _run(torchrun_cmd(4, args), 900)
+        s = _summary(out)
+        events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        counts = sorted({(e["split"], e["count"]) for e in events if e["event"] == "eval"})
+        figures = {
+            "data_backend": s.get("data_backend"),
+            "ranks_devices": [r["device"] for r in s["ranks"]],
+            "eval_counts": counts,
+            "train_samples_per_stage": [st["train_samples"] for st in s["stages"]],
+        }
+        ok = counts == [("test", 3), ("val", 1)] and all(self.device in d for d in figures["ranks_devices"])
+        return ok, figures
+
+    # -- 8, 9 ----------------------------------------------------------------------------------
+
+    def _probe(self, name: str) -> tuple[bool | None, dict[str, Any]]:
+        if self.device != "cuda":
+            return None, {"skipped": "needs a CUDA GPU"}
+        env = {**_env(4), "MASTER_PORT": str(_free_port())}
+        result = _run([sys.executable, str(ROOT / "benchmarks" / "gpu_probes.py"), name], 300, env)
+        figures = json.loads(result.stdout.strip().splitlines()[-1])
+        return bool(figures.pop("ok")), figures
+
+    def nccl(self) -> tuple[bool | None, dict[str, Any]]:
+        return self._probe("nccl")
+
+    def host_syncs(self) -> tuple[bool | None, dict[str, Any]]:
+        return self._probe("syncs")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+UNTESTABLE = (
+    "What one GPU cannot test: NCCL point-to-point between two GPUs (the pipeline's activations "
+    "when every rank has a GPU of its own), NCCL DDP between replicas on different GPUs, and "
+    "several nodes. Here ranks share the GPU, so activations and gradients go through gloo."
+)
+
+
+def verdict(results: list[dict[str, Any]]) -> list[str]:
+    """One screen: each check's verdict and headline, then what was not tested."""
+    lines = []
+    for r in results:
+        state = "skipped" if r["ok"] is None else ("ok" if r["ok"] else "FAILED")
+        figures = {k: v for k, v in r.items() if k not in ("check", "ok", "seconds", "trace")}
+        lines.append(f"{state:>7}  {r['check']:<14} {r['seconds']:>6} s  {json.dumps(figures)[:90]}")
+    failed = [r["check"] for r in results if r["ok"] is False]
+    skipped = [r["check"] for r in results if r["ok"] is None]
+    passed = len(results) - len(failed) - len(skipped)
+    lines.append(
+        f"{passed} of {len(results)} checks passed"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+        + (f"; skipped (need CUDA): {', '.join(skipped)}" if skipped else "")
+    )
+    lines.append(UNTESTABLE)
+    return lines
+
 
 def render(payload: dict[str, Any]) -> str:
     info = payload["machine"]
@@ -390,6 +526,8 @@ def render(payload: dict[str, Any]) -> str:
         f"torch {info['torch']}, Python {info['python']}; {info['date']}",
         "",
         markdown_table([{k: r[k] for k in ("check", "ok", "seconds")} for r in payload["checks"]]),
+        "",
+        UNTESTABLE,
         "",
     ]
     for r in payload["checks"]:
@@ -420,6 +558,9 @@ def main() -> int:
             ("memory", check.memory),
             ("speed_options", check.speed_options),
             ("sigkill", check.sigkill),
+            ("replicas", check.replicas),
+            ("nccl", check.nccl),
+            ("host_syncs", check.host_syncs),
         ):
             if not args.only or name in args.only:
                 check.run(name, fn)
@@ -440,11 +581,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (args.out / f"{name}.md").write_text(render(payload))
-    failed = [r["check"] for r in check.results if not r["ok"]]
-    print(
-        f"{len(check.results) - len(failed)} of {len(check.results)} checks passed"
-        + (f"; failed: {failed}" if failed else "")
-    )
+    print("\n".join(["", "== verdict", *verdict(check.results)]), flush=True)
+    failed = [r["check"] for r in check.results if r["ok"] is False]
     return 1 if failed else 0
 
 

@@ -7,13 +7,17 @@ ScheduleGPipe and Schedule1F1B at several micro-batch counts; trgl_pipe trains i
 compute the same thing: this is the cost of training the same network both ways.
 
 Both sides are timed the same way: the last rank's timestamps of its training steps (after a CUDA
-synchronisation on a GPU), and the rate over the steady window from step ``--skip`` to the last,
+synchronisation on a GPU: trgl_pipe's trace synchronises the device before each stamp), and the
+rate over the steady window from step ``--skip`` to the last,
 batch × steps / seconds. Inputs are made inside the loop on both sides (trgl_pipe's first rank
 reads and normalises its batches; the pipelining side draws random ones). Variants run in
 interleaved repeats; reported: the median rate, its spread, and each rank's peak memory (process
 peak RSS on CPU, torch.cuda.max_memory_allocated on a GPU).
 
     python benchmarks/vs_pipelining.py --k 2 --repeats 3 [--device cuda]
+
+``--device cuda`` needs one GPU per rank: the pipelining side runs on NCCL, which refuses two
+ranks on one GPU (trgl_pipe would fall back to gloo there, and the two would not be comparable).
 """
 
 from __future__ import annotations
@@ -179,6 +183,12 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if args.device == "cuda" and torch.cuda.device_count() < args.k:
+        sys.exit(
+            f"error: --device cuda needs {args.k} GPUs (one per rank: NCCL refuses two ranks on one GPU), "
+            f"this machine has {torch.cuda.device_count()}; run it where there are {args.k}, "
+            "or use --device cpu"
+        )
     variants = [("trgl_pipe (module-wise)", None, None)]
     for m in args.microbatch_counts:
         variants.append((f"pipelining GPipe, {m} micro-batches", "gpipe", m))

@@ -128,3 +128,40 @@ def make_tiny_imagenet(root: Path, wnids=("n01443537", "n01629819", "n01641577")
             annotations.append(f"{name}\t{wnid}\t0\t0\t63\t63")
     (root / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
     return root
+
+
+def run_ranks(script: str, nproc: int, args: list[str], timeout: float = 60) -> list[str]:
+    """``python -c script args`` as ranks 0..nproc-1 of one job (RANK, WORLD_SIZE, MASTER_*);
+    returns each rank's stdout, failing the test if one fails or they hang."""
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script, *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"the {nproc} ranks hung")
+        assert proc.returncode == 0, err[-2000:]
+        outputs.append(out)
+    return outputs

@@ -24,14 +24,16 @@ SNAPSHOT = {
     "recv_wait_s": 0.4,
     "send_wait_s": 0.1,
 }
-CPU = {"cpu_percent": 180.0, "rss_bytes": 3 * 1024**3, "gpu_util_percent": None}
+CPU = {"cpu_percent": 180.0, "rss_bytes": 3 * 1024**3, "gpu_device_util_percent": None}
 GPU = {
     "cpu_percent": 100.0,
     "rss_bytes": 2 * 1024**3,
-    "gpu_util_percent": 97.0,
-    "gpu_memory_used_bytes": 31 * 1024**3,
+    "gpu_process_memory_bytes": 12 * 1024**3,
+    "gpu_process_sm_percent": 45.0,
+    "gpu_device_util_percent": 97.0,
+    "gpu_device_memory_used_bytes": 31 * 1024**3,
     "gpu_memory_total_bytes": 80 * 1024**3,
-    "gpu_power_w": 412.0,
+    "gpu_device_power_w": 412.0,
 }
 
 
@@ -57,7 +59,8 @@ def test_rich_table_has_a_row_per_module_and_the_devices() -> None:
     lines = [line for line in text.splitlines() if "τ=1e+05" in line]
     assert len(lines) == 2 and lines[0].split("│")[1].strip() == "0"  # sorted by module
     assert "0.8123" in lines[1] and "432" in lines[1] and "85.12" in lines[1]
-    assert "rank 0 gpu 97% 31.0/80.0 GiB 412 W" in text and "rank 1 cpu 180% 3.0 GiB" in text
+    assert "rank 0 gpu sm 45% 12.0 GiB · device 97% 31.0/80.0 GiB 412 W" in text
+    assert "rank 1 cpu 180% 3.0 GiB" in text
 
 
 def test_plain_mode_prints_one_compact_block_per_interval(capsys) -> None:

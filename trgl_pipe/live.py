@@ -117,12 +117,17 @@ def progress_line(modules: list[dict[str, Any]]) -> str:
 
 
 def device_text(rank: str, s: dict[str, Any]) -> str:
-    """``rank 0 gpu 97% 31.2/80.0 GiB 412 W`` or ``rank 0 cpu 180% 1.1 GiB``."""
+    """``rank 0 gpu sm 45% 12.3 GiB · device 97% 31.2/80.0 GiB 412 W`` (this rank's share, then
+    the whole GPU, which ranks sharing it all see) or ``rank 0 cpu 180% 1.1 GiB``."""
     gib = 1024**3
-    if s.get("gpu_util_percent") is not None:
-        used, total = s.get("gpu_memory_used_bytes") or 0, s.get("gpu_memory_total_bytes") or 0
-        power = f" {s['gpu_power_w']:.0f} W" if s.get("gpu_power_w") is not None else ""
-        return f"rank {rank} gpu {s['gpu_util_percent']:.0f}% {used / gib:.1f}/{total / gib:.1f} GiB{power}"
+    if s.get("gpu_device_util_percent") is not None:
+        used, total = s.get("gpu_device_memory_used_bytes") or 0, s.get("gpu_memory_total_bytes") or 0
+        power = f" {s['gpu_device_power_w']:.0f} W" if s.get("gpu_device_power_w") is not None else ""
+        sm = s.get("gpu_process_sm_percent")
+        mine = s.get("gpu_process_memory_bytes")
+        own = f"sm {'?' if sm is None else f'{sm:.0f}%'} {'?' if mine is None else f'{mine / gib:.1f}'} GiB"
+        device = f"device {s['gpu_device_util_percent']:.0f}% {used / gib:.1f}/{total / gib:.1f} GiB{power}"
+        return f"rank {rank} gpu {own} · {device}"
     return f"rank {rank} cpu {s.get('cpu_percent', 0):.0f}% {s.get('rss_bytes', 0) / gib:.1f} GiB"
 
 

@@ -25,6 +25,7 @@ from trgl_pipe.models.random_stream import RandomStream, is_stochastic
 from trgl_pipe.objectives import LocalInputs, ModuleSpec, Objective, build_objective
 from trgl_pipe.optim import build_optimizer, build_scheduler
 from trgl_pipe.partition import Partition
+from trgl_pipe.runtime.messages import SPLITS as EVAL_SPLITS  # the rows of the evaluation sums
 
 
 class ModuleBody(nn.Module):
@@ -147,6 +148,21 @@ class _Sums:
         return {"loss": loss, "ce": ce, "kinetic": kinetic, "accuracy": correct}
 
 
+def _allow_inexact_pool(index: int, head: nn.Module) -> None:
+    """train.deterministic on CUDA with a head whose pool has no deterministic backward (the map
+    does not divide into its bins): torch warns there instead of failing, and the run says so."""
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        return
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    h, w = head.spatial
+    print(
+        f"train.deterministic: the head of module {index} pools a {h}x{w} map into "
+        f"{head.pool.size[0]}x{head.pool.size[1]} bins, which has no deterministic CUDA backward; torch "
+        "warns instead of failing on such operations (set aux.pool_kernel or aux.pool_size to a divisor)",
+        flush=True,
+    )
+
+
 def _identity(t: Tensor) -> Tensor:
     return t
 
@@ -181,6 +197,8 @@ class Stage:
         if self.channels_last:
             self.body.to(memory_format=torch.channels_last)
             self.head.to(memory_format=torch.channels_last)
+        if cfg.train.deterministic and device.type == "cuda" and not getattr(head, "exact_pool", True):
+            _allow_inexact_pool(plan.index, head)
         if objective is None:  # built without shapes: an objective that needs none (TRGL, VanGL)
             objective = build_objective(cfg, ModuleSpec(plan.index, plan.num_modules, (), (), (), 0), device)
         self.objective = objective
@@ -210,7 +228,10 @@ class Stage:
         self.output_dtype: torch.dtype | None = None
         self.num_steps = 0
         self.train_sums = _Sums(device)
-        self.eval_sums: dict[str, Tensor] = {}
+        # per split in EVAL_SPLITS: [CE sum, correct, each block's kinetic energy × samples] on the
+        # device, and the sample count on the host (no host→device scalar per batch)
+        self.eval_sums: Tensor | None = None
+        self.eval_counts = [0] * len(EVAL_SPLITS)
         self._bad_step = torch.full((), -1, device=device, dtype=torch.int64)
         self.last_loss: Tensor | None = None
         self.last_kinetic: Tensor | None = None
@@ -311,58 +332,70 @@ class Stage:
         return out
 
     @torch.no_grad()
-    def eval_step(self, x: Tensor, y: Tensor, split: str) -> Tensor:
+    def eval_step(self, x: Tensor, y: Tensor | None, split: str) -> Tensor:
         """Accumulate the accuracy of F_k∘G_k on ``split``; returns T_k(x) for the next module.
 
         Runs the module itself, not a replica wrapper: replicas evaluate their shards alone and
-        sum their counts at the end (:meth:`pop_eval_results`).
+        sum their counts at the end (:meth:`pop_eval_results`). An empty shard (fewer samples in a
+        batch than replicas) counts nothing and passes an empty output on.
         """
         if self._buffers_stale:
             self.sync_buffers()
             self._buffers_stale = False
+        row = EVAL_SPLITS.index(split)
+        n = 0 if y is None else int(y.shape[0])
+        if n == 0:
+            shape = self.output_shape
+            if shape is None:
+                x, _ = self._prepare(x, torch.empty(0, dtype=torch.int64))
+                shape = tuple(self.body(x[:0], kinetic_grad=False)[0].shape[1:])
+            dtype = self.output_dtype or x.dtype
+            return torch.empty((0, *shape), device=self.device, dtype=dtype)
         x, y = self._prepare(x, y)
-        n = int(y.shape[0])
-        if n == 0:  # an empty shard of a last, small evaluation batch: nothing to count
-            shape = self.output_shape or tuple(self.body(x[:0], kinetic_grad=False)[0].shape[1:])
-            return torch.empty((0, *shape), device=self.device, dtype=self.output_dtype or x.dtype)
         self.local_net.eval()
         with self._autocast():
             out, energies, logits = self.local_net(x, kinetic_grad=False, per_block=True)
         ce = F.cross_entropy(logits.float(), y, reduction="sum")
         correct = (logits.argmax(1) == y).sum()
-        # per split: [CE sum, correct, count, each block's kinetic energy summed over samples]
-        row = torch.cat(
-            [
-                torch.stack(
-                    [
-                        ce.double(),
-                        correct.double(),
-                        torch.tensor(float(n), device=self.device, dtype=torch.float64),
-                    ]
-                ),
-                energies.double() * n,
-            ]
-        )
-        total = self.eval_sums.get(split)
-        self.eval_sums[split] = row if total is None else total + row
+        if self.eval_sums is None:
+            blocks = len(self.body.blocks)
+            self.eval_sums = torch.zeros(
+                (len(EVAL_SPLITS), 2 + blocks), device=self.device, dtype=torch.float64
+            )
+        self.eval_sums[row, 0] += ce.double()
+        self.eval_sums[row, 1] += correct.double()
+        self.eval_sums[row, 2:] += energies.double() * n
+        self.eval_counts[row] += n
         return out
 
     def pop_eval_results(self) -> dict[str, dict[str, Any]]:
-        """Accuracy, CE and kinetic energy per split since the last call (over all replicas)."""
+        """Accuracy, CE and kinetic energy per split since the last call (over all replicas).
+
+        Every replica reduces one tensor of the same shape per evaluation, whatever its shards
+        held (an empty one included), so their collectives always match.
+        """
+        sums = self.eval_sums
+        if sums is None:
+            sums = torch.zeros(
+                (len(EVAL_SPLITS), 2 + len(self.body.blocks)), device=self.device, dtype=torch.float64
+            )
+        counts = torch.tensor(self.eval_counts, dtype=torch.float64).to(self.device)
+        table = self.reduce_sum(torch.cat([sums, counts[:, None]], dim=1)).tolist()
         results = {}
-        for split, sums in self.eval_sums.items():
-            total = self.reduce_sum(sums).tolist()
-            ce_sum, correct, count, blocks = total[0], total[1], total[2], total[3:]
-            count_or_one = max(1.0, count)
-            block_means = [b / count_or_one for b in blocks]
+        for split, row in zip(EVAL_SPLITS, table, strict=True):
+            ce_sum, correct, blocks, count = row[0], row[1], row[2:-1], row[-1]
+            if count == 0:  # no sample of this split anywhere (an empty split)
+                continue
+            block_means = [b / count for b in blocks]
             results[split] = {
-                "accuracy": correct / count_or_one,
-                "ce": ce_sum / count_or_one,
+                "accuracy": correct / count,
+                "ce": ce_sum / count,
                 "kinetic_energy": sum(block_means),
                 "block_kinetic_energy": block_means,
                 "count": int(count),
             }
-        self.eval_sums = {}
+        self.eval_sums = None
+        self.eval_counts = [0] * len(EVAL_SPLITS)
         return results
 
     def pop_train_stats(self) -> dict[str, float]:
@@ -390,8 +423,13 @@ class Stage:
             return
         net = self.local_net
         saved = {name: b.clone() for name, b in net.named_buffers()}
+
+        def batch(n: int) -> Tensor:  # through _prepare, as a step gets it (channels_last too)
+            x = torch.zeros((n, *feature_shape), dtype=dtype)
+            return self._prepare(x, torch.zeros(n, dtype=torch.int64))[0]
+
         for n in dict.fromkeys(train_sizes):  # distinct sizes, in order
-            x = torch.zeros((n, *feature_shape), dtype=dtype, device=self.device)
+            x = batch(n)
             net.train()
             with self._autocast():
                 _, kinetic, logits = net(x, kinetic_grad=self.objective.uses_kinetic)
@@ -400,7 +438,7 @@ class Stage:
         with torch.no_grad():
             net.eval()
             for n in dict.fromkeys(s for s in eval_sizes if s > 0):
-                x = torch.zeros((n, *feature_shape), dtype=dtype, device=self.device)
+                x = batch(n)
                 with self._autocast():
                     net(x, kinetic_grad=False, per_block=True)
             for name, b in net.named_buffers():

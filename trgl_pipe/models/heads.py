@@ -7,6 +7,41 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class AveragePool(nn.Module):
+    """``nn.AdaptiveAvgPool2d(size)`` that stays usable under ``train.deterministic`` on CUDA.
+
+    The adaptive pool has no deterministic CUDA backward. Where the map divides evenly into
+    ``size``×``size`` bins, ``avg_pool2d`` with kernel = stride = map/size computes the same means
+    and has one; it is used there when deterministic algorithms are on and the input is on a GPU
+    (elsewhere the adaptive pool runs, so CPU and non-deterministic results stay bit for bit what
+    they were). ``exact_for(h, w)`` says whether a map can be pooled that way.
+    """
+
+    def __init__(self, size: int | tuple[int, int]) -> None:
+        super().__init__()
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+
+    def exact_for(self, h: int, w: int) -> bool:
+        return h % self.size[0] == 0 and w % self.size[1] == 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if x.is_cuda and torch.are_deterministic_algorithms_enabled() and self.exact_for(h, w):
+            return F.avg_pool2d(x, (h // self.size[0], w // self.size[1]))
+        return F.adaptive_avg_pool2d(x, self.size)
+
+
+def deterministic_pools(module: nn.Module) -> nn.Module:
+    """``module`` with each ``nn.AdaptiveAvgPool2d`` replaced by an :class:`AveragePool` (torchvision
+    heads); no parameters change, so state dicts stay the same."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size is not None:
+            setattr(module, name, AveragePool(child.output_size))  # type: ignore[arg-type]
+        else:
+            deterministic_pools(child)
+    return module
+
+
 class AuxHead(nn.Module):
     """Auxiliary classifier of a CNN feature map (DGL's, and the authors' "1CNN" head):
     3×3 conv → ReLU → average pool → BatchNorm → linear.
@@ -35,8 +70,11 @@ class AuxHead(nn.Module):
             self.pool: nn.Module = nn.AvgPool2d(pool_kernel)
             out_h, out_w = spatial[0] // pool_kernel, spatial[1] // pool_kernel
         else:
-            self.pool = nn.AdaptiveAvgPool2d(pool_size)
+            self.pool = AveragePool(pool_size)
             out_h = out_w = pool_size
+        # can train.deterministic keep this head exact on CUDA? (unknown map size: assume so)
+        self.exact_pool = pool_kernel is not None or spatial is None or self.pool.exact_for(*spatial)
+        self.spatial = spatial
         self.bn = nn.BatchNorm2d(channels)
         features = channels * out_h * out_w
         if hidden:
@@ -92,12 +130,13 @@ class FinalHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, preact: bool) -> None:
         super().__init__()
         self.bn = nn.BatchNorm2d(in_channels) if preact else None
+        self.pool = AveragePool(1)
         self.fc = nn.Linear(in_channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.bn is not None:
             x = F.relu(self.bn(x))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.fc(self.pool(x).flatten(1))
 
 
 class TorchvisionHead(nn.Module):
@@ -105,7 +144,7 @@ class TorchvisionHead(nn.Module):
 
     def __init__(self, *layers: nn.Module, flatten_at: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(layers)
+        self.layers = deterministic_pools(nn.ModuleList(layers))
         self.flatten_at = flatten_at  # index of the layer before which the map is flattened
 
     def forward(self, x: Tensor) -> Tensor:

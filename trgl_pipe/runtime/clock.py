@@ -3,10 +3,12 @@
 On the CPU the host clock measures everything. On a GPU the host only queues work, so host times
 would count GPU stalls as compute and leave the transfer out of the input wait. There the clock
 records CUDA events around every compute region on the training stream: ``compute`` is GPU time
-inside the regions and ``recv_wait`` is the GPU's idle time between consecutive regions (waiting
-for the input to arrive, the transfer included, or for the host). ``send_wait`` (the host blocked
-on credits: backpressure) is a host time on both. Events are read once they have completed, so
-the clock never forces a host synchronisation in the training loop.
+inside the regions and ``recv_wait`` is the GPU's idle time from the moment the loop starts
+waiting for its next message (:meth:`Clock.waiting_for_input`) to the next region (the transfer
+included). The GPU's idle time before that moment, while the host sends or waits for credits,
+is not input wait: ``send_wait`` (the host blocked on credits: backpressure) is a host time on
+both clocks. Events are read once they have completed, so the clock never forces a host
+synchronisation in the training loop, and they are reused, not made per batch.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import contextlib
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -26,6 +28,8 @@ class Clock(Protocol):
     def region(self, key: str) -> contextlib.AbstractContextManager[None]: ...
 
     def add_wait(self, key: str, seconds: float) -> None: ...
+
+    def waiting_for_input(self) -> None: ...
 
     def settle(self) -> None: ...
 
@@ -51,6 +55,9 @@ class HostClock:
     def add_wait(self, key: str, seconds: float) -> None:
         self._totals[key] += seconds
 
+    def waiting_for_input(self) -> None:
+        pass  # the host measures the input wait itself (add_wait)
+
     def settle(self) -> None:
         pass
 
@@ -66,31 +73,51 @@ class CudaEventClock:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._totals: dict[str, float] = defaultdict(float)
-        self._pending: deque[tuple[str, torch.cuda.Event, torch.cuda.Event]] = deque()
-        self._last_end: torch.cuda.Event | None = None
+        # (key, begin, end, the input-wait mark before begin or None)
+        self._pending: deque[tuple[str, Any, Any, Any]] = deque()
+        self._last_end: Any = None
+        self._mark: Any = None
+        self._marks = False  # the loop marks its input waits: gaps without a mark are not input
+        self._free: list[Any] = []  # completed events, reused
+
+    def _event(self) -> Any:
+        event = self._free.pop() if self._free else torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def waiting_for_input(self) -> None:
+        """The host starts waiting for the next message: GPU idle time from here is input wait."""
+        self._marks = True
+        if self._mark is None:  # else a marker message came in between: move the mark here
+            self._mark = self._free.pop() if self._free else torch.cuda.Event(enable_timing=True)
+        self._mark.record()
 
     @contextlib.contextmanager
     def region(self, key: str) -> Iterator[None]:
-        begin = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        begin.record()
+        mark, self._mark = self._mark, None
+        begin = self._event()
         try:
             yield
         finally:
-            end.record()
-            self._pending.append((key, begin, end))
+            self._pending.append((key, begin, self._event(), mark))
             self._collect(wait=False)
 
     def _collect(self, wait: bool) -> None:
         while self._pending and (wait or self._pending[0][2].query()):
-            key, begin, end = self._pending.popleft()
+            key, begin, end, mark = self._pending.popleft()
             self._totals[key] += begin.elapsed_time(end) / 1e3
-            if self._last_end is not None:
+            if mark is not None:
+                self._totals["recv_wait"] += max(0.0, mark.elapsed_time(begin)) / 1e3
+                self._free.append(mark)
+            elif self._last_end is not None and not self._marks:
                 self._totals["recv_wait"] += self._last_end.elapsed_time(begin) / 1e3
+            if self._last_end is not None:
+                self._free.append(self._last_end)
+            self._free.append(begin)
             self._last_end = end
 
     def add_wait(self, key: str, seconds: float) -> None:
-        if key != "recv_wait":  # the input wait is the GPU's idle time between regions
+        if key != "recv_wait":  # the input wait is the GPU's idle time after the mark
             self._totals[key] += seconds
 
     def settle(self) -> None:

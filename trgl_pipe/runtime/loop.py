@@ -55,6 +55,7 @@ def run_worker(
     trace_id = chain[0].index
     received = sent = 0
     while True:
+        clock.waiting_for_input()
         t0 = time.perf_counter()
         msg = inbox.recv(waiter)
         t1 = time.perf_counter()

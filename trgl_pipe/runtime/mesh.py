@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 from trgl_pipe.config import Config
 from trgl_pipe.errors import ConfigError, PipelineError
@@ -212,6 +212,7 @@ class DistSession:
     mesh: Any  # DeviceMesh ("pp", "dp")
     pp_group: Any
     dp_group: Any
+    timeout: timedelta = timedelta(seconds=60)  # pipeline.timeout_s, for every group once training runs
 
     @property
     def stage(self) -> int:
@@ -290,18 +291,52 @@ def init_distributed(
         world_size=env.world_size,
         timeout=timedelta(seconds=max(startup_timeout_s, cfg.pipeline.timeout_s)),
     )
-    mesh = init_device_mesh(device.type, layout.mesh_shape, mesh_dim_names=("pp", "dp"))
-    pp_group, dp_group = mesh.get_group("pp"), mesh.get_group("dp")
     # A peer that does not answer within pipeline.timeout_s has failed: the same limit for every
-    # wait inside torch.distributed (NCCL's watchdog included) as for the runtime's own waits.
-    # (torchtitan sets its mesh groups' timeouts the same way; newer torch renamed the function
-    # set_timeout and warns about the old name, which every supported version still has.)
+    # wait inside torch.distributed (NCCL's watchdog included) as for the runtime's own waits. The
+    # replicas' group keeps the start-up limit until training starts (DDP's set-up broadcast and
+    # the first all-reduce may wait for a replica still reading data or compiling).
+    startup = timedelta(seconds=max(startup_timeout_s, cfg.pipeline.timeout_s))
+    mesh, pp_group, dp_group = create_mesh(layout, env.rank, device.type, timeout, startup)
+    staged = device.type == "cuda" and data_backend == "gloo"
+    return DistSession(env, layout, store, control, data_backend, staged, mesh, pp_group, dp_group, timeout)
+
+
+def create_mesh(
+    layout: Layout, rank: int, device_type: str, pp_timeout: timedelta, dp_timeout: timedelta
+) -> tuple[DeviceMesh, Any, Any]:
+    """The ("pp", "dp") mesh and this rank's two groups, created alike on every rank.
+
+    ``init_device_mesh`` decides from ``torch.cuda.is_available()`` whether to create a new group
+    for a dimension that spans the world; when some ranks have a GPU and others not, the GPU
+    ranks then wait in ``new_group`` for ranks that never call it. Here every rank creates every
+    group of the mesh, in the same order, whatever its device, and the mesh is built from them.
+    """
+    stages, replicas = layout.mesh_shape
+    pp_group = dp_group = None
+    for replica in range(replicas):  # a pipeline: stage 0 → stage S−1 of one replica
+        ranks = [layout.rank_of(s, replica) for s in range(stages)]
+        group = dist.new_group(ranks, timeout=pp_timeout)
+        if rank in ranks:
+            pp_group = group
+    for stage in range(stages):  # the replicas of one stage
+        ranks = [layout.rank_of(stage, r) for r in range(replicas)]
+        group = dist.new_group(ranks, timeout=dp_timeout)
+        if rank in ranks:
+            dp_group = group
+    grid = torch.arange(stages * replicas).view(stages, replicas)
+    mesh = DeviceMesh.from_group([pp_group, dp_group], device_type, mesh=grid, mesh_dim_names=("pp", "dp"))
+    return mesh, pp_group, dp_group
+
+
+def training_starts(session: DistSession) -> None:
+    """From now on a replica that does not answer within pipeline.timeout_s has failed.
+
+    (torchtitan sets its mesh groups' timeouts the same way; newer torch renamed the function
+    set_timeout and warns about the old name, which every supported version still has.)
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        for group in (pp_group, dp_group):
-            dist.distributed_c10d._set_pg_timeout(timeout, group)
-    staged = device.type == "cuda" and data_backend == "gloo"
-    return DistSession(env, layout, store, control, data_backend, staged, mesh, pp_group, dp_group)
+        dist.distributed_c10d._set_pg_timeout(session.timeout, session.dp_group)
 
 
 def shutdown(session: DistSession, timeout_s: float) -> None:

@@ -5,8 +5,8 @@ batch and ends the stream with a checkpoint at the current position followed by 
 "preempted", so every module saves the same cut and every rank learns the decision from the
 stream it receives: all exit with 143 or none does. ``resume=auto`` continues from there.
 In the pipeline a rank that gets SIGTERM alone tells the first stage through the store; the
-replicas of the first stage agree on the batch to stop at with an all-reduce, since their
-streams must stay in step.
+replicas of the first stage agree on the batch to stop at with a non-blocking all-reduce read
+one batch later, since their streams must stay in step.
 """
 
 from __future__ import annotations
@@ -53,19 +53,31 @@ def shared_flag(store: Any, rank: int, every_s: float = 0.5) -> Callable[[], boo
     return check
 
 
-def agreed(check: Callable[[], bool], group: Any) -> Callable[[], bool]:
-    """``check`` made collective over ``group``: true on every member as soon as it is on one.
+def agreed(check: Callable[[], bool], group: Any, timeout_s: float = 900.0) -> Callable[[], bool]:
+    """``check`` made collective over ``group``: true on every member from the same call on.
 
     Every member must call it at the same points of its stream (the first stage's replicas do).
+    Each call starts a non-blocking all-reduce of this member's flag and answers with the result
+    of the previous call's, which has had a whole batch to complete: the stream never blocks on a
+    collective per batch, and every member still stops at the same batch (one batch later than a
+    blocking agreement would).
     """
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
 
-    flag = torch.zeros(1, dtype=torch.int64)
+    timeout = timedelta(seconds=timeout_s)
+    pending: list[tuple[Any, Any]] = []
 
     def collective() -> bool:
-        flag.fill_(1 if check() else 0)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
+        flag = torch.tensor([1 if check() else 0], dtype=torch.int64)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True)
+        pending.append((work, flag))
+        if len(pending) < 2:
+            return False
+        previous, previous_flag = pending.pop(0)
+        previous.wait(timeout)
+        return bool(previous_flag.item())
 
     return collective

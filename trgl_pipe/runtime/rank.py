@@ -57,6 +57,7 @@ from trgl_pipe.runtime.mesh import (
     connect_store,
     init_distributed,
     shutdown,
+    training_starts,
 )
 from trgl_pipe.runtime.replicas import replicate, sync_batchnorm
 from trgl_pipe.runtime.schedule import Position, parallel_stream
@@ -211,7 +212,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     if previous is None:
         stream_stop = should_stop
         if layout.replicas > 1:
-            stream_stop = preemption.agreed(should_stop, session.dp_group)
+            stream_stop = preemption.agreed(should_stop, session.dp_group, cfg.pipeline.timeout_s)
         inbox = StreamInbox(parallel_stream(cfg, ctx.batches, start, stream_stop))
         in_shape, in_dtype = ctx.input_shape, torch.float32
     else:
@@ -246,7 +247,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
             cfg.pipeline.timeout_s,
             session.staged,
         )
-        outbox.handshake(tuple(probe.shape[1:]), probe.dtype)
+        outbox.handshake(tuple(probe.shape[1:]), probe.dtype, cfg.train.channels_last and probe.dim() == 4)
     train_sizes, eval_sizes = batch_sizes(cfg, ctx, replica, layout.replicas)
     for stage, (shape, dtype) in zip(stages, shapes, strict=True):
         stage.warm_up(shape, dtype, train_sizes, eval_sizes)
@@ -269,8 +270,9 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
         log_resume(logger, Path(ctx.resume_from), chain, progress)
     watch = open_watch(cfg, env.world_size) if rank == 0 else None
     profiler = profiler_for(cfg, chain[0], f"rank{rank}")
+    training_starts(session)
 
-    tracer = Tracer(out_dir / f"trace.rank{rank}.jsonl" if cfg.debug.trace else None)
+    tracer = Tracer(out_dir / f"trace.rank{rank}.jsonl" if cfg.debug.trace else None, device)
     span_meta = {"rank": rank, "stage": stage_index, "replica": replica, "modules": layout.modules_of(rank)}
     spans = SpanRecorder(
         out_dir / "spans" / f"rank{rank}.tsv" if cfg.log.timeline else None,

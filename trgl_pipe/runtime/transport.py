@@ -7,12 +7,15 @@
   the same way. Header, data and credits use their own tags, so the three streams never mix. A
   background thread per inbox receives ahead into pre-allocated slots; a background thread per
   outbox collects credits; sends are non-blocking and a third thread waits for their completion.
+  Each background thread waits on a CUDA stream of its own, never on the training stream (see
+  :func:`side_stream`), and activations travel in the layout the modules compute in.
   The main thread never waits on a peer's backward pass, only on data (its input) or credits
   (room downstream). Every wait on a peer ends after ``pipeline.timeout_s``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
 import threading
@@ -32,6 +35,7 @@ from trgl_pipe.runtime.messages import Kind, Message
 HEADER = 8  # kind, n, epoch, batch, step, split, final, preempted; then up to max_batch labels
 HEADER_TAG, DATA_TAG, CREDIT_TAG = 1, 2, 3
 IMAGE_TAG = 4  # a training batch's input image, after its activation, when a later rank reads it
+INFO = 9  # the handshake: ndim, up to 6 sizes, dtype, channels_last
 # Waits that may legitimately last long: the handshake (a neighbour may still be reading data or
 # compiling) and the next header or credit (the main thread bounds these by pipeline.timeout_s
 # from the moment it needs them; a dead peer ends them at once by closing its connection).
@@ -154,6 +158,54 @@ def use_device(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
+def _encode_info(feature_shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """The handshake: ndim, the shape of one sample (up to 6 dimensions), dtype, layout."""
+    info = torch.zeros(INFO, dtype=torch.int64)
+    info[0] = len(feature_shape)
+    info[1 : 1 + len(feature_shape)] = torch.tensor(feature_shape)
+    info[7] = DTYPES.index(dtype)
+    info[8] = int(channels_last)
+    return info
+
+
+def _decode_info(info: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, bool]:
+    ndim = int(info[0])
+    return tuple(int(v) for v in info[1 : 1 + ndim]), DTYPES[int(info[7])], bool(info[8])
+
+
+def to_wire(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``x`` as the contiguous tensor a backend sends (gloo and NCCL take contiguous tensors only):
+    a channels_last activation is sent as its NHWC view, the same memory, so nothing is copied."""
+    if channels_last:
+        return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    return x.contiguous()
+
+
+def from_wire(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The activation a received wire tensor holds (channels_last again, without a copy)."""
+    return t.permute(0, 3, 1, 2) if channels_last else t
+
+
+def _wire_shape(feature_shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
+    if channels_last:
+        c, h, w = feature_shape
+        return (h, w, c)
+    return feature_shape
+
+
+def side_stream(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make a new stream of ``device`` this thread's current one (nothing on a CPU).
+
+    A background thread of the runtime must never make the training stream wait: an NCCL work's
+    ``wait()`` first makes the calling thread's *current* stream wait for the transfer, and a
+    thread's current stream is the device's default one, the stream training runs on. Inside
+    this context that wait lands on a stream of the thread's own, which nothing else uses.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.Stream(device))
+
+
 def _encode_header(msg: Message, max_batch: int) -> torch.Tensor:
     header = torch.zeros(HEADER + max_batch, dtype=torch.int64)
     n = msg.num_samples
@@ -164,6 +216,25 @@ def _encode_header(msg: Message, max_batch: int) -> torch.Tensor:
     if n:
         header[HEADER : HEADER + n] = msg.y
     return header
+
+
+def _decode_header(header: torch.Tensor) -> Message:
+    """The message a header describes, without its activation. A message with a payload always
+    has labels, an empty evaluation shard's too (zero of them), so a module never sees None."""
+    kind, n, epoch, batch, step, split, final, preempted = header[:HEADER].tolist()
+    kind = Kind(kind)
+    y = header[HEADER : HEADER + n].clone() if kind.has_payload else None
+    return Message(
+        kind,
+        None,
+        y,
+        epoch=epoch,
+        batch=batch,
+        step=step,
+        split=split,
+        final=bool(final),
+        preempted=bool(preempted),
+    )
 
 
 class StagingBuffers:
@@ -208,6 +279,8 @@ class _Completer:
     A gloo send completes only once the peer has posted the matching receive, and an NCCL work's
     plain ``wait()`` returns at once on the host; waiting with a timeout blocks this thread until
     the transfer is done or ``timeout_s`` has passed, which is what makes a dead peer visible.
+    The thread waits on a stream of its own (:func:`side_stream`), never on the training stream.
+    ``later`` starts a send from this thread once its data is ready (a host-staged copy).
     """
 
     def __init__(self, name: str, device: torch.device, timeout_s: float) -> None:
@@ -215,20 +288,35 @@ class _Completer:
         self.error: BaseException | None = None
         self.device = device
         self.timeout = timedelta(seconds=timeout_s)
+        self.stream: Any = None  # the stream the thread waits on (CUDA only), set once it runs
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def add(self, works: list[Any], tensors: list[torch.Tensor], done: threading.Event | None = None) -> None:
-        self._items.put((works, tensors, done))
+    def add(
+        self,
+        works: list[Any],
+        tensors: list[torch.Tensor],
+        done: threading.Event | None = None,
+        later: Callable[[], Any] | None = None,
+    ) -> None:
+        self._items.put((works, tensors, done, later))
 
     def _run(self) -> None:
         use_device(self.device)
+        with side_stream(self.device):
+            if self.device.type == "cuda":
+                self.stream = torch.cuda.current_stream(self.device)
+            self._complete()
+
+    def _complete(self) -> None:
         while True:
             item = self._items.get()
             if item is None:
                 return
-            works, _, done = item
+            works, _, done, later = item
             try:
+                if later is not None:
+                    works = [*works, later()]
                 for work in works:
                     work.wait(self.timeout)
             except Exception as error:
@@ -269,6 +357,9 @@ class DistOutbox:
         self._completer = _Completer(f"sends-to-{peer}", device, timeout_s)
         self._error: BaseException | None = None
         self._staging: StagingBuffers | None = None
+        self._copy_stream: Any = None
+        self._copied: list[Any] = []
+        self.channels_last = False  # activations travel as their NHWC view
         self._num_sent = 0
         self.sent_bytes = 0  # activations sent (headers and credits not counted)
         self.image_sent_bytes = 0  # input images sent with training batches
@@ -277,49 +368,61 @@ class DistOutbox:
         )
         self._credit_thread.start()
 
-    def handshake(self, feature_shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        """Tell the next rank the shape and dtype of one sample of our output (once)."""
-        info = torch.zeros(8, dtype=torch.int64)
-        info[0] = len(feature_shape)
-        info[1 : 1 + len(feature_shape)] = torch.tensor(feature_shape)
-        info[7] = DTYPES.index(dtype)
-        dist.isend(info, self.peer, group=self.group, tag=HEADER_TAG).wait(STARTUP_TIMEOUT)
+    def handshake(
+        self, feature_shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool = False
+    ) -> None:
+        """Tell the next rank the shape, dtype and memory layout of one sample of our output (once).
+
+        Activations travel in the layout the modules compute in (channels_last or not), so
+        neither end copies them into another layout.
+        """
+        self.channels_last = channels_last
+        dist.isend(
+            _encode_info(feature_shape, dtype, channels_last), self.peer, group=self.group, tag=HEADER_TAG
+        ).wait(STARTUP_TIMEOUT)
         if self.staged:
             self._staging = StagingBuffers(
                 [
-                    torch.empty((self.max_batch, *feature_shape), dtype=dtype).pin_memory()
+                    torch.empty(
+                        (self.max_batch, *_wire_shape(feature_shape, channels_last)), dtype=dtype
+                    ).pin_memory()
                     for _ in range(self.gate.capacity + 1)
                 ]
             )
+            self._copy_stream = torch.cuda.Stream(self.device)
+            self._copied = [torch.cuda.Event() for _ in range(len(self._staging))]
 
     def _collect_credits(self) -> None:
         use_device(self.device)
         credit = torch.zeros(1, dtype=torch.int64)
         try:
-            while True:
-                dist.irecv(credit, self.peer, group=self.group, tag=CREDIT_TAG).wait(IDLE_TIMEOUT)
-                if int(credit) < 0:
-                    return
-                self.gate.release()
+            with side_stream(self.device):
+                self._credits_loop(credit)
         except Exception as error:
             self._error = PipelineError(f"rank {self.rank}: lost rank {self.peer} ({_short(error)})")
+
+    def _credits_loop(self, credit: torch.Tensor) -> None:
+        while True:
+            dist.irecv(credit, self.peer, group=self.group, tag=CREDIT_TAG).wait(IDLE_TIMEOUT)
+            if int(credit) < 0:
+                return
+            self.gate.release()
 
     def send(self, msg: Message, waiter: Waiter) -> float:
         waited = self.gate.acquire(waiter, f"room in the buffer of rank {self.peer}", self._failure)
         header = _encode_header(msg, self.max_batch)
         works = [_isend(header, self.rank, self.peer, self.group, HEADER_TAG)]
         keep = [header]
-        done = None
+        done, later = None, None
         if msg.kind.has_payload:
-            x = msg.x.contiguous()
-            if self._staging is not None:
+            x = to_wire(msg.x, self.channels_last)  # no copy when in the agreed layout
+            if self._staging is not None and x.shape[0]:
                 t0 = time.perf_counter()
-                buffer, done = self._staging.take(
-                    self._num_sent % len(self._staging), waiter, self._failure, f"rank {self.peer} to receive"
-                )
+                i = self._num_sent % len(self._staging)
+                buffer, done = self._staging.take(i, waiter, self._failure, f"rank {self.peer} to receive")
                 waited += time.perf_counter() - t0
-                x = buffer[: x.shape[0]].copy_(x)
-            if x.shape[0]:  # an empty evaluation shard sends its header only
+                later = self._stage(x, buffer[: x.shape[0]], self._copied[i])
+            elif x.shape[0]:  # an empty evaluation shard sends its header only
                 works.append(_isend(x, self.rank, self.peer, self.group, DATA_TAG))
                 self.sent_bytes += x.numel() * x.element_size()
             keep.append(x)
@@ -331,8 +434,23 @@ class DistOutbox:
                 self.image_sent_bytes += image.numel() * image.element_size()
                 keep.append(image)
         self._num_sent += 1
-        self._completer.add(works, keep, done)
+        self._completer.add(works, keep, done, later)
         return waited
+
+    def _stage(self, x: torch.Tensor, host: torch.Tensor, copied: Any) -> Callable[[], Any]:
+        """Copy ``x`` to pinned ``host`` memory on a side stream without the host waiting; returns
+        what the completer thread calls to send it once the copy is done."""
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # x is computed
+        with torch.cuda.stream(self._copy_stream):
+            host.copy_(x, non_blocking=True)
+            copied.record(self._copy_stream)
+        x.record_stream(self._copy_stream)
+
+        def send() -> Any:
+            copied.synchronize()
+            return _isend(host, self.rank, self.peer, self.group, DATA_TAG)
+
+        return send
 
     def _failure(self) -> BaseException | None:
         if self._completer.error is not None:
@@ -380,24 +498,26 @@ class DistInbox:
         self._ready: queue.Queue = queue.Queue()
         self._free_slots = threading.Semaphore(capacity)
         self._in_use: deque[int] = deque()
-        self._free_events: list[Any] = [None] * capacity
+        self._used = [False] * capacity  # a slot's `consumed` event has been recorded
+        self._arrived: list[Any] = []
+        self._consumed: list[Any] = []
         self._credits = _Completer(f"credits-to-{peer}", device, timeout_s)
         self._closing = threading.Event()
         self._slots: list[torch.Tensor] = []
         self._thread: threading.Thread | None = None
         self.feature_shape: tuple[int, ...] = ()
         self.dtype = torch.float32
+        self.channels_last = False  # activations arrive as their NHWC view
 
     def handshake(self) -> tuple[tuple[int, ...], torch.dtype]:
         """Receive the sample shape and dtype, allocate the slots, start receiving."""
-        info = torch.zeros(8, dtype=torch.int64)
+        info = torch.zeros(INFO, dtype=torch.int64)
         dist.irecv(info, self.peer, group=self.group, tag=HEADER_TAG).wait(STARTUP_TIMEOUT)
-        ndim = int(info[0])
-        self.feature_shape = tuple(int(v) for v in info[1 : 1 + ndim])
-        self.dtype = DTYPES[int(info[7])]
+        self.feature_shape, self.dtype, self.channels_last = _decode_info(info)
+        wire_shape = _wire_shape(self.feature_shape, self.channels_last)
         slot_device = self.device if (self.on_gpu and not self.staged) else torch.device("cpu")
         self._slots = [
-            torch.empty((self.max_batch, *self.feature_shape), dtype=self.dtype, device=slot_device)
+            torch.empty((self.max_batch, *wire_shape), dtype=self.dtype, device=slot_device)
             for _ in range(self.capacity)
         ]
         if self.staged:
@@ -405,6 +525,9 @@ class DistInbox:
         self._stream = torch.cuda.Stream(self.device) if self.on_gpu else None
         # the stream the training loop runs on (this is the main thread)
         self._compute_stream = torch.cuda.current_stream(self.device) if self.on_gpu else None
+        # one event per slot, made once: "the data has arrived" and "the compute that read it is done"
+        self._arrived = [torch.cuda.Event() for _ in range(self.capacity)] if self.on_gpu else []
+        self._consumed = [torch.cuda.Event() for _ in range(self.capacity)] if self.on_gpu else []
         self._thread = threading.Thread(target=self._receive, name=f"recv-from-{self.peer}", daemon=True)
         self._thread.start()
         return self.feature_shape, self.dtype
@@ -424,26 +547,15 @@ class DistInbox:
                 slot = index % self.capacity
                 index += 1
                 dist.irecv(header, self.peer, group=self.group, tag=HEADER_TAG).wait(IDLE_TIMEOUT)
-                kind, n, epoch, batch, step, split, final, preempted = header[:HEADER].tolist()
-                y = header[HEADER : HEADER + n].clone() if n else None
-                x, ready, image = None, None, None
-                if Kind(kind).has_payload:
-                    with_image = self.image_shape is not None and kind == Kind.TRAIN and n > 0
+                msg, ready = _decode_header(header), None
+                if msg.kind.has_payload:
+                    n = msg.num_samples
+                    with_image = self.image_shape is not None and msg.kind is Kind.TRAIN and n > 0
                     x, ready, image = self._receive_payload(slot, n, with_image)
-                msg = Message(
-                    Kind(kind),
-                    x,
-                    y,
-                    epoch=epoch,
-                    batch=batch,
-                    step=step,
-                    split=split,
-                    final=bool(final),
-                    preempted=bool(preempted),
-                    image=image,
-                )
+                    msg.x = from_wire(x, self.channels_last)
+                    msg.image = image
                 self._ready.put((msg, slot, ready))
-                if kind == Kind.STOP:
+                if msg.kind is Kind.STOP:
                     return
         except Exception as error:
             self._ready.put(PipelineError(f"rank {self.rank}: lost rank {self.peer} ({_short(error)})"))
@@ -457,7 +569,7 @@ class DistInbox:
     def _receive_payload(self, slot: int, n: int, with_image: bool = False) -> tuple[torch.Tensor, Any, Any]:
         view = self._slots[slot][:n]
         if n == 0:  # an empty evaluation shard: no data follows its header
-            return (view.to(self.device) if self.staged else view), None, None
+            return (view.to(self.device, non_blocking=True) if self.staged else view), None, None
         if self._stream is None:  # CPU ranks
             dist.irecv(view, self.peer, group=self.group, tag=DATA_TAG).wait(self.timeout)
             return view, None, self._receive_image(n, self.device) if with_image else None
@@ -472,15 +584,15 @@ class DistInbox:
                 self._stream.synchronize()  # the host slot may be reused once this returns
                 x.record_stream(self._compute_stream)  # keep its memory until the training loop is done
                 return x, None, image
-            if self._free_events[slot] is not None:  # the compute that read this slot is done
-                self._stream.wait_event(self._free_events[slot])
+            if self._used[slot]:  # the compute that read this slot is done
+                self._stream.wait_event(self._consumed[slot])
             # With a timeout, an NCCL wait blocks this thread until the data is here: a message is
             # handed over only once it has arrived, and a dead sender surfaces as an error.
             dist.irecv(view, self.peer, group=self.group, tag=DATA_TAG).wait(self.timeout)
             if with_image:
                 image = self._receive_image(n, self.device)
                 image.record_stream(self._compute_stream)
-            ready = torch.cuda.Event()
+            ready = self._arrived[slot]
             ready.record(self._stream)
             return view, ready, image
 
@@ -498,9 +610,8 @@ class DistInbox:
         """The message is consumed: free its slot and give the sender a credit (the last one: -1)."""
         slot = self._in_use.popleft()
         if self.on_gpu and not self.staged:
-            event = torch.cuda.Event()
-            event.record(self._compute_stream)
-            self._free_events[slot] = event
+            self._consumed[slot].record(self._compute_stream)
+            self._used[slot] = True
         self._free_slots.release()
         credit = torch.tensor([-1 if msg.kind is Kind.STOP else 0], dtype=torch.int64)
         self._credits.add([_isend(credit, self.rank, self.peer, self.group, CREDIT_TAG)], [credit])
