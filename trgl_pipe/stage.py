@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from trgl_pipe.config import Config
 from trgl_pipe.errors import NonFiniteLossError
+from trgl_pipe.initial_state import load_initial_state
 from trgl_pipe.models import AuxHead, Backbone, TokenHead, build_backbone, kinetic_energy
 from trgl_pipe.models.init import fork_seeded, init_scheme
 from trgl_pipe.models.random_stream import RandomStream, is_stochastic
@@ -448,6 +449,8 @@ def build_stage(
         parts.stem if plan.is_first else None, parts.blocks[start:stop], start, cfg.trgl.reduction
     )
     head = build_head(parts, plan, num_classes, cfg)
+    if cfg.model.init_state:
+        load_initial_state(cfg.model.init_state, index, len(partition), body, head)
     if transform is not None:
         body, head = transform(body), transform(head)
     return Stage(plan, body, head, cfg, total_steps, steps_per_epoch, device)
