@@ -344,8 +344,8 @@ def main() -> int:
         "--steps", type=int, default=40, help="steps per module whose parameters are compared"
     )
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--train-size", type=int, default=336, help="16 of them are held out (validation)")
+    parser.add_argument("--batch-size", type=int, default=12, help="12: n of every residual is no power of 2")
+    parser.add_argument("--train-size", type=int, default=256, help="16 of them are held out for validation")
     parser.add_argument("--test-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -387,7 +387,9 @@ def main() -> int:
     pairings = [pairs(_Holder(theirs["initial"][k]), s.body, s.head) for k, s in enumerate(stages)]
 
     print(f"authors' code: {args.checkout} commit {commit}, script {args.script}")
-    print(f"  as: {their_command(args)} (data and{' initial weights' if our_init else ''} from trgl_pipe)")
+    print(
+        f"  as: {their_command(args)} ({'data and initial weights' if our_init else 'data'} from trgl_pipe)"
+    )
     print(f"  stubbed (imported by their code for plots and analyses only): {', '.join(stubbed) or 'none'}")
     print(f"trgl_pipe: {args.preset} with {' '.join(overrides_for(args))} trgl.tau={args.tau:g}")
     print(
