@@ -308,3 +308,22 @@ def test_a_last_batch_too_small_for_every_replica_is_dropped() -> None:
     assert steps_per_epoch(257, 64, replicas=2) == 4  # 1 left: dropped
     assert shard_bounds(5, 0, 2) == (0, 3) and shard_bounds(5, 1, 2) == (3, 5)
     assert shard_bounds(1, 1, 2) == (1, 1)  # an empty evaluation shard
+
+
+def test_crop_padding_key_sets_the_shift_range() -> None:
+    cfg = DataConfig(source="embedded", val_size=100, train_size=300, batch_size=64, crop_padding=4)
+    data = load_data(cfg, seed=0)
+    batches = Batches(data, cfg, seed=0)
+    assert batches.padding == 4
+    assert Batches(data, DataConfig(source="embedded", val_size=100, train_size=300), seed=0).padding == 2
+    images = data.train.images[:64]
+    out = batches._augment(images, seed=1, n=64, first=0)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    shifts = set()
+    for i in range(64):
+        for dy in range(9):
+            for dx in range(9):
+                cand = padded[i, :, dy : dy + 28, dx : dx + 28]
+                if torch.equal(out[i], cand) or torch.equal(out[i], cand.flip(-1)):
+                    shifts.add(max(abs(dy - 4), abs(dx - 4)))
+    assert max(shifts) > 2  # shifts beyond the 28x28 default of 2 occur

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,22 @@ def test_trgl_and_vangl_are_paired_by_seed_with_a_t_interval() -> None:
     low, high = mean - 4.303 * sd / 3**0.5, mean + 4.303 * sd / 3**0.5  # t(0.975, 2 df) = 4.303
     assert row["95% interval"] == f"{low:+.2f} to {high:+.2f}"
     assert row["reading"] == ("noise (contains 0)" if low <= 0 <= high else "beyond noise")
+
+
+def test_the_authors_protocol_is_an_option_that_keeps_the_highest_test_accuracy(tmp_path: Path) -> None:
+    # a committed run, with module 2 given a higher test accuracy at its first evaluation than any
+    # module reaches at the last one: the authors' number takes it, trgl_pipe's does not
+    run = tmp_path / "run"
+    shutil.copytree(
+        Path(__file__).resolve().parents[1] / "experiments" / "runs" / "authors" / "authors-s0", run
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    summary["modules"][2]["history"][0]["test_accuracy"] = 0.9012
+    (run / "summary.json").write_text(json.dumps(summary))
+    default = build_report([run], tmp_path / "plain", "x").read_text()
+    assert "authors' protocol" not in default
+    assert main([str(run), "--out", str(tmp_path / "authors"), "--protocol", "authors"]) == 0
+    text = (tmp_path / "authors" / "report.md").read_text()
+    assert "## The authors' protocol (chooses on the test set)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| Par TRGL") and "90.12" in line)
+    assert row.rstrip(" |").split(" | ")[3:5] == ["90.12", "86.24"]  # theirs, then ours

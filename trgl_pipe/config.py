@@ -43,7 +43,9 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 512
     num_workers: int = 0  # threads preparing batches ahead of the training loop
-    augment: bool = False  # random crop (padding 4, or 2 for 28x28) and horizontal flip
+    augment: bool = False  # random crop after zero padding, and horizontal flip
+    # augment: zero padding of the random crop; null: 4, or 2 for images of 28x28 or less
+    crop_padding: int | None = None
     image_size: int = 32  # synthetic: side length; image_folder: images are resized to this
     channels: int = 3  # synthetic only
     num_classes: int = 10  # synthetic only
@@ -65,6 +67,8 @@ class DataConfig:
         _positive("data.num_classes", self.num_classes, minimum=2)
         _non_negative("data.val_size", self.val_size)
         _non_negative("data.num_workers", self.num_workers)
+        if self.crop_padding is not None:
+            _non_negative("data.crop_padding", self.crop_padding)
         if self.channels not in (1, 3):
             raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
         for key in ("train_size", "test_size"):
@@ -125,6 +129,8 @@ class ModelConfig:
     init: Literal["default", "kaiming", "orthogonal"] = "default"
     init_gain: float = 0.05  # orthogonal
     init_from: str | None = None  # torchvision backbones: a torchvision state_dict to start from
+    # every module's initial weights from a file (trgl_pipe.initial_state), after the init above
+    init_state: str | None = None
     small_input: bool = False  # torchvision ResNets: no max-pool in the stem (64x64 images)
     patch_size: int = 4  # Swin
     window_size: int = 7  # Swin
@@ -290,6 +296,12 @@ class OptimConfig:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of training
     gamma: float = 0.1  # step: LR factor at each milestone
     warmup_epochs: float = 0.0
+    # cosine: the LR falls from lr to min_lr over schedule_steps optimizer steps of each module
+    # (null: over the whole run), whatever the run's length; with schedule_steps set this is
+    # torch's CosineAnnealingLR stepped once per step, as in the authors' scripts, so past
+    # schedule_steps the rate rises again (period 2 * schedule_steps)
+    schedule_steps: int | None = None
+    min_lr: float = 0.0
     label_smoothing: float = 0.0  # of the cross-entropy of every head (0: plain CE)
 
     def __post_init__(self) -> None:
@@ -299,6 +311,17 @@ class OptimConfig:
         _non_negative("optim.momentum", self.momentum)
         _non_negative("optim.weight_decay", self.weight_decay)
         _non_negative("optim.warmup_epochs", self.warmup_epochs)
+        _non_negative("optim.min_lr", self.min_lr)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} must not exceed optim.lr={self.lr}")
+        if self.schedule_steps is not None:
+            _positive("optim.schedule_steps", self.schedule_steps)
+            if self.schedule != "cosine" or self.warmup_epochs:
+                raise ConfigError(
+                    "optim.schedule_steps applies to optim.schedule=cosine without warm-up "
+                    f"(schedule is {self.schedule}, warmup_epochs {self.warmup_epochs}); "
+                    "remove it or set optim.schedule=cosine optim.warmup_epochs=0"
+                )
         if not all(0 < m < 1 for m in self.milestones):
             raise ConfigError(
                 f"optim.milestones must be fractions of training in (0, 1), got {self.milestones}"

@@ -60,7 +60,7 @@ class LocalObjective:
             if self.num_steps > 1 and (self.num_steps - 1) % self.s == 0:
                 self.lam.add_(self.average(ce.detach().float()), alpha=self.h)
             return ce + kinetic * self.lam.reciprocal()
-        return ce + kinetic * (0.5 / self.tau)
+        return ce + kinetic / (2.0 * self.tau)  # rounded as the authors' loss
 
     def describe(self) -> dict[str, float | None]:
         """τ or λ for logs and the summary (one host sync for λ)."""

@@ -35,14 +35,25 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) 
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     if cfg.schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        floor = cfg.min_lr / cfg.lr
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     passed = sum(1 for m in cfg.milestones if progress >= m)
     return cfg.gamma**passed
 
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The module's LR schedule, stepped once after every optimizer step.
+
+    With ``optim.schedule_steps`` the horizon is fixed, not the run's: torch's own
+    CosineAnnealingLR(T_max=schedule_steps, eta_min=min_lr), the authors' schedule, so the rates
+    are the same floats as theirs step for step (its update is recursive, not the closed form).
+    """
+    if cfg.schedule_steps is not None:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=cfg.schedule_steps, eta_min=cfg.min_lr
+        )
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg)

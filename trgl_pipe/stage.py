@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from trgl_pipe.config import Config
 from trgl_pipe.errors import ConfigError, NonFiniteLossError
+from trgl_pipe.initial_state import load_initial_state
 from trgl_pipe.models import AuxHead, Backbone, TokenHead, VectorHead, build_backbone, kinetic_energy
 from trgl_pipe.models.dgl_heads import DglHead
 from trgl_pipe.models.init import fork_seeded, init_scheme
@@ -576,6 +577,8 @@ def build_stage(
         own_head = objective.head()
         aux = objective.networks()
     head = own_head if own_head is not None else build_head(parts, plan, num_classes, cfg)
+    if cfg.model.init_state:
+        load_initial_state(cfg.model.init_state, index, len(partition), body, head)
     if transform is not None:
         body, head, aux = transform(body), transform(head), transform(aux)
     return Stage(plan, body, head, cfg, total_steps, steps_per_epoch, device, objective, aux)

@@ -216,7 +216,8 @@ class Batches:
         self.seed = seed
         self.replica, self.replicas = shard
         self.pin_memory = pin_memory  # page-locked batches: non_blocking copies to a GPU really are
-        self.padding = 2 if data.image_size <= 28 else 4
+        default_padding = 2 if data.image_size <= 28 else 4
+        self.padding = default_padding if cfg.crop_padding is None else cfg.crop_padding
         self._mean = data.mean.view(1, -1, 1, 1)
         self._std = data.std.view(1, -1, 1, 1)
 

@@ -15,6 +15,8 @@ branch, not ``output - x``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +36,39 @@ def energy_divisor(r: Tensor, reduction: str) -> int:
     return r.numel() if reduction == "mean" else r.shape[0]
 
 
+# Elements per partial sum of squares. One long float32 dot product over 10^6-10^7 squares loses
+# 1e-6 to 6e-5 of the result (relative to float64); partial dots of 1024 elements, added in
+# float64, lose about 1e-9 (fp32 residuals) to 3e-8 (bf16 ones), less than torch.mean(r**2), at
+# about the speed of one dot (benchmarks/kinetic_precision.py measures both).
+_CHUNK = 1024
+
+
+def sum_of_squares(flat: Tensor) -> Tensor:
+    """Σ flat² of a 1-D float tensor, in its dtype: partial dots of ``_CHUNK`` elements, added in float64.
+
+    One batched matrix product computes the partial dots (a single read of the data, no
+    temporary of its size); only the n / 1024 partial sums are added, in float64. Autocast is
+    off here: under bf16 autocast the batched product would otherwise run in bf16.
+    """
+    n = flat.numel()
+    k = n // _CHUNK
+    if torch.compiler.is_exporting():
+        # an exported classifier discards the energy, and chunks of a batch-dependent count
+        # would tie the exported batch size to multiples of 1024 elements
+        return torch.dot(flat, flat)
+    device = flat.device.type
+    off = torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext()
+    with off:
+        if k <= 1:
+            return torch.dot(flat, flat)
+        rows = flat[: k * _CHUNK].view(k, 1, _CHUNK)
+        total = torch.bmm(rows, rows.transpose(1, 2)).sum(dtype=torch.float64)
+        if k * _CHUNK < n:
+            tail = flat[k * _CHUNK :]
+            total = total + torch.dot(tail, tail).double()
+        return total.to(flat.dtype)
+
+
 def kinetic_energy(r: Tensor, reduction: str = "sum") -> Tensor:
     """Batch mean of the squared L2 norm of each sample's residual: mean_b Σ_features r².
 
@@ -42,31 +77,33 @@ def kinetic_energy(r: Tensor, reduction: str = "sum") -> Tensor:
     ``mean`` divides by every element instead (torch.mean(r²), the authors' reduction), so one τ
     suits every resolution and width.
     """
-    # One dot product over the whole batch: Σ_b Σ_f r² / B equals mean_b Σ_f r², and it is the
-    # cheapest way to get there (one reduction, one elementwise pass in backward).
-    flat = _accumulation_dtype(r).reshape(-1)
-    return torch.dot(flat, flat) / max(1, energy_divisor(r, reduction))
+    # Σ_b Σ_f r² / B equals mean_b Σ_f r²: one reduction over the whole batch, one elementwise
+    # pass in backward.
+    return sum_of_squares(_accumulation_dtype(r).reshape(-1)) / max(1, energy_divisor(r, reduction))
 
 
 class _SumWithKinetic(torch.autograd.Function):
     """``skip + r`` and the kinetic energy of r; backward touches r once (one fused pass).
 
-    Autograd of ``skip + r`` plus ``dot(r, r)`` would make three passes over r in backward (two
-    products and an accumulation); here the residual's gradient is ``addcmul(g, r, 2 g_e / d)``.
+    Autograd of ``skip + r`` plus ``mean(r**2)`` makes three passes over r in backward (two
+    products and an accumulation); here the residual's gradient is ``r * (2 g_e / d) + g``, with
+    every rounding of that autograd: ``g_e / d`` first, then the exact doubling, the product
+    rounded before the sum (not addcmul, whose fused multiply-add rounds once). So the gradients
+    are those of ``skip + r`` and ``mean(r**2)``, bit for bit, and the authors' code and this one
+    take the same steps.
     """
 
     @staticmethod
     def forward(ctx, skip: Tensor, r: Tensor, divisor: int) -> tuple[Tensor, Tensor]:
-        flat = _accumulation_dtype(r).reshape(-1)
         ctx.save_for_backward(r)
         ctx.divisor = divisor
-        return skip + r, torch.dot(flat, flat) / divisor
+        return skip + r, sum_of_squares(_accumulation_dtype(r).reshape(-1)) / divisor
 
     @staticmethod
     def backward(ctx, g_sum: Tensor, g_energy: Tensor) -> tuple[Tensor, Tensor, None]:
         (r,) = ctx.saved_tensors
-        scale = (g_energy * (2.0 / ctx.divisor)).to(r.dtype)
-        return g_sum, torch.addcmul(g_sum, r, scale), None
+        scale = ((g_energy / ctx.divisor) * 2.0).to(r.dtype)
+        return g_sum, torch.mul(r, scale).add_(g_sum), None
 
 
 def add_with_energy(skip: Tensor, r: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
