@@ -63,6 +63,10 @@ def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
     simulated = cfg.pipeline.transport == "sim"
     clock = clock_for(device)  # one process: one clock for all modules (sim: one per thread)
     workers = [make_worker(s, cfg, logger, writer, None if simulated else clock) for s in stages]
+    if cfg.train.regime in ("ddg", "fr"):  # before a resume: the shards carry the work in flight
+        from trgl_pipe.delayed import attach, delays_for
+
+        attach(workers, cfg.train.regime, delays_for(cfg, len(workers)))
     telemetry = Telemetry(device)
     folder = find_resume(cfg, ctx.partition, cfg.train.regime, ctx.steps_per_epoch)
     progress = restore_workers(folder, workers, logger) if folder is not None else None

@@ -47,6 +47,9 @@ class StageWorker:
         self.faults: Callable[[StageWorker, bool], None] | None = None
         self.total_steps = stage.total_steps
         self.epochs = 0  # set by the run: for progress and ETA
+        # work in flight saved with the module (delayed-gradient regimes): state_dict,
+        # load_state_dict and report, or None
+        self.carry: Any = None
 
     @property
     def index(self) -> int:
@@ -143,6 +146,7 @@ class StageWorker:
             "eval_history": self.eval_history,
             "last_eval": self.last_eval,
             "epoch": self.epoch,
+            **({"carry": self.carry.state_dict()} if self.carry is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -150,6 +154,8 @@ class StageWorker:
         self.eval_history = list(state["eval_history"])
         self.last_eval = dict(state["last_eval"])
         self.epoch = int(state["epoch"])
+        if self.carry is not None and "carry" in state:
+            self.carry.load_state_dict(state["carry"])
 
     def live_snapshot(self) -> dict[str, Any]:
         """Progress for the live view (a few host syncs: call it at most every interval)."""
@@ -196,6 +202,7 @@ class StageWorker:
             "num_steps": self.stage.num_steps,
             "compute_s": round(self.train_compute_s, 4),
             "history": self.eval_history,
+            **(self.carry.report() if self.carry is not None else {}),
         }
 
 
