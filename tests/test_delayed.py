@@ -153,3 +153,27 @@ def test_delayed_regimes_refuse_what_they_do_not_do(tiny, capsys, monkeypatch) -
     code = main(["train.regime=fr", "trgl.enabled=false", f"out_dir={cfg.out_dir}"])
     assert code != 0
     assert "runs in one process only" in capsys.readouterr().err
+
+
+def test_sigterm_mid_epoch_checkpoints_the_batches_in_flight_and_resume_finishes_alike(
+    tiny, monkeypatch
+) -> None:
+    from trgl_pipe.runtime import preemption
+    from trgl_pipe.single import Preempted
+
+    regime = ["train.regime=ddg", "model.num_modules=3", "checkpoint.every_epochs=0", *E2E]
+    full = tiny(*regime)
+    run_single(full, console_summary=False)
+    calls = iter(range(10**6))  # asked before every batch: true from the 12th on (in epoch 1)
+    monkeypatch.setattr(preemption, "requested", lambda: next(calls) >= 11)
+    stopped = tiny(*regime)
+    with pytest.raises(Preempted):
+        run_single(stopped, console_summary=False)
+    meta = json.loads((latest_complete(stopped.out_dir) / "meta.json").read_text())
+    assert meta["progress"]["step"] % 5 and not meta["progress"]["final"]  # mid-epoch: batches in flight
+    monkeypatch.setattr(preemption, "requested", lambda: False)
+    run_single(tiny(*regime, f"out_dir={stopped.out_dir}", "resume=auto"), console_summary=False)
+    a, b = _final(full.out_dir), _final(stopped.out_dir)
+    for k in a:
+        for name, tensor in a[k]["body"].items():
+            assert torch.equal(tensor, b[k]["body"][name]), (k, name)
