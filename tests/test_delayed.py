@@ -17,7 +17,7 @@ from trgl_pipe.context import build_context, configure_torch, prepare_out_dir
 from trgl_pipe.delayed import DelayedModule, attach, delays_for, run_delayed
 from trgl_pipe.errors import ConfigError
 from trgl_pipe.metrics import MetricsLogger
-from trgl_pipe.run import main
+from trgl_pipe.runtime.mesh import LaunchEnv, check_launch
 from trgl_pipe.runtime.worker import make_worker
 from trgl_pipe.single import run_single
 
@@ -143,16 +143,17 @@ def test_resumed_run_with_batches_in_flight_ends_like_an_uninterrupted_one(tiny,
     ]
 
 
-def test_delayed_regimes_refuse_what_they_do_not_do(tiny, capsys, monkeypatch) -> None:
+def test_delayed_regimes_refuse_what_they_do_not_do(tiny) -> None:
     with pytest.raises(ConfigError, match=r"trgl\.enabled=false"):
         tiny("train.regime=ddg")
     with pytest.raises(ConfigError, match=r"train\.delays=none applies to train\.regime=ddg or fr"):
         tiny("train.delays=none", "trgl.enabled=false")
-    cfg = tiny("train.regime=fr", "trgl.enabled=false")
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: refused before any process group
-    code = main(["train.regime=fr", "trgl.enabled=false", f"out_dir={cfg.out_dir}"])
-    assert code != 0
-    assert "runs in one process only" in capsys.readouterr().err
+    env = LaunchEnv(0, 4, 0, 4, "127.0.0.1", 1, 0, False)
+    for layout in ("pipeline.replicas=2", "pipeline.modules_per_rank=2"):  # before any process group
+        cfg = tiny("train.regime=fr", "trgl.enabled=false", "model.num_modules=4", layout)
+        with pytest.raises(ConfigError, match="one module per rank, no replicas"):
+            check_launch(cfg, env)
+    check_launch(tiny("train.regime=fr", "trgl.enabled=false", "model.num_modules=4"), env)
 
 
 def test_sigterm_mid_epoch_checkpoints_the_batches_in_flight_and_resume_finishes_alike(

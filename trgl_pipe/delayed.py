@@ -139,6 +139,8 @@ class DelayedModule:
         """Forward batch ``time`` (module k < K-1): keep what its delayed gradient will need."""
         stage = self.stage
         x, _ = stage._prepare(x, torch.empty(0, dtype=torch.int64))
+        if self.delay > 0:  # kept past this step: own it (a pipeline rank's input slot is reused)
+            x = x.clone()
         stage.local_net.train()
         if self.mode == "fr" and self.delay > 0:
             with torch.no_grad(), stage._autocast():
@@ -223,6 +225,47 @@ class DelayedModule:
         stage.num_steps += 1
         stage._buffers_stale = True
 
+    # -- as one rank of a torchrun pipeline -------------------------------------------------
+    # ``recv_grad`` blocks for the next message of the backward link from the rank after;
+    # ``send_grad`` sends a message on the backward link to the rank before (set by the rank).
+
+    recv_grad: Callable[[], Message] | None = None
+    send_grad: Callable[[Message], None] | None = None
+
+    def _next_grad(self) -> tuple[int, Tensor, int]:
+        if self.grads:
+            return self.grads.popleft()
+        assert self.recv_grad is not None
+        msg = self.recv_grad()
+        if msg.kind is not Kind.TRAIN or msg.x is None:
+            raise RuntimeError(f"module {self.stage.index}: expected a gradient, got {msg.kind.name}")
+        return msg.step, msg.x.clone(), msg.step + self.delay
+
+    def _send(self, batch: int, grad: Tensor | None, template: Message) -> None:
+        if self.send_grad is not None and grad is not None:
+            y = torch.zeros(grad.shape[0], dtype=torch.int64)
+            self.send_grad(Message(Kind.TRAIN, grad.contiguous(), y, epoch=template.epoch, step=batch))
+
+    def train_message(self, msg: Message) -> Tensor | None:
+        """One step of this module in a pipeline rank: forward batch ``msg.step``, apply the
+        gradient that is due (waiting for it on the backward link), send ∂loss/∂input back."""
+        t = msg.step
+        assert msg.x is not None and msg.y is not None
+        if self.is_last:
+            self._send(t, self.last_step(msg.x, msg.y, t), msg)
+            return None
+        out = self.forward(msg.x, t)
+        if t >= self.delay:
+            batch, grad, _ = self._next_grad()
+            self._send(batch, self.backward(batch, grad, t), msg)
+        return out
+
+    def before_checkpoint(self, msg: Message) -> None:
+        """A checkpoint after ``msg.step`` steps: take the gradient already sent to this module but
+        not applied yet off the link, so the shard holds what the one-process run holds."""
+        if self.recv_grad is not None and not self.is_last and msg.step >= self.delay and not self.grads:
+            self.grads.append(self._next_grad())
+
     # -- checkpoint and summary -------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -301,6 +344,14 @@ def attach(
     for worker, carry in zip(workers, carries, strict=True):
         worker.carry = carry
     return carries
+
+
+def attach_rank(chain: Sequence[StageWorker], cfg: Any, num_modules: int) -> None:
+    """The delayed-gradient side of a pipeline rank's modules (their global indices decide)."""
+    delays = delays_for(cfg, num_modules)
+    for worker in chain:
+        i = worker.index
+        worker.carry = DelayedModule(worker.stage, cfg.train.regime, delays[i], i == num_modules - 1)
 
 
 def delays_for(cfg: Any, num_modules: int) -> list[int]:

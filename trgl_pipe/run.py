@@ -21,7 +21,7 @@ import os
 import sys
 
 from trgl_pipe.config import load_config
-from trgl_pipe.errors import ConfigError, UserError
+from trgl_pipe.errors import UserError
 from trgl_pipe.runtime import preemption
 
 
@@ -47,11 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config_path, overrides)
         if _launched_world_size() > 1 or cfg.pipeline.transport == "dist":
-            if cfg.train.regime in ("ddg", "fr"):
-                raise ConfigError(
-                    f"train.regime={cfg.train.regime} runs in one process only for now (no backward link "
-                    "between ranks yet); launch it with python -m trgl_pipe.run, not torchrun"
-                )
             from trgl_pipe.runtime.rank import run_rank
 
             run_rank(cfg)

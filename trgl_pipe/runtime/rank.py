@@ -57,7 +57,7 @@ from trgl_pipe.runtime.mesh import (
 )
 from trgl_pipe.runtime.replicas import replicate, sync_batchnorm
 from trgl_pipe.runtime.schedule import Position, parallel_stream
-from trgl_pipe.runtime.transport import DistInbox, DistOutbox, StreamInbox
+from trgl_pipe.runtime.transport import BackwardLinks, DistInbox, DistOutbox, StreamInbox
 from trgl_pipe.runtime.worker import make_worker
 from trgl_pipe.summary import build_summary, print_summary, stage_figures, write_summary
 from trgl_pipe.telemetry import Telemetry
@@ -77,7 +77,7 @@ def _setup(cfg: Config, session: DistSession, device: torch.device) -> RunContex
         prepare_out_dir(cfg)
         ctx = build_context(cfg, device, shard=shard)
         save_config(cfg, Path(cfg.out_dir) / "config.yaml")
-        folder = find_resume(cfg, ctx.partition, "parallel", ctx.steps_per_epoch)
+        folder = find_resume(cfg, ctx.partition, cfg.train.regime, ctx.steps_per_epoch)
         ctx.resume_from = None if folder is None else str(folder)
         session.publish_json("setup", {**ctx.shape_info(), "resume": ctx.resume_from})
         return ctx
@@ -149,7 +149,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
         logger.log(
             "start",
             argv=describe_argv(),
-            regime="parallel",
+            regime=cfg.train.regime,
             partition=ctx.partition,
             data=ctx.data.describe(),
             world_size=env.world_size,
@@ -178,10 +178,15 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
         replicate(stage, session.dp_group)
     writer = None
     if replica == 0:  # the replicas hold the same weights: one of them writes
-        writer = CheckpointWriter(cfg, ctx.partition, "parallel", ctx.model_info(), ctx.steps_per_epoch)
+        writer = CheckpointWriter(cfg, ctx.partition, cfg.train.regime, ctx.model_info(), ctx.steps_per_epoch)
     clock = clock_for(device)
     fields = {"replica": replica} if layout.replicas > 1 else {}
     chain = [make_worker(stage, cfg, logger, writer, clock, fields) for stage in stages]
+    delayed = cfg.train.regime in ("ddg", "fr")
+    if delayed:  # before a resume: the shards carry the work in flight
+        from trgl_pipe.delayed import attach_rank
+
+        attach_rank(chain, cfg, layout.num_modules)
     start = Position()
     if ctx.resume_from is not None:
         progress = restore_workers(Path(ctx.resume_from), chain, logger, announce=rank == 0)
@@ -227,6 +232,20 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
             session.staged,
         )
         outbox.handshake(tuple(probe.shape[1:]), probe.dtype, cfg.train.channels_last and probe.dim() == 4)
+    links = None
+    if delayed:  # the backward link: gradients from the next rank to this one
+        links = BackwardLinks.connect(
+            rank,
+            previous,
+            following,
+            session.pp_group,
+            capacity,
+            ctx.max_batch,
+            device,
+            cfg.pipeline.timeout_s,
+            session.staged,
+            (in_shape, in_dtype),
+        )
     train_sizes, eval_sizes = batch_sizes(cfg, ctx, replica, layout.replicas)
     for stage, (shape, dtype) in zip(stages, shapes, strict=True):
         stage.warm_up(shape, dtype, train_sizes, eval_sizes)
@@ -241,6 +260,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
     publishers = [Publisher(board if replica == 0 else None, f"module/{w.index}", interval) for w in chain]
     telemetry = Telemetry(device)
     monitor = (Publisher(board, f"rank/{rank}", interval), telemetry)
+    if links is not None:
+        links.serve(chain[0].carry, waiter, clock)
     t0 = time.time()
     view = LiveView(board, cfg.log.live if rank == 0 else "off", interval, f"trgl_pipe · {layout.describe()}")
     with view:
@@ -255,6 +276,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
             tracer=tracer,
             monitor=monitor,
         )
+        if links is not None:
+            links.close(waiter)
     tracer.close()
     if stop.preempted:
         logger.log("preempted", module=chain[0].index, rank=rank, wall_time_s=time.time() - t0)

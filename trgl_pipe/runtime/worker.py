@@ -62,10 +62,13 @@ class StageWorker:
             if self.faults is not None:
                 self.faults(self, True)
             with self.clock.region(f"train/{self.index}"):
-                out = self.stage.train_step(msg.x, msg.y)
+                if self.carry is None:
+                    out = self.stage.train_step(msg.x, msg.y)
+                else:  # a delayed-gradient regime on a pipeline rank
+                    out = self.carry.train_message(msg)
             self.train_samples += msg.num_samples
             self.epoch = msg.epoch
-            if self.stage.num_steps % self.log_every_steps == 0:
+            if self.stage.num_steps % self.log_every_steps == 0 and self.stage.train_sums.steps:
                 self._log_train()
             return msg.forward(out)
         if kind is Kind.EVAL:
@@ -88,6 +91,8 @@ class StageWorker:
             )
         elif kind is Kind.CHECKPOINT:
             self.stage.check_finite()
+            if self.carry is not None:
+                self.carry.before_checkpoint(msg)
             if self.checkpoint_hook is not None:
                 self.checkpoint_hook(self, msg)
         elif kind is Kind.STOP:
