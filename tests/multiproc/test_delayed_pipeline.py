@@ -54,13 +54,18 @@ def _losses(out: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in read_metrics(out / "metrics.jsonl") if e["event"] == "train"}
 
 
-@pytest.mark.parametrize(("k", "regime"), [(2, "ddg"), (4, "fr")])
+@pytest.mark.parametrize(
+    ("k", "regime", "per_rank"),
+    [(2, "ddg", 1), (4, "fr", 1), (4, "ddg", 2)],
+    ids=["K2-ddg", "K4-fr", "K4-ddg-two-modules-per-rank"],
+)
 def test_delayed_pipeline_computes_exactly_what_one_process_computes(
-    tmp_path: Path, k: int, regime: str
+    tmp_path: Path, k: int, regime: str, per_rank: int
 ) -> None:
     common = _common(k, regime)
     run_single(load_config(None, [*common, f"out_dir={tmp_path / 'single'}"]), console_summary=False)
-    piped = run_torchrun(k, [*common, f"out_dir={tmp_path / 'pipe'}"])
+    layout = f"pipeline.modules_per_rank={per_rank}"
+    piped = run_torchrun(k // per_rank, [*common, f"out_dir={tmp_path / 'pipe'}", layout])
     assert piped.returncode == 0, piped.stderr[-3000:]
     a, b = _shards(tmp_path / "single", k), _shards(tmp_path / "pipe", k)
     assert [len(s["carry"]["pending"]) for s in a] == list(range(k - 1, -1, -1))  # module i lags K-1-i

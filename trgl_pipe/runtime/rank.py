@@ -261,7 +261,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext) -> bool:
     telemetry = Telemetry(device)
     monitor = (Publisher(board, f"rank/{rank}", interval), telemetry)
     if links is not None:
-        links.serve(chain[0].carry, waiter, clock)
+        links.serve([w.carry for w in chain], waiter, clock)
     t0 = time.time()
     view = LiveView(board, cfg.log.live if rank == 0 else "off", interval, f"trgl_pipe · {layout.describe()}")
     with view:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import queue
 import re
 import threading
@@ -645,14 +646,18 @@ class BackwardLinks:
             inbox.handshake()
         return cls(outbox, inbox)
 
-    def serve(self, carry: Any, waiter: Waiter, clock: Any) -> None:
-        """Let ``carry`` (a :class:`trgl_pipe.delayed.DelayedModule`) receive and send gradients."""
+    def serve(self, carries: list[Any], waiter: Waiter, clock: Any) -> None:
+        """Let this rank's modules (:class:`trgl_pipe.delayed.DelayedModule`, in order) receive and
+        send gradients: the last from the rank after, the first to the rank before, and each to
+        the one before it in this process directly (it runs first in the next step)."""
         self._clock = clock
         if self.inbox is not None:
-            carry.recv_grad = lambda: self._recv(waiter)
+            carries[-1].recv_grad = lambda: self._recv(waiter)
         if self.outbox is not None:
             outbox = self.outbox
-            carry.send_grad = lambda msg: clock.add_wait("send_wait", outbox.send(msg, waiter))
+            carries[0].send_grad = lambda msg: clock.add_wait("send_wait", outbox.send(msg, waiter))
+        for before, after in itertools.pairwise(carries):
+            after.send_grad = lambda msg, to=before: to.grads.append((msg.step, msg.x, msg.step + to.delay))
 
     def _recv(self, waiter: Waiter) -> Message:
         assert self.inbox is not None
