@@ -4,6 +4,7 @@ gradient to the rank before, and the pipeline computes bit for bit what one proc
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,14 @@ def test_a_pipeline_resumes_a_one_process_checkpoint_with_batches_in_flight(tmp_
     piped = run_torchrun(2, [*common, f"out_dir={tmp_path / 'pipe'}", f"resume={source}"])
     assert piped.returncode == 0, piped.stderr[-3000:]
     _assert_same(_shards(tmp_path / "single", 2), _shards(tmp_path / "pipe", 2))
+
+
+def test_a_rank_waiting_for_a_gradient_names_the_hung_rank_within_the_timeout(tmp_path: Path) -> None:
+    # rank 1 sleeps in its first step: rank 0 has sent batch 0 and waits for its gradient at step 1
+    args = [*_common(2, "ddg"), f"out_dir={tmp_path / 'run'}", "debug.slow_module=1", "debug.slow_s=120"]
+    t0 = time.monotonic()
+    result = run_torchrun(2, [*args, "pipeline.timeout_s=5"], timeout=200)
+    elapsed = time.monotonic() - t0
+    assert result.returncode != 0
+    assert "waited 5 s for a message from rank 1" in result.stderr, result.stderr[-2000:]
+    assert elapsed < 100, elapsed  # well before the hung rank would wake up
