@@ -146,6 +146,8 @@ def test_resumed_run_with_batches_in_flight_ends_like_an_uninterrupted_one(tiny,
 def test_delayed_regimes_refuse_what_they_do_not_do(tiny) -> None:
     with pytest.raises(ConfigError, match=r"trgl\.enabled=false"):
         tiny("train.regime=ddg")
+    with pytest.raises(ConfigError, match=r"set train\.compile=false"):
+        tiny("train.regime=fr", "trgl.enabled=false", "train.compile=true")
     with pytest.raises(ConfigError, match=r"train\.delays=none applies to train\.regime=ddg or fr"):
         tiny("train.delays=none", "trgl.enabled=false")
     env = LaunchEnv(0, 4, 0, 4, "127.0.0.1", 1, 0, False)

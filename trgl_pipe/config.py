@@ -396,6 +396,11 @@ class Config:
                 f"(train.regime is {self.train.regime}); set train.regime=parallel or "
                 "pipeline.transport=auto"
             )
+        if self.train.regime in ("ddg", "fr") and self.train.compile:
+            raise ConfigError(
+                f"train.regime={self.train.regime} does not support train.compile=true yet (its delayed "
+                "backward runs the module on saved weights); set train.compile=false"
+            )
         if self.train.regime in ("ddg", "fr") and self.trgl.enabled:
             raise ConfigError(
                 f"train.regime={self.train.regime} trains the end-to-end objective (one loss, at the last "
