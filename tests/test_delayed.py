@@ -63,6 +63,7 @@ def test_ddg_without_delays_equals_end_to_end_training_bitwise(tiny) -> None:
         assert torch.equal(tensor, parts[2]["head"][name]), name
     assert summary_ddg["modules"][2]["test_accuracy"] == summary_e2e["modules"][0]["test_accuracy"]
     assert [m["delay"] for m in summary_ddg["modules"]] == [0, 0, 0]
+    assert all(m["compute_s"] > 0 for m in summary_ddg["modules"])
 
 
 @pytest.mark.parametrize("mode", ["ddg", "fr"])

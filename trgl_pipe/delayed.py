@@ -374,10 +374,12 @@ class DelayedTrainer:
         t = msg.step
         x = msg.x
         assert x is not None and msg.y is not None
-        for carry in self.carries[:-1]:
-            x = carry.forward(x, t)
+        for k, carry in enumerate(self.carries[:-1]):  # timed per module: compute_s in the summary
+            with self.workers[k].clock.region(f"train/{k}"):
+                x = carry.forward(x, t)
         last = len(self.carries) - 1
-        grad = self.carries[-1].last_step(x, msg.y, t)
+        with self.workers[-1].clock.region(f"train/{last}"):
+            grad = self.carries[-1].last_step(x, msg.y, t)
         if last > 0:
             assert grad is not None
             self.carries[last - 1].grads.append((t, grad, t + self.latency[last - 1]))
@@ -386,7 +388,8 @@ class DelayedTrainer:
             if not inbox or inbox[0][2] > t:
                 continue
             batch, g, _ = inbox.popleft()
-            grad_in = self.carries[k].backward(batch, g, t)
+            with self.workers[k].clock.region(f"train/{k}"):
+                grad_in = self.carries[k].backward(batch, g, t)
             if k > 0:
                 assert grad_in is not None
                 self.carries[k - 1].grads.append((batch, grad_in, t + self.latency[k - 1]))
