@@ -115,13 +115,14 @@ class DelayedModule:
         names = [n for n, _ in self.stage.body.named_parameters()]
         return names, [p.detach().clone() for _, p in self.stage.body.named_parameters()]
 
-    def _graph(self, x: Tensor, params: list[Tensor] | None) -> tuple[Tensor, Tensor, int]:
-        """Forward of the body with a graph; with ``params``, through those tensors (DDG)."""
+    def _graph(self, x: Tensor, params: list[Tensor] | None) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Forward of the body with a graph; with ``params``, through those tensors (DDG).
+        Also returns the tensors the graph saved (its memory)."""
         inp = x.detach().requires_grad_(self.stage.index > 0)
-        sizes: list[Tensor] = []
+        saved: list[Tensor] = []
 
         def pack(t: Tensor) -> Tensor:
-            sizes.append(t)
+            saved.append(t)
             return t
 
         body = self.stage.body
@@ -133,7 +134,7 @@ class DelayedModule:
                 out, _ = functional_call(
                     body, dict(zip(names, params, strict=True)), (inp,), {"kinetic_grad": False}
                 )
-        return inp, out, _bytes(sizes)
+        return inp, out, saved
 
     def forward(self, x: Tensor, time: int) -> Tensor:
         """Forward batch ``time`` (module k < K-1): keep what its delayed gradient will need."""
@@ -150,8 +151,8 @@ class DelayedModule:
             buffers = [b.detach().clone() for b in stage.body.buffers()] if self.delay > 0 else None
             params = [p.requires_grad_() for p in self._snapshot()[1]] if self.delay > 0 else None
             inp, out, saved = self._graph(x, params)
-            extra = _bytes([*params, *buffers]) if params is not None and buffers is not None else 0
-            entry = _Pending(time, x.detach(), stage.num_steps, params, buffers, inp, out, saved + extra)
+            held = _bytes([*saved, *(params or []), *(buffers or [])])  # each storage once
+            entry = _Pending(time, x.detach(), stage.num_steps, params, buffers, inp, out, held)
         self.pending.append(entry)
         self._account()
         return out.detach()
@@ -307,6 +308,7 @@ class DelayedModule:
             with torch.no_grad():
                 for b, s in zip(self.stage.body.buffers(), live, strict=True):
                     b.copy_(s)
+            held = _bytes([*saved, *params, *buffers])
             self.pending.append(
                 _Pending(
                     item["step"],
@@ -316,7 +318,7 @@ class DelayedModule:
                     buffers,
                     inp,
                     out,
-                    saved + _bytes([*params, *buffers]),
+                    held,
                 )
             )
         self.grads = deque((int(b), g.to(device), int(a)) for b, g, a in state["grads"])
