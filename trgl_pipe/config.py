@@ -251,7 +251,10 @@ class AuxConfig:
 class TrainConfig:
     """The training regime and its length."""
 
-    regime: Literal["e2e", "parallel", "sequential", "multilap"] = "parallel"
+    regime: Literal["e2e", "parallel", "sequential", "multilap", "ddg", "fr"] = "parallel"
+    # ddg, fr: "paper": module k of K applies the gradient of the batch it forwarded K-1-k steps
+    # ago; "none": at once (DDG is then plain backpropagation cut into modules)
+    delays: Literal["paper", "none"] = "paper"
     epochs: int = 10  # per module (sequential, multilap) or for the whole network (e2e, parallel)
     laps: int = 1  # multilap: R laps of epochs/R epochs per module
     eval_every_epochs: int = 1  # 0: evaluate only at the end
@@ -263,6 +266,11 @@ class TrainConfig:
     compile: bool = False  # torch.compile each module and head
 
     def __post_init__(self) -> None:
+        if self.delays != "paper" and self.regime not in ("ddg", "fr"):
+            raise ConfigError(
+                f"train.delays={self.delays} applies to train.regime=ddg or fr only "
+                f"(regime is {self.regime}); remove it"
+            )
         _positive("train.epochs", self.epochs)
         _positive("train.laps", self.laps)
         _non_negative("train.eval_every_epochs", self.eval_every_epochs)
@@ -529,6 +537,16 @@ class Config:
             raise ConfigError(
                 f"aux.type={self.aux.type} is a head for CNN feature maps; {self.model.arch}'s modules "
                 "output token maps: use aux.type=conv"
+            )
+        if self.train.regime in ("ddg", "fr") and self.train.compile:
+            raise ConfigError(
+                f"train.regime={self.train.regime} does not support train.compile=true yet (its delayed "
+                "backward runs the module on saved weights); set train.compile=false"
+            )
+        if self.train.regime in ("ddg", "fr") and self.trgl.enabled:
+            raise ConfigError(
+                f"train.regime={self.train.regime} trains the end-to-end objective (one loss, at the last "
+                "head); set trgl.enabled=false"
             )
         if self.resume is not None and self.overwrite:
             raise ConfigError("resume and overwrite=true contradict each other; choose one")

@@ -122,5 +122,9 @@ def run_regime(
         worker.restart_clock()
     if ctx.cfg.train.regime in ("sequential", "multilap"):
         run_sequential(ctx, workers, publishers, progress, should_stop, writer)
+    elif ctx.cfg.train.regime in ("ddg", "fr"):
+        from trgl_pipe.delayed import run_delayed
+
+        run_delayed(ctx, workers, progress, should_stop)
     else:
         run_parallel(ctx, workers, publishers, progress, should_stop)

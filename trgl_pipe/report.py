@@ -48,6 +48,10 @@ def describe(config: dict[str, Any], summary: dict[str, Any]) -> str:
     regime = summary["regime"]
     if regime == "e2e":
         name = "E2E"
+    elif regime in ("ddg", "fr"):  # the end-to-end objective with delayed gradients
+        name = f"{regime.upper()} K={summary['num_modules']}"
+        if config["train"].get("delays", "paper") != "paper":
+            name += f" delays={config['train']['delays']}"
     else:
         short = {"parallel": "Par", "sequential": "Seq", "multilap": f"MLS{summary.get('laps', 1)}"}[regime]
         objective = config.get("objective", {})
@@ -133,7 +137,7 @@ def _well_formed(event: dict) -> bool:
 
 def order(run: Run) -> tuple:
     """Table order: regime, then K, then VanGL before TRGL (by τ), bigger training sets first."""
-    regimes = {"e2e": 0, "parallel": 1, "sequential": 2, "multilap": 3}
+    regimes = {"e2e": 0, "parallel": 1, "sequential": 2, "multilap": 3, "ddg": 4, "fr": 5}
     trgl = run.config["trgl"]
     objective = run.config.get("objective", {}).get("name", "trgl")
     method = (

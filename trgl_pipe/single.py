@@ -61,6 +61,10 @@ def _run(cfg: Config, folder: RunFolder, device: torch.device, console_summary: 
     simulated = cfg.pipeline.transport == "sim"
     clock = clock_for(device)  # one process: one clock for all modules (sim: one per thread)
     workers = [make_worker(s, cfg, logger, writer, None if simulated else clock) for s in stages]
+    if cfg.train.regime in ("ddg", "fr"):  # before a resume: the shards carry the work in flight
+        from trgl_pipe.delayed import attach, delays_for
+
+        attach(workers, cfg.train.regime, delays_for(cfg, len(workers)))
     telemetry = Telemetry(device)
     resume = find_resume(cfg, ctx.partition, cfg.train.regime, ctx.steps_per_epoch)
     progress = restore_workers(resume, workers) if resume is not None else None

@@ -61,7 +61,7 @@ from trgl_pipe.runtime.mesh import (
 )
 from trgl_pipe.runtime.replicas import replicate, sync_batchnorm
 from trgl_pipe.runtime.schedule import Position, parallel_stream
-from trgl_pipe.runtime.transport import DistInbox, DistOutbox, StreamInbox
+from trgl_pipe.runtime.transport import BackwardLinks, DistInbox, DistOutbox, StreamInbox
 from trgl_pipe.runtime.worker import make_worker
 from trgl_pipe.summary import build_summary, print_summary, stage_figures, write_summary
 from trgl_pipe.telemetry import Telemetry
@@ -86,7 +86,7 @@ def _setup(cfg: Config, session: DistSession, device: torch.device, folder: RunF
     shard = (session.replica, layout.replicas)
     if rank == 0:
         ctx = build_context(cfg, device, shard=shard)
-        resume = find_resume(cfg, ctx.partition, "parallel", ctx.steps_per_epoch)
+        resume = find_resume(cfg, ctx.partition, cfg.train.regime, ctx.steps_per_epoch)
         ctx.resume_from = None if resume is None else str(resume)
         session.publish_json("setup", {**ctx.shape_info(), "resume": ctx.resume_from})
         return ctx
@@ -193,7 +193,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
         writer = CheckpointWriter(
             cfg,
             ctx.partition,
-            "parallel",
+            cfg.train.regime,
             ctx.model_info(),
             ctx.steps_per_epoch,
             on_complete=lambda: discard_replaced(out_dir),
@@ -201,6 +201,11 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     clock = clock_for(device)
     fields = {"replica": replica} if layout.replicas > 1 else {}
     chain = [make_worker(stage, cfg, logger, writer, clock, fields) for stage in stages]
+    delayed = cfg.train.regime in ("ddg", "fr")
+    if delayed:  # before a resume: the shards carry the work in flight
+        from trgl_pipe.delayed import attach_rank
+
+        attach_rank(chain, cfg, layout.num_modules)
     start, progress = Position(), None
     if ctx.resume_from is not None:
         progress = restore_workers(Path(ctx.resume_from), chain, announce=rank == 0)
@@ -248,6 +253,20 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
             session.staged,
         )
         outbox.handshake(tuple(probe.shape[1:]), probe.dtype, cfg.train.channels_last and probe.dim() == 4)
+    links = None
+    if delayed:  # the backward link: gradients from the next rank to this one
+        links = BackwardLinks.connect(
+            rank,
+            previous,
+            following,
+            session.pp_group,
+            capacity,
+            ctx.max_batch,
+            device,
+            cfg.pipeline.timeout_s,
+            session.staged,
+            (in_shape, in_dtype),
+        )
     train_sizes, eval_sizes = batch_sizes(cfg, ctx, replica, layout.replicas)
     for stage, (shape, dtype) in zip(stages, shapes, strict=True):
         stage.warm_up(shape, dtype, train_sizes, eval_sizes)
@@ -259,7 +278,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
         logger.log(
             "start",
             argv=describe_argv(),
-            regime="parallel",
+            regime=cfg.train.regime,
             partition=ctx.partition,
             data=ctx.data.describe(),
             world_size=env.world_size,
@@ -288,6 +307,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     publishers = [Publisher(board if replica == 0 else None, f"module/{w.index}", interval) for w in chain]
     telemetry = Telemetry(device)
     monitor = (Publisher(board, f"rank/{rank}", interval), telemetry)
+    if links is not None:
+        links.serve([w.carry for w in chain], waiter, clock)
     t0 = time.time()
     view = LiveView(board, cfg.log.live if rank == 0 else "off", interval, f"trgl_pipe · {layout.describe()}")
     with view:
@@ -303,6 +324,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
             monitor=monitor,
             spans=spans,
         )
+        if links is not None:
+            links.close(waiter)
     tracer.close()
     spans.close()
     if profiler is not None:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import queue
 import re
 import threading
@@ -35,6 +36,9 @@ from trgl_pipe.runtime.messages import Kind, Message
 HEADER = 8  # kind, n, epoch, batch, step, split, final, preempted; then up to max_batch labels
 HEADER_TAG, DATA_TAG, CREDIT_TAG = 1, 2, 3
 IMAGE_TAG = 4  # a training batch's input image, after its activation, when a later rank reads it
+# the backward link of the delayed-gradient regimes (gradients from rank k+1 to rank k): its own
+# three streams, so it never mixes with the forward link between the same two ranks
+BACKWARD_TAGS = (5, 6, 7)
 INFO = 9  # the handshake: ndim, up to 6 sizes, dtype, channels_last
 # Waits that may legitimately last long: the handshake (a neighbour may still be reading data or
 # compiling) and the next header or credit (the main thread bounds these by pipeline.timeout_s
@@ -346,10 +350,12 @@ class DistOutbox:
         device: torch.device,
         timeout_s: float,
         staged: bool = False,
+        tags: tuple[int, int, int] = (HEADER_TAG, DATA_TAG, CREDIT_TAG),
     ) -> None:
         self.rank = rank
         self.peer = peer
         self.group = group
+        self.tags = tags
         self.gate = CreditGate(capacity)
         self.max_batch = max_batch
         self.device = device
@@ -378,7 +384,7 @@ class DistOutbox:
         """
         self.channels_last = channels_last
         dist.isend(
-            _encode_info(feature_shape, dtype, channels_last), self.peer, group=self.group, tag=HEADER_TAG
+            _encode_info(feature_shape, dtype, channels_last), self.peer, group=self.group, tag=self.tags[0]
         ).wait(STARTUP_TIMEOUT)
         if self.staged:
             self._staging = StagingBuffers(
@@ -403,7 +409,7 @@ class DistOutbox:
 
     def _credits_loop(self, credit: torch.Tensor) -> None:
         while True:
-            dist.irecv(credit, self.peer, group=self.group, tag=CREDIT_TAG).wait(IDLE_TIMEOUT)
+            dist.irecv(credit, self.peer, group=self.group, tag=self.tags[2]).wait(IDLE_TIMEOUT)
             if int(credit) < 0:
                 return
             self.gate.release()
@@ -411,7 +417,7 @@ class DistOutbox:
     def send(self, msg: Message, waiter: Waiter) -> float:
         waited = self.gate.acquire(waiter, f"room in the buffer of rank {self.peer}", self._failure)
         header = _encode_header(msg, self.max_batch)
-        works = [_isend(header, self.rank, self.peer, self.group, HEADER_TAG)]
+        works = [_isend(header, self.rank, self.peer, self.group, self.tags[0])]
         keep = [header]
         done, later = None, None
         if msg.kind.has_payload:
@@ -423,7 +429,7 @@ class DistOutbox:
                 waited += time.perf_counter() - t0
                 later = self._stage(x, buffer[: x.shape[0]], self._copied[i])
             elif x.shape[0]:  # an empty evaluation shard sends its header only
-                works.append(_isend(x, self.rank, self.peer, self.group, DATA_TAG))
+                works.append(_isend(x, self.rank, self.peer, self.group, self.tags[1]))
                 self.sent_bytes += x.numel() * x.element_size()
             keep.append(x)
             if msg.image is not None and x.shape[0]:  # the receiver expects it (same rule there)
@@ -448,7 +454,7 @@ class DistOutbox:
 
         def send() -> Any:
             copied.synchronize()
-            return _isend(host, self.rank, self.peer, self.group, DATA_TAG)
+            return _isend(host, self.rank, self.peer, self.group, self.tags[1])
 
         return send
 
@@ -484,11 +490,13 @@ class DistInbox:
         timeout_s: float,
         staged: bool = False,
         image_shape: tuple[int, ...] | None = None,
+        tags: tuple[int, int, int] = (HEADER_TAG, DATA_TAG, CREDIT_TAG),
     ) -> None:
         self.rank = rank
         self.peer = peer
         self.group = group
         self.image_shape = image_shape  # training batches bring their image (a later module reads it)
+        self.tags = tags
         self.capacity = capacity
         self.max_batch = max_batch
         self.device = device
@@ -512,7 +520,7 @@ class DistInbox:
     def handshake(self) -> tuple[tuple[int, ...], torch.dtype]:
         """Receive the sample shape and dtype, allocate the slots, start receiving."""
         info = torch.zeros(INFO, dtype=torch.int64)
-        dist.irecv(info, self.peer, group=self.group, tag=HEADER_TAG).wait(STARTUP_TIMEOUT)
+        dist.irecv(info, self.peer, group=self.group, tag=self.tags[0]).wait(STARTUP_TIMEOUT)
         self.feature_shape, self.dtype, self.channels_last = _decode_info(info)
         wire_shape = _wire_shape(self.feature_shape, self.channels_last)
         slot_device = self.device if (self.on_gpu and not self.staged) else torch.device("cpu")
@@ -546,7 +554,7 @@ class DistInbox:
             while self._take_slot():
                 slot = index % self.capacity
                 index += 1
-                dist.irecv(header, self.peer, group=self.group, tag=HEADER_TAG).wait(IDLE_TIMEOUT)
+                dist.irecv(header, self.peer, group=self.group, tag=self.tags[0]).wait(IDLE_TIMEOUT)
                 msg, ready = _decode_header(header), None
                 if msg.kind.has_payload:
                     n = msg.num_samples
@@ -571,12 +579,12 @@ class DistInbox:
         if n == 0:  # an empty evaluation shard: no data follows its header
             return (view.to(self.device, non_blocking=True) if self.staged else view), None, None
         if self._stream is None:  # CPU ranks
-            dist.irecv(view, self.peer, group=self.group, tag=DATA_TAG).wait(self.timeout)
+            dist.irecv(view, self.peer, group=self.group, tag=self.tags[1]).wait(self.timeout)
             return view, None, self._receive_image(n, self.device) if with_image else None
         with torch.cuda.stream(self._stream):
             image = None
             if self.staged:  # gloo into pinned host memory, then to this rank's GPU
-                dist.irecv(view, self.peer, group=self.group, tag=DATA_TAG).wait(self.timeout)
+                dist.irecv(view, self.peer, group=self.group, tag=self.tags[1]).wait(self.timeout)
                 x = view.to(self.device, non_blocking=True)
                 if with_image:
                     image = self._receive_image(n, torch.device("cpu")).to(self.device, non_blocking=True)
@@ -588,7 +596,7 @@ class DistInbox:
                 self._stream.wait_event(self._consumed[slot])
             # With a timeout, an NCCL wait blocks this thread until the data is here: a message is
             # handed over only once it has arrived, and a dead sender surfaces as an error.
-            dist.irecv(view, self.peer, group=self.group, tag=DATA_TAG).wait(self.timeout)
+            dist.irecv(view, self.peer, group=self.group, tag=self.tags[1]).wait(self.timeout)
             if with_image:
                 image = self._receive_image(n, self.device)
                 image.record_stream(self._compute_stream)
@@ -614,7 +622,7 @@ class DistInbox:
             self._used[slot] = True
         self._free_slots.release()
         credit = torch.tensor([-1 if msg.kind is Kind.STOP else 0], dtype=torch.int64)
-        self._credits.add([_isend(credit, self.rank, self.peer, self.group, CREDIT_TAG)], [credit])
+        self._credits.add([_isend(credit, self.rank, self.peer, self.group, self.tags[2])], [credit])
 
     def close(self, waiter: Waiter) -> None:
         self._closing.set()
@@ -624,3 +632,83 @@ class DistInbox:
                 lambda t: True if not self._thread.is_alive() else self._thread.join(t),
                 "the receive thread to finish",
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward link of the delayed-gradient regimes
+
+
+class BackwardLinks:
+    """The second kind of link (``train.regime`` ddg and fr): ∂loss/∂input of rank k+1's module
+    back to rank k, bounded and credited like the forward link, on its own tags, each gradient
+    tagged with the step of the batch it belongs to (``Message.step``)."""
+
+    def __init__(self, outbox: DistOutbox | None, inbox: DistInbox | None) -> None:
+        self.outbox = outbox  # to the rank before (None on the first rank)
+        self.inbox = inbox  # from the rank after (None on the last rank)
+        self._clock: Any = None
+
+    @classmethod
+    def connect(
+        cls,
+        rank: int,
+        previous: int | None,
+        following: int | None,
+        group: Any,
+        capacity: int,
+        max_batch: int,
+        device: torch.device,
+        timeout_s: float,
+        staged: bool,
+        input_sample: tuple[tuple[int, ...], torch.dtype],
+    ) -> BackwardLinks:
+        """Open both ends after the forward handshakes (rank k answers rank k+1's only once its own
+        towards rank k-1 is done, so no two ranks wait on each other)."""
+        outbox = inbox = None
+        if previous is not None:
+            outbox = DistOutbox(
+                rank, previous, group, capacity, max_batch, device, timeout_s, staged, tags=BACKWARD_TAGS
+            )
+            outbox.handshake(*input_sample)
+        if following is not None:
+            inbox = DistInbox(
+                rank, following, group, capacity, max_batch, device, timeout_s, staged, tags=BACKWARD_TAGS
+            )
+            inbox.handshake()
+        return cls(outbox, inbox)
+
+    def serve(self, carries: list[Any], waiter: Waiter, clock: Any) -> None:
+        """Let this rank's modules (:class:`trgl_pipe.delayed.DelayedModule`, in order) receive and
+        send gradients: the last from the rank after, the first to the rank before, and each to
+        the one before it in this process directly (it runs first in the next step)."""
+        self._clock = clock
+        if self.inbox is not None:
+            carries[-1].recv_grad = lambda: self._recv(waiter)
+        if self.outbox is not None:
+            outbox = self.outbox
+            carries[0].send_grad = lambda msg: clock.add_wait("send_wait", outbox.send(msg, waiter))
+        for before, after in itertools.pairwise(carries):
+            after.send_grad = lambda msg, to=before: to.grads.append((msg.step, msg.x, msg.step + to.delay))
+
+    def _recv(self, waiter: Waiter) -> Message:
+        assert self.inbox is not None
+        t0 = time.perf_counter()
+        msg = self.inbox.recv(waiter)
+        if self._clock is not None:
+            self._clock.add_wait("recv_wait", time.perf_counter() - t0)
+        if msg.x is not None:
+            msg.x = msg.x.clone()  # the slot is reused once released
+        self.inbox.release(msg)
+        return msg
+
+    def close(self, waiter: Waiter) -> None:
+        """After the forward STOP: tell the rank before that no gradient follows, drop the gradients
+        this rank will never apply (the last batches'), then close both ends."""
+        if self.outbox is not None:
+            self.outbox.send(Message(Kind.STOP), waiter)
+        if self.inbox is not None:
+            while self._recv(waiter).kind is not Kind.STOP:
+                pass
+            self.inbox.close(waiter)
+        if self.outbox is not None:
+            self.outbox.close(waiter)

@@ -49,6 +49,9 @@ class StageWorker:
         self.epochs = 0  # set by the run: for progress and ETA
         self.reads_image = False  # the stage's objective reads the batch's image
         self.passes_image = False  # a later module reads it: it travels on with the output
+        # work in flight saved with the module (delayed-gradient regimes): state_dict,
+        # load_state_dict and report, or None
+        self.carry: Any = None
 
     @property
     def index(self) -> int:
@@ -63,10 +66,13 @@ class StageWorker:
             # the first module's input is the image itself
             image = msg.x if self.index == 0 else msg.image
             with self.clock.region(f"train/{self.index}"):
-                out = self.stage.train_step(msg.x, msg.y, image if self.reads_image else None)
+                if self.carry is None:
+                    out = self.stage.train_step(msg.x, msg.y, image if self.reads_image else None)
+                else:  # a delayed-gradient regime on a pipeline rank
+                    out = self.carry.train_message(msg)
             self.train_samples += msg.num_samples
             self.epoch = msg.epoch
-            if self.stage.num_steps % self.log_every_steps == 0:
+            if self.stage.num_steps % self.log_every_steps == 0 and self.stage.train_sums.steps:
                 self._log_train()
             return msg.forward(out, image if self.passes_image else None)
         if kind is Kind.EVAL:
@@ -89,6 +95,8 @@ class StageWorker:
             )
         elif kind is Kind.CHECKPOINT:
             self.stage.check_finite()
+            if self.carry is not None:
+                self.carry.before_checkpoint(msg)
             if self.checkpoint_hook is not None:
                 self.checkpoint_hook(self, msg)
         elif kind is Kind.STOP:
@@ -155,6 +163,7 @@ class StageWorker:
             "eval_history": self.eval_history,
             "last_eval": self.last_eval,
             "epoch": self.epoch,
+            **({"carry": self.carry.state_dict()} if self.carry is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -162,6 +171,8 @@ class StageWorker:
         self.eval_history = list(state["eval_history"])
         self.last_eval = dict(state["last_eval"])
         self.epoch = int(state["epoch"])
+        if self.carry is not None and "carry" in state:
+            self.carry.load_state_dict(state["carry"])
 
     def live_snapshot(self) -> dict[str, Any]:
         """Progress for the live view (a few host syncs: call it at most every interval)."""
@@ -210,6 +221,7 @@ class StageWorker:
             "num_steps": self.stage.num_steps,
             "compute_s": round(self.train_compute_s, 4),
             "history": self.eval_history,
+            **(self.carry.report() if self.carry is not None else {}),
         }
 
 
