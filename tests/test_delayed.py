@@ -13,10 +13,11 @@ from torch.func import functional_call
 
 from trgl_pipe.checkpoint import CheckpointWriter, latest_complete
 from trgl_pipe.config import Config
-from trgl_pipe.context import build_context, configure_torch, prepare_out_dir
+from trgl_pipe.context import build_context, configure_torch
 from trgl_pipe.delayed import DelayedModule, attach, delays_for, run_delayed
 from trgl_pipe.errors import ConfigError
 from trgl_pipe.metrics import MetricsLogger
+from trgl_pipe.run_folder import claim
 from trgl_pipe.runtime.mesh import LaunchEnv, check_launch
 from trgl_pipe.runtime.worker import make_worker
 from trgl_pipe.single import run_single
@@ -37,14 +38,15 @@ def _final(out_dir: str) -> dict[int, dict]:
 def _recorded(cfg: Config) -> tuple[list[DelayedModule], object]:
     """Train as run_single does, keeping a record of every update."""
     configure_torch(cfg)
-    out = prepare_out_dir(cfg)
-    ctx = build_context(cfg, torch.device("cpu"))
-    logger = MetricsLogger(out / "metrics.jsonl")
-    writer = CheckpointWriter(cfg, ctx.partition, cfg.train.regime)
-    workers = [make_worker(ctx.build_stage(i), cfg, logger, writer) for i in range(ctx.num_modules)]
-    carries = attach(workers, cfg.train.regime, delays_for(cfg, len(workers)), record=True)
-    run_delayed(ctx, workers)
-    logger.close()
+    with claim(cfg) as folder:
+        folder.commit()
+        ctx = build_context(cfg, torch.device("cpu"))
+        logger = MetricsLogger(folder.out / "metrics.jsonl")
+        writer = CheckpointWriter(cfg, ctx.partition, cfg.train.regime)
+        workers = [make_worker(ctx.build_stage(i), cfg, logger, writer) for i in range(ctx.num_modules)]
+        carries = attach(workers, cfg.train.regime, delays_for(cfg, len(workers)), record=True)
+        run_delayed(ctx, workers)
+        logger.close()
     return carries, ctx
 
 
