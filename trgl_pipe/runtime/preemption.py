@@ -53,31 +53,43 @@ def shared_flag(store: Any, rank: int, every_s: float = 0.5) -> Callable[[], boo
     return check
 
 
-def agreed(check: Callable[[], bool], group: Any, timeout_s: float = 900.0) -> Callable[[], bool]:
+class Agreed:
     """``check`` made collective over ``group``: true on every member from the same call on.
 
     Every member must call it at the same points of its stream (the first stage's replicas do).
     Each call starts a non-blocking all-reduce of this member's flag and answers with the result
     of the previous call's, which has had a whole batch to complete: the stream never blocks on a
     collective per batch, and every member still stops at the same batch (one batch later than a
-    blocking agreement would).
+    blocking agreement would). ``drain`` waits for the last one before the group is destroyed (a
+    group destroyed under a running all-reduce aborts the process).
     """
-    from datetime import timedelta
 
-    import torch
-    import torch.distributed as dist
+    def __init__(self, check: Callable[[], bool], group: Any, timeout_s: float = 900.0) -> None:
+        from datetime import timedelta
 
-    timeout = timedelta(seconds=timeout_s)
-    pending: list[tuple[Any, Any]] = []
+        self._check, self._group = check, group
+        self._timeout = timedelta(seconds=timeout_s)
+        self._pending: list[tuple[Any, Any]] = []
 
-    def collective() -> bool:
-        flag = torch.tensor([1 if check() else 0], dtype=torch.int64)
-        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True)
-        pending.append((work, flag))
-        if len(pending) < 2:
+    def __call__(self) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if self._check() else 0], dtype=torch.int64)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        self._pending.append((work, flag))
+        if len(self._pending) < 2:
             return False
-        previous, previous_flag = pending.pop(0)
-        previous.wait(timeout)
+        previous, previous_flag = self._pending.pop(0)
+        previous.wait(self._timeout)
         return bool(previous_flag.item())
 
-    return collective
+    def drain(self) -> None:
+        while self._pending:
+            work, _ = self._pending.pop(0)
+            work.wait(self._timeout)
+
+
+def agreed(check: Callable[[], bool], group: Any, timeout_s: float = 900.0) -> Agreed:
+    """``check`` agreed over ``group`` (see :class:`Agreed`)."""
+    return Agreed(check, group, timeout_s)

@@ -214,10 +214,11 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     capacity = cfg.pipeline.buffer_size
     previous, following = layout.previous_rank(rank), layout.next_rank(rank)
     inbox: Any
+    agreement: preemption.Agreed | None = None
     if previous is None:
         stream_stop = should_stop
         if layout.replicas > 1:
-            stream_stop = preemption.agreed(should_stop, session.dp_group, cfg.pipeline.timeout_s)
+            stream_stop = agreement = preemption.agreed(should_stop, session.dp_group, cfg.pipeline.timeout_s)
         inbox = StreamInbox(parallel_stream(cfg, ctx.batches, start, stream_stop))
         in_shape, in_dtype = ctx.input_shape, torch.float32
     else:
@@ -326,6 +327,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
         )
         if links is not None:
             links.close(waiter)
+    if agreement is not None:  # its last all-reduce must end before the groups are destroyed
+        agreement.drain()
     tracer.close()
     spans.close()
     if profiler is not None:
