@@ -81,17 +81,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
+def torchrun_cmd(
+    nproc: int,
+    args: list[str],
+    launcher: str = "torch.distributed.run",
+    target: tuple[str, ...] = ("-m", "trgl_pipe.run"),
+) -> list[str]:
+    """A one-host launch of ``target`` on ``nproc`` ranks (torchrun, or trgl_pipe's own launcher)."""
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        launcher,
         f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
         "--monitor-interval=0.2",
-        "-m",
-        "trgl_pipe.run",
+        *target,
         *args,
     ]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, TINY, free_port
+from conftest import ROOT, TINY, torchrun_cmd
 
 from trgl_pipe.config import load_config
 from trgl_pipe.run_folder import claim
@@ -21,18 +21,7 @@ pytestmark = pytest.mark.multiproc
 
 
 def _launch_cmd(nproc: int, args: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "trgl_pipe.launch",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "--monitor-interval=0.2",
-        "-m",
-        "trgl_pipe.run",
-        *args,
-    ]
+    return torchrun_cmd(nproc, args, launcher="trgl_pipe.launch")
 
 
 def _env() -> dict[str, str]:

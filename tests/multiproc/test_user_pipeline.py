@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import ROOT, free_port, run_cli, run_torchrun
+from conftest import ROOT, run_cli, run_torchrun, torchrun_cmd
 
 from trgl_pipe.metrics import read_metrics
 
@@ -88,17 +88,7 @@ print("SUMMARY", json.dumps({"world_size": summary["world_size"], "modules": len
 
 def _torchrun_script(script: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "--monitor-interval=0.2",
-        str(script),
-        *args,
-    ]
+    cmd = torchrun_cmd(nproc, list(args), target=(str(script),))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
