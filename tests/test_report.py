@@ -104,3 +104,44 @@ def test_the_authors_protocol_is_an_option_that_keeps_the_highest_test_accuracy(
     assert "## The authors' protocol (chooses on the test set)" in text
     row = next(line for line in text.splitlines() if line.startswith("| Par TRGL") and "90.12" in line)
     assert row.rstrip(" |").split(" | ")[3:5] == ["90.12", "86.24"]  # theirs, then ours
+
+
+def test_every_local_method_is_paired_with_its_vangl_twin_even_from_an_older_config(
+    tiny, tmp_path: Path
+) -> None:
+    # VanGL, PredSim and DGL's MLP-SR head at seeds 0 and 1; the VanGL folders' config.yaml loses the
+    # sections a run written before the objectives existed lacks: they still pair, by default values
+    import yaml
+
+    from trgl_pipe.report import paired_rows
+
+    methods = {
+        "vangl": ["trgl.enabled=false"],
+        "predsim": ["objective.name=predsim"],
+        "dgl": ["objective.name=vangl", "aux.type=dgl_mlp_sr"],
+        "e2e": ["train.regime=e2e", "trgl.enabled=false"],
+    }
+    runs: dict[str, list] = {}
+    for name, overrides in methods.items():
+        for seed in (0, 1):
+            cfg = tiny(*overrides, f"seed={seed}", "train.max_steps=3")
+            run_single(cfg, console_summary=False)
+            folder = Path(cfg.out_dir)
+            if name == "vangl":
+                config = yaml.safe_load((folder / "config.yaml").read_text())
+                del config["objective"], config["aux"]["type"]
+                (folder / "config.yaml").write_text(yaml.safe_dump(config))
+            runs.setdefault(name, []).append(load_run(folder))
+    groups = {name: group for name, group in runs.items()}
+    rows = {row["comparison"]: row for row in paired_rows(groups)}
+    assert set(rows) == {"Par PredSim K=2 n=300 − VanGL", "Par DGL (MLP-SR) K=2 n=300 − VanGL"}
+    for name, label in (("predsim", "Par PredSim"), ("dgl", "Par DGL (MLP-SR)")):
+        diffs = [
+            100 * (a.summary["best_test_accuracy"] - b.summary["best_test_accuracy"])
+            for a, b in zip(runs[name], runs["vangl"], strict=True)
+        ]
+        assert rows[f"{label} K=2 n=300 − VanGL"]["per seed"] == ", ".join(f"{d:+.2f}" for d in diffs)
+    # a VanGL twin that differs in anything but the method (here: the learning rate) is no twin
+    other = tiny("objective.name=predsim", "seed=0", "train.max_steps=3", "optim.lr=0.05")
+    run_single(other, console_summary=False)
+    assert paired_rows({"vangl": runs["vangl"], "x": [load_run(Path(other.out_dir))]}) == []

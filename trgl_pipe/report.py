@@ -278,30 +278,62 @@ def t_half_width(diffs: list[float]) -> float | None:
     return T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
 
 
-def _without(config: dict[str, Any], section: str, keys: tuple[str, ...]) -> str:
-    trimmed = {k: v for k, v in config.items() if k not in IGNORED_KEYS}
-    trimmed[section] = {k: v for k, v in config[section].items() if k not in keys}
+# What makes a local method: the sections and keys a method's runs may differ in from VanGL's
+METHOD_KEYS: dict[str, tuple[str, ...] | None] = {"trgl": None, "objective": None, "aux": ("type",)}
+
+
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with every key it lacks set to today's default.
+
+    A run folder written before a key existed ran with the behaviour that key's default keeps, so
+    an older VanGL run still pairs with a newer method's run that differs from it only in method keys.
+    """
+    from trgl_pipe.config import Config
+
+    full = Config().to_dict()
+    for section, values in config.items():
+        if isinstance(values, dict) and isinstance(full.get(section), dict):
+            full[section] = {**full[section], **values}
+        else:
+            full[section] = values
+    return full
+
+
+def _without_method(config: dict[str, Any]) -> str:
+    trimmed = {k: v for k, v in _with_defaults(config).items() if k not in IGNORED_KEYS}
+    for section, keys in METHOD_KEYS.items():
+        trimmed[section] = {
+            k: v for k, v in trimmed.get(section, {}).items() if keys is not None and k not in keys
+        }
     return json.dumps(trimmed, sort_keys=True, default=str)
 
 
+def is_vangl(run: Run) -> bool:
+    """Plain greedy training: a local regime, cross-entropy only, the conv auxiliary head."""
+    config = _with_defaults(run.config)
+    name = config["objective"]["name"]
+    plain = name == "vangl" or (name == "trgl" and not config["trgl"]["enabled"])
+    local = run.summary["regime"] in ("parallel", "sequential", "multilap")
+    return plain and local and config["aux"]["type"] == "conv"
+
+
 def paired_rows(groups: dict[str, list[Run]]) -> list[dict[str, str]]:
-    """TRGL − VanGL of the best module's test accuracy, paired by seed (the same data subset and
-    initial weights), for every TRGL group whose VanGL twin differs only in the TRGL keys.
+    """Each local method − VanGL of the best module's test accuracy, paired by seed (the same data
+    subset and initial weights), for every group whose VanGL twin differs only in method keys
+    (the trgl and objective sections, ``aux.type``): TRGL, InfoPro, PredSim, DGL's heads.
 
     The interval is mean ± t(0.975, n−1)·sd/√n over the seeds' differences (a paired t interval);
     with n pairs it needs n ≥ 2, and reads "noise" when it contains 0.
     """
-    trgl_keys = ("enabled", "tau", "tau_schedule", "halves_tau_of", "lambda_init", "h", "s")
-    vangl = {
-        _without(runs[0].config, "trgl", trgl_keys): runs
-        for runs in groups.values()
-        if not runs[0].config["trgl"]["enabled"] and runs[0].summary["regime"] != "e2e"
-    }
+    vangl: dict[str, list[Run]] = {}
+    for runs in groups.values():
+        if is_vangl(runs[0]):
+            vangl.setdefault(_without_method(runs[0].config), []).extend(runs)
     rows = []
     for runs in groups.values():
-        if not runs[0].config["trgl"]["enabled"]:
+        if is_vangl(runs[0]) or runs[0].summary["regime"] not in ("parallel", "sequential", "multilap"):
             continue
-        twin = vangl.get(_without(runs[0].config, "trgl", trgl_keys))
+        twin = vangl.get(_without_method(runs[0].config))
         if twin is None:
             continue
         by_seed = {r.config["seed"]: r.summary["best_test_accuracy"] for r in twin}
@@ -575,11 +607,11 @@ def build_report(paths: list[Path], out: Path, title: str, protocol: str = "trgl
         ]
     if paired := paired_rows(groups):
         lines += [
-            "## TRGL − VanGL, paired by seed",
+            "## Each method − VanGL, paired by seed",
             "",
             "Best module's test accuracy, points. The seed fixes the data subset and the initial "
-            "weights, so the two runs of a seed differ only in the transport term; the interval is a "
-            "paired t interval.",
+            "weights, so the two runs of a seed differ only in the local objective (and head); the "
+            "interval is a paired t interval.",
             "",
             markdown_table(paired),
             "",
