@@ -3,20 +3,28 @@ gradient to the rank before, and the pipeline computes bit for bit what one proc
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY, run_torchrun
 
 from trgl_pipe.checkpoint import latest_complete
 from trgl_pipe.config import load_config
+from trgl_pipe.context import build_context
+from trgl_pipe.data import Batches
 from trgl_pipe.metrics import read_metrics
 from trgl_pipe.single import run_single
+from trgl_pipe.stage import Stage
 
 pytestmark = pytest.mark.multiproc
 
@@ -96,3 +104,140 @@ def test_a_rank_waiting_for_a_gradient_names_the_hung_rank_within_the_timeout(tm
         result.stderr[-2000:]
     )
     assert elapsed < 100, elapsed  # well before the hung rank would wake up
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Forwards inside update copies of the BatchNorm running statistics, which are dropped
+    (replicas r >= 1: replica 0's statistics are the ones every replica starts the next forward
+    from). The originals are swapped back, not written: a graph that saved them stays valid."""
+    originals = []
+    for m in module.modules():
+        for name, b in m._buffers.items():
+            if b is not None:
+                originals.append((m, name, b))
+                m._buffers[name] = b.clone()
+    yield
+    for m, name, b in originals:
+        m._buffers[name] = b
+
+
+def _mean_step(stage: Stage, params: list[nn.Parameter], per_replica: list[list[Tensor]]) -> None:
+    """One update with the replicas' mean gradient: each divided by R, added in replica order."""
+    replicas = len(per_replica)
+    stage.optimizer.zero_grad(set_to_none=True)
+    for p, *grads in zip(params, *per_replica, strict=True):
+        total = grads[0] / replicas
+        for g in grads[1:]:
+            total = total + g / replicas
+        p.grad = total
+    stage.optimizer.step()
+    stage.scheduler.step()
+
+
+def _ddg_replicas_reference(overrides: list[str], replicas: int) -> tuple[dict, list[Stage], list, list]:
+    """DDG on K=2 modules with R data-parallel replicas, written out in one process.
+
+    At step t, replica r of module 0 forwards shard r of batch t through a copy of its weights and
+    keeps the graph; replica r of module 1 computes the loss of that shard and its gradients; module
+    1 steps with the replicas' mean gradient. Module 0 then backpropagates through batch t-1's
+    graphs, each with the gradient its own replica of module 1 sent, and steps with their mean.
+    BatchNorm running statistics follow replica 0. Returns the logged loss per (step, replica), the
+    stages, and, per replica, the input of the batch still in flight on module 0 and the gradient
+    module 1 sent for it.
+    """
+    cfg = load_config(None, overrides)
+    torch.set_num_threads(1)
+    ctx = build_context(cfg, torch.device("cpu"))
+    first, last = ctx.build_stage(0), ctx.build_stage(1)
+    shards = [Batches(ctx.data, cfg.data, cfg.seed, shard=(r, replicas)) for r in range(replicas)]
+    names = [n for n, _ in first.body.named_parameters()]
+    body_params = list(first.body.parameters())
+    losses: dict[tuple[int, int], float] = {}
+    in_flight: list = []  # module 0, batch t-1, per replica: (input, output with its graph, weights)
+    sent: list[Tensor] = []  # module 1's ∂loss/∂input for batch t-1, per replica
+    step = 0
+    for epoch in range(cfg.train.epochs):
+        streams = [shard.train_batches(epoch) for shard in shards]
+        for _ in range(shards[0].steps_per_epoch):
+            batch = [next(stream) for stream in streams]
+            first.body.train()
+            forwarded = []
+            for r, (x, _) in enumerate(batch):
+                weights = [p.detach().clone().requires_grad_() for p in body_params]
+                with _buffers_kept(first.body) if r else contextlib.nullcontext():
+                    out, _ = functional_call(
+                        first.body, dict(zip(names, weights, strict=True)), (x,), {"kinetic_grad": False}
+                    )
+                forwarded.append((x, out, weights))
+            last.local_net.train()
+            grads, now_sent = [], []
+            for r, ((_, y), (_, out, _)) in enumerate(zip(batch, forwarded, strict=True)):
+                inp = out.detach().requires_grad_()
+                with _buffers_kept(last.local_net) if r else contextlib.nullcontext():
+                    _, _, logits = last.local_net(inp, kinetic_grad=False)
+                loss = F.cross_entropy(logits.float(), y)
+                last.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grads.append([p.grad for p in last.parameters()])
+                now_sent.append(inp.grad)
+                n = len(y)
+                losses[(step + 1, r)] = ((loss.detach() * n).double() / n).item()  # as logged
+            _mean_step(last, last.parameters(), grads)
+            if in_flight:
+                grads = []
+                for (_, out, weights), g in zip(in_flight, sent, strict=True):
+                    out.backward(g)
+                    grads.append([w.grad for w in weights])
+                _mean_step(first, body_params, grads)
+            in_flight, sent = forwarded, now_sent
+            step += 1
+    return losses, [first, last], [x for x, _, _ in in_flight], sent
+
+
+def _replica_losses(out: Path) -> dict[tuple[int, int], float]:
+    return {
+        (e["step"], e["replica"]): e["loss"]
+        for e in read_metrics(out / "metrics.jsonl")
+        if e["event"] == "train"
+    }
+
+
+def _assert_final_is_the_reference(out: Path, stages: list[Stage], inputs: list, sent: list) -> None:
+    shards = _shards(out, 2)
+    for stage, shard in zip(stages, shards, strict=True):
+        for part, module in (("body", stage.body), ("head", stage.head)):
+            for name, tensor in module.state_dict().items():  # weights and replica 0's statistics
+                assert torch.equal(tensor, shard["stage"][part][name]), (stage.index, part, name)
+    carry = shards[0]["carry"]  # module 0: replica 0's batch in flight, then replica 1's
+    states = [carry, *carry["replica_states"]]
+    assert [[p["step"] for p in s["pending"]] for s in states] == [[9], [9]]
+    assert all(torch.equal(s["pending"][0]["x"], x) for s, x in zip(states, inputs, strict=True))
+    assert all(torch.equal(s["grads"][0][1], g) for s, g in zip(states, sent, strict=True))
+
+
+def test_ddg_with_replicas_computes_the_data_parallel_reference_and_resumes_it(tmp_path: Path) -> None:
+    # K=2 stages x R=2 replicas on 4 ranks; batches of 64 (shards of 32) and a last one of 44
+    # (shards of 22). Replica r of module 1 sends its shard's gradient to replica r of module 0;
+    # each module averages its replicas' gradients (divided by 2, summed: exact) before each step.
+    common = [*_common(2, "ddg"), "checkpoint.every_steps=3", "checkpoint.keep=100"]
+    piped = run_torchrun(4, [*common, "pipeline.replicas=2", f"out_dir={tmp_path / 'pipe'}"])
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    losses, stages, inputs, sent = _ddg_replicas_reference(common, 2)
+    assert len(losses) == 10 * 2 and _replica_losses(tmp_path / "pipe") == losses  # every step, both
+    _assert_final_is_the_reference(tmp_path / "pipe", stages, inputs, sent)
+    # the step-3 checkpoint holds both replicas' batches in flight: a resumed run ends alike
+    source = tmp_path / "pipe" / "checkpoints" / "0000000003"
+    resumed = run_torchrun(
+        4, [*common, "pipeline.replicas=2", f"out_dir={tmp_path / 'resumed'}", f"resume={source}"]
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _replica_losses(tmp_path / "resumed") == {k: v for k, v in losses.items() if k[0] > 3}
+    _assert_final_is_the_reference(tmp_path / "resumed", stages, inputs, sent)
+    # another number of replicas would split those batches otherwise: one line, nothing written
+    other = run_torchrun(2, [*common, f"out_dir={tmp_path / 'other'}", f"resume={source}"])
+    assert other.returncode != 0
+    errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "resume with pipeline.replicas=2" in errors[0], other.stderr[-2000:]
+    assert not (tmp_path / "other" / "metrics.jsonl").exists()
+    assert not (tmp_path / "other" / "checkpoints").exists()
