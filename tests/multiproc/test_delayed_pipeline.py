@@ -135,16 +135,19 @@ def _mean_step(stage: Stage, params: list[nn.Parameter], per_replica: list[list[
     stage.scheduler.step()
 
 
-def _ddg_replicas_reference(overrides: list[str], replicas: int) -> tuple[dict, list[Stage], list, list]:
-    """DDG on K=2 modules with R data-parallel replicas, written out in one process.
+def _delayed_replicas_reference(
+    overrides: list[str], replicas: int, regime: str
+) -> tuple[dict, list[Stage], list, list]:
+    """DDG or FR on K=2 modules with R data-parallel replicas, written out in one process.
 
-    At step t, replica r of module 0 forwards shard r of batch t through a copy of its weights and
-    keeps the graph; replica r of module 1 computes the loss of that shard and its gradients; module
-    1 steps with the replicas' mean gradient. Module 0 then backpropagates through batch t-1's
-    graphs, each with the gradient its own replica of module 1 sent, and steps with their mean.
-    BatchNorm running statistics follow replica 0. Returns the logged loss per (step, replica), the
-    stages, and, per replica, the input of the batch still in flight on module 0 and the gradient
-    module 1 sent for it.
+    At step t, replica r of module 0 forwards shard r of batch t (DDG: through a copy of its
+    weights, keeping the graph); replica r of module 1 computes the loss of that shard and its
+    gradients; module 1 steps with the replicas' mean gradient. Module 0 then backpropagates batch
+    t-1 (DDG: through its graphs; FR: through a replay of its forward with the current weights,
+    BatchNorm statistics left as they were), each replica with the gradient its own replica of
+    module 1 sent, and steps with their mean. BatchNorm running statistics follow replica 0.
+    Returns the logged loss per (step, replica), the stages, and, per replica, the input of the
+    batch still in flight on module 0 and the gradient module 1 sent for it.
     """
     cfg = load_config(None, overrides)
     torch.set_num_threads(1)
@@ -166,9 +169,13 @@ def _ddg_replicas_reference(overrides: list[str], replicas: int) -> tuple[dict, 
             for r, (x, _) in enumerate(batch):
                 weights = [p.detach().clone().requires_grad_() for p in body_params]
                 with _buffers_kept(first.body) if r else contextlib.nullcontext():
-                    out, _ = functional_call(
-                        first.body, dict(zip(names, weights, strict=True)), (x,), {"kinetic_grad": False}
-                    )
+                    if regime == "ddg":
+                        out, _ = functional_call(
+                            first.body, dict(zip(names, weights, strict=True)), (x,), {"kinetic_grad": False}
+                        )
+                    else:
+                        with torch.no_grad():
+                            out, _ = first.body(x, kinetic_grad=False)
                 forwarded.append((x, out, weights))
             last.local_net.train()
             grads, now_sent = [], []
@@ -186,9 +193,15 @@ def _ddg_replicas_reference(overrides: list[str], replicas: int) -> tuple[dict, 
             _mean_step(last, last.parameters(), grads)
             if in_flight:
                 grads = []
-                for (_, out, weights), g in zip(in_flight, sent, strict=True):
-                    out.backward(g)
-                    grads.append([w.grad for w in weights])
+                for (x, out, weights), g in zip(in_flight, sent, strict=True):
+                    if regime == "ddg":
+                        out.backward(g)
+                        grads.append([w.grad for w in weights])
+                        continue
+                    first.optimizer.zero_grad(set_to_none=True)
+                    with _buffers_kept(first.body):
+                        first.body(x, kinetic_grad=False)[0].backward(g)
+                    grads.append([p.grad for p in body_params])
                 _mean_step(first, body_params, grads)
             in_flight, sent = forwarded, now_sent
             step += 1
@@ -216,16 +229,19 @@ def _assert_final_is_the_reference(out: Path, stages: list[Stage], inputs: list,
     assert all(torch.equal(s["grads"][0][1], g) for s, g in zip(states, sent, strict=True))
 
 
-def test_ddg_with_replicas_computes_the_data_parallel_reference_and_resumes_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("regime", ["ddg", "fr"])
+def test_replicas_compute_the_data_parallel_reference_and_resume_it(tmp_path: Path, regime: str) -> None:
     # K=2 stages x R=2 replicas on 4 ranks; batches of 64 (shards of 32) and a last one of 44
     # (shards of 22). Replica r of module 1 sends its shard's gradient to replica r of module 0;
     # each module averages its replicas' gradients (divided by 2, summed: exact) before each step.
-    common = [*_common(2, "ddg"), "checkpoint.every_steps=3", "checkpoint.keep=100"]
+    common = [*_common(2, regime), "checkpoint.every_steps=3", "checkpoint.keep=100"]
     piped = run_torchrun(4, [*common, "pipeline.replicas=2", f"out_dir={tmp_path / 'pipe'}"])
     assert piped.returncode == 0, piped.stderr[-3000:]
-    losses, stages, inputs, sent = _ddg_replicas_reference(common, 2)
+    losses, stages, inputs, sent = _delayed_replicas_reference(common, 2, regime)
     assert len(losses) == 10 * 2 and _replica_losses(tmp_path / "pipe") == losses  # every step, both
     _assert_final_is_the_reference(tmp_path / "pipe", stages, inputs, sent)
+    if regime == "fr":  # its checkpoints go through the same gather and load as DDG's, resumed below
+        return
     # the step-3 checkpoint holds both replicas' batches in flight: a resumed run ends alike
     source = tmp_path / "pipe" / "checkpoints" / "0000000003"
     resumed = run_torchrun(
