@@ -4,11 +4,15 @@ gradient to the rank before, and the pipeline computes bit for bit what one proc
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import torch.nn.functional as F
@@ -257,3 +261,28 @@ def test_replicas_compute_the_data_parallel_reference_and_resume_it(tmp_path: Pa
     assert len(errors) == 1 and "resume with pipeline.replicas=2" in errors[0], other.stderr[-2000:]
     assert not (tmp_path / "other" / "metrics.jsonl").exists()
     assert not (tmp_path / "other" / "checkpoints").exists()
+
+
+def test_sigterm_to_one_rank_checkpoints_the_batches_in_flight_and_resume_equals_an_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    from multiproc.test_layouts import _rank_pid, _start, _wait_for
+
+    common = [*_common(2, "ddg"), "train.epochs=3", "checkpoint.every_epochs=0"]
+    run_single(load_config(None, [*common, f"out_dir={tmp_path / 'single'}"]), console_summary=False)
+    out = tmp_path / "pipe"
+    slow = ["debug.slow_module=0", "debug.slow_s=0.2", "debug.trace=true"]
+    proc = _start([*common, f"out_dir={out}", *slow], 2)
+    _wait_for(out / "trace.rank1.jsonl", "TRAIN", 120)
+    os.kill(_rank_pid(psutil.Process(proc.pid), 1), signal.SIGTERM)  # the last module's rank
+    _, stderr = proc.communicate(timeout=120)
+    assert "stopped: SIGTERM" in stderr, stderr[-3000:]
+    folder = latest_complete(out)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert not meta["progress"]["final"] and 0 < meta["progress"]["step"] < 15
+    first = torch.load(folder / "module-0.pt", weights_only=True)["carry"]
+    assert [p["step"] for p in first["pending"]] == [meta["progress"]["step"] - 1]  # one batch in flight
+    done = run_torchrun(2, [*common, f"out_dir={out}", "resume=auto"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {folder}" in done.stdout
+    _assert_same(_shards(tmp_path / "single", 2), _shards(out, 2))
