@@ -80,6 +80,12 @@ def check_launch(cfg: Config, env: LaunchEnv) -> Layout:
                 f"train.regime={cfg.train.regime} runs across ranks with train.delays=paper only; set "
                 "train.delays=paper, or run it in one process with python -m trgl_pipe.run"
             )
+        if cfg.pipeline.sync_batchnorm and cfg.pipeline.replicas > 1:
+            raise ConfigError(
+                f"train.regime={cfg.train.regime} runs its replicas with per-replica BatchNorm "
+                "statistics only so far (a delayed backward through SyncBatchNorm is untested); "
+                "drop pipeline.sync_batchnorm"
+            )
     elif cfg.train.regime != "parallel":
         raise ConfigError(
             f"train.regime={cfg.train.regime} cannot run across ranks (only parallel can: sequential "
