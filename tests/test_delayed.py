@@ -154,8 +154,16 @@ def test_delayed_regimes_refuse_what_they_do_not_do(tiny) -> None:
     with pytest.raises(ConfigError, match=r"train\.delays=none applies to train\.regime=ddg or fr"):
         tiny("train.delays=none", "trgl.enabled=false")
     env = LaunchEnv(0, 4, 0, 4, "127.0.0.1", 1, 0, False)
-    with pytest.raises(ConfigError, match="without replicas"):  # the config, before any process group
-        tiny("train.regime=fr", "trgl.enabled=false", "model.num_modules=2", "pipeline.replicas=2")
+    # replicas run (K=2 stages x R=2 on 4 ranks); across ranks the delays are the papers'
+    replicated = tiny("train.regime=fr", "trgl.enabled=false", "model.num_modules=2", "pipeline.replicas=2")
+    assert check_launch(replicated, env).replicas == 2
+    synced = tiny(
+        "train.regime=fr", *E2E, "model.num_modules=2", "pipeline.replicas=2", "pipeline.sync_batchnorm=true"
+    )
+    with pytest.raises(ConfigError, match=r"drop pipeline\.sync_batchnorm"):
+        check_launch(synced, env)
+    with pytest.raises(ConfigError, match=r"with train\.delays=paper only"):
+        check_launch(tiny("train.regime=ddg", *E2E, "model.num_modules=4", "train.delays=none"), env)
     check_launch(tiny("train.regime=fr", "trgl.enabled=false", "model.num_modules=4"), env)
     two = LaunchEnv(0, 2, 0, 2, "127.0.0.1", 1, 0, False)
     check_launch(tiny("train.regime=ddg", *E2E, "model.num_modules=4", "pipeline.modules_per_rank=2"), two)

@@ -83,6 +83,11 @@ def test_parameter_counts_are_those_of_the_built_modules(tmp_path: Path) -> None
             "--rdzv-id=JOB -m trgl_pipe.run c.yaml model.depth=110 model.num_modules=16 pipeline.replicas=2",
         ),
         (["pipeline.modules_per_rank=4"], "python -m trgl_pipe.run c.yaml pipeline.modules_per_rank=4"),
+        (  # ddg and fr need ranks for replicas
+            ["train.regime=ddg", "trgl.enabled=false", "pipeline.replicas=2"],
+            "torchrun --nproc_per_node=8 -m trgl_pipe.run c.yaml train.regime=ddg trgl.enabled=false "
+            "pipeline.replicas=2",
+        ),
     ],
 )
 def test_launch_line_fits_the_layout(overrides: list[str], line: str) -> None:

@@ -562,15 +562,10 @@ class Config:
             raise ConfigError(
                 f"debug.slow_module={d.slow_module} names no module: the run has {k} (0..{k - 1})"
             )
-        if self.train.regime in ("ddg", "fr") and self.pipeline.replicas > 1:
+        if self.train.regime not in ("parallel", "ddg", "fr") and self.pipeline.replicas > 1:
             raise ConfigError(
-                f"train.regime={self.train.regime} runs without replicas so far (its delayed backward "
-                "bypasses DDP's gradient averaging); set pipeline.replicas=1"
-            )
-        if self.train.regime != "parallel" and self.pipeline.replicas > 1:
-            raise ConfigError(
-                f"pipeline.replicas={self.pipeline.replicas} applies to the pipeline (train.regime=parallel "
-                f"under torchrun), not to train.regime={self.train.regime}; remove it"
+                f"pipeline.replicas={self.pipeline.replicas} applies to the pipeline (train.regime=parallel, "
+                f"ddg or fr under torchrun), not to train.regime={self.train.regime}; remove it"
             )
         k, m = self.model.num_modules, self.pipeline.modules_per_rank
         if k % m:

@@ -24,22 +24,34 @@ backpropagation cut into modules, and equals the e2e regime.
 
 In-flight work travels with checkpoints: each pending batch's input and, for DDG, the weights and
 BatchNorm buffers its forward used, from which the graph is rebuilt exactly on resume.
+
+With data-parallel replicas (a torchrun pipeline with ``pipeline.replicas`` R > 1), replica r of
+every module trains on shard r of each batch and exchanges gradients with replica r of its
+neighbours only; before each update the module's gradients are averaged over its replicas by an
+explicit all-reduce (:func:`trgl_pipe.runtime.replicas.average_gradients`: DDP's hooks do not see
+a backward that runs steps later on a stored graph), and before each training forward replica
+0's BatchNorm buffers are copied to the others (DDP's rule). A checkpoint holds every replica's
+batches in flight (replica 0 gathers them), so it resumes with the same R only.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
 from trgl_pipe.checkpoint import Progress
+from trgl_pipe.errors import CheckpointError
 from trgl_pipe.runtime.messages import Kind, Message
+from trgl_pipe.runtime.replicas import average_gradients, gather_to_first
 from trgl_pipe.runtime.schedule import Position, parallel_stream
 from trgl_pipe.runtime.worker import StageWorker
 from trgl_pipe.stage import Stage
@@ -89,6 +101,10 @@ class Applied:
     grad_out: Tensor | None  # what the next module sent (None for the last module)
 
 
+def _alone(params: list[Tensor]) -> None:
+    """No replicas: the gradients are this process's own."""
+
+
 @dataclass
 class DelayedModule:
     """Module k's side of a delayed-gradient regime: its pending batches and its update rule.
@@ -108,6 +124,13 @@ class DelayedModule:
     held_bytes_peak: int = 0
     held_batches_peak: int = 0
     applied: list[Applied] = field(default_factory=list)
+    # data-parallel replicas (set by attach_rank): this one's index, their number, the gradient
+    # average before each update, and the gather of every replica's state onto replica 0
+    replica: int = 0
+    num_replicas: int = 1
+    average: Callable[[list[Tensor]], None] = _alone
+    gather: Callable[[Any], list[Any]] | None = None
+    replica_states: list[dict[str, Any]] = field(default_factory=list)  # replica 0: the others'
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -143,6 +166,8 @@ class DelayedModule:
         if self.delay > 0:  # kept past this step: own it (a pipeline rank's input slot is reused)
             x = x.clone()
         stage.local_net.train()
+        stage.sync_buffers()  # replicas: replica 0's BatchNorm statistics, as DDP's forward does
+        stage._buffers_stale = True
         if self.mode == "fr" and self.delay > 0:
             with torch.no_grad(), stage._autocast():
                 out, _ = stage.body(x, kinetic_grad=False)
@@ -169,6 +194,7 @@ class DelayedModule:
         stage = self.stage
         x, y = stage._prepare(x, y)
         stage.local_net.train()
+        stage.sync_buffers()
         inp = x.detach().requires_grad_(stage.index > 0)
         with stage._autocast():
             _, kinetic, logits = stage.local_net(inp, kinetic_grad=False)
@@ -217,6 +243,7 @@ class DelayedModule:
 
     def _step(self, time: int, batch: int, version: int, grad_out: Tensor | None) -> None:
         stage = self.stage
+        self.average(stage.parameters())
         if self.record:
             grads = [p.grad.detach().clone() for p in stage.body.parameters() if p.grad is not None]
             weights = [p.detach().clone() for p in stage.body.parameters()]
@@ -266,11 +293,20 @@ class DelayedModule:
         not applied yet off the link, so the shard holds what the one-process run holds."""
         if self.recv_grad is not None and not self.is_last and msg.step >= self.delay and not self.grads:
             self.grads.append(self._next_grad())
+        if self.gather is not None:  # every replica meets here: replica 0 writes the shard
+            self.replica_states = self.gather(self._own_state())[1:]
 
     # -- checkpoint and summary -------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The batches in flight: inputs, and for DDG the weights and buffers of their forward."""
+        """The batches in flight: inputs, and for DDG the weights and buffers of their forward;
+        with replicas, replica 0's at the top and the others' under ``replica_states``."""
+        state = self._own_state()
+        if self.num_replicas > 1:
+            state["replica_states"] = self.replica_states
+        return state
+
+    def _own_state(self) -> dict[str, Any]:
         return {
             "pending": [
                 {
@@ -290,6 +326,16 @@ class DelayedModule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Rebuild the batches in flight; DDG's graphs are recomputed from the saved weights and
         buffers (the live buffers are left as they were)."""
+        states = [state, *state.get("replica_states", [])]
+        if len(states) != self.num_replicas:
+            if any(s["pending"] or s["grads"] for s in states):
+                raise CheckpointError(
+                    f"the checkpoint was written with pipeline.replicas={len(states)} and holds each "
+                    f"replica's own batches in flight on module {self.stage.index}; resume with "
+                    f"pipeline.replicas={len(states)}"
+                )
+            states = [state] * self.num_replicas  # nothing in flight: any number of replicas
+        state = states[self.replica]
         device = self.stage.device
         self.pending.clear()
         self.stage.local_net.train()
@@ -348,12 +394,18 @@ def attach(
     return carries
 
 
-def attach_rank(chain: Sequence[StageWorker], cfg: Any, num_modules: int) -> None:
-    """The delayed-gradient side of a pipeline rank's modules (their global indices decide)."""
+def attach_rank(chain: Sequence[StageWorker], cfg: Any, num_modules: int, group: Any = None) -> None:
+    """The delayed-gradient side of a pipeline rank's modules (their global indices decide);
+    ``group``: the replicas of this rank's stage (the mesh's "dp" group), or None."""
     delays = delays_for(cfg, num_modules)
     for worker in chain:
         i = worker.index
-        worker.carry = DelayedModule(worker.stage, cfg.train.regime, delays[i], i == num_modules - 1)
+        carry = DelayedModule(worker.stage, cfg.train.regime, delays[i], i == num_modules - 1)
+        if group is not None and dist.get_world_size(group) > 1:
+            carry.replica, carry.num_replicas = dist.get_rank(group), dist.get_world_size(group)
+            carry.average = functools.partial(average_gradients, group=group)
+            carry.gather = functools.partial(gather_to_first, group=group)
+        worker.carry = carry
 
 
 def delays_for(cfg: Any, num_modules: int) -> list[int]:

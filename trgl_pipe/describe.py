@@ -131,11 +131,18 @@ def module_table(cfg: Config) -> tuple[list[tuple[int, int]], list[tuple[int, in
     return [tuple(r) for r in partition], counts, where
 
 
+def _pipelined(cfg: Config) -> bool:
+    """The config describes a torchrun pipeline: the parallel regime, or ddg and fr with replicas
+    (which need ranks; without replicas they run in one process as well)."""
+    delayed = cfg.train.regime in ("ddg", "fr") and cfg.pipeline.replicas > 1
+    return (cfg.train.regime == "parallel" or delayed) and cfg.pipeline.transport != "sim"
+
+
 def launch_line(cfg: Config, config_path: str | None, overrides: list[str], per_node: int = 8) -> str:
     """The command that starts this config: torchrun with the rank count its layout needs."""
     args = " ".join([*([config_path] if config_path else []), *overrides])
     one = f"python -m trgl_pipe.run {args}".rstrip()
-    if cfg.train.regime != "parallel" or cfg.pipeline.transport == "sim":
+    if not _pipelined(cfg):
         return one
     layout = Layout(cfg.model.num_modules, cfg.pipeline.modules_per_rank, cfg.pipeline.replicas)
     world = layout.world_size
@@ -157,7 +164,7 @@ def describe_run(cfg: Config, config_path: str | None, overrides: list[str]) -> 
     out = ["# resolved config", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), ""]
     partition, counts, where = module_table(cfg)
     regime = cfg.train.regime
-    pipeline = regime == "parallel" and cfg.pipeline.transport != "sim"
+    pipeline = _pipelined(cfg)
     layout = Layout(len(partition))
     if pipeline:
         layout = Layout(len(partition), cfg.pipeline.modules_per_rank, cfg.pipeline.replicas)

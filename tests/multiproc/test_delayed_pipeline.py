@@ -3,20 +3,32 @@ gradient to the rank before, and the pipeline computes bit for bit what one proc
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY, run_torchrun
 
 from trgl_pipe.checkpoint import latest_complete
 from trgl_pipe.config import load_config
+from trgl_pipe.context import build_context
+from trgl_pipe.data import Batches
 from trgl_pipe.metrics import read_metrics
 from trgl_pipe.single import run_single
+from trgl_pipe.stage import Stage
 
 pytestmark = pytest.mark.multiproc
 
@@ -96,3 +108,181 @@ def test_a_rank_waiting_for_a_gradient_names_the_hung_rank_within_the_timeout(tm
         result.stderr[-2000:]
     )
     assert elapsed < 100, elapsed  # well before the hung rank would wake up
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Forwards inside update copies of the BatchNorm running statistics, which are dropped
+    (replicas r >= 1: replica 0's statistics are the ones every replica starts the next forward
+    from). The originals are swapped back, not written: a graph that saved them stays valid."""
+    originals = []
+    for m in module.modules():
+        for name, b in m._buffers.items():
+            if b is not None:
+                originals.append((m, name, b))
+                m._buffers[name] = b.clone()
+    yield
+    for m, name, b in originals:
+        m._buffers[name] = b
+
+
+def _mean_step(stage: Stage, params: list[nn.Parameter], per_replica: list[list[Tensor]]) -> None:
+    """One update with the replicas' mean gradient: each divided by R, added in replica order."""
+    replicas = len(per_replica)
+    stage.optimizer.zero_grad(set_to_none=True)
+    for p, *grads in zip(params, *per_replica, strict=True):
+        total = grads[0] / replicas
+        for g in grads[1:]:
+            total = total + g / replicas
+        p.grad = total
+    stage.optimizer.step()
+    stage.scheduler.step()
+
+
+def _delayed_replicas_reference(
+    overrides: list[str], replicas: int, regime: str
+) -> tuple[dict, list[Stage], list, list]:
+    """DDG or FR on K=2 modules with R data-parallel replicas, written out in one process.
+
+    At step t, replica r of module 0 forwards shard r of batch t (DDG: through a copy of its
+    weights, keeping the graph); replica r of module 1 computes the loss of that shard and its
+    gradients; module 1 steps with the replicas' mean gradient. Module 0 then backpropagates batch
+    t-1 (DDG: through its graphs; FR: through a replay of its forward with the current weights,
+    BatchNorm statistics left as they were), each replica with the gradient its own replica of
+    module 1 sent, and steps with their mean. BatchNorm running statistics follow replica 0.
+    Returns the logged loss per (step, replica), the stages, and, per replica, the input of the
+    batch still in flight on module 0 and the gradient module 1 sent for it.
+    """
+    cfg = load_config(None, overrides)
+    torch.set_num_threads(1)
+    ctx = build_context(cfg, torch.device("cpu"))
+    first, last = ctx.build_stage(0), ctx.build_stage(1)
+    shards = [Batches(ctx.data, cfg.data, cfg.seed, shard=(r, replicas)) for r in range(replicas)]
+    names = [n for n, _ in first.body.named_parameters()]
+    body_params = list(first.body.parameters())
+    losses: dict[tuple[int, int], float] = {}
+    in_flight: list = []  # module 0, batch t-1, per replica: (input, output with its graph, weights)
+    sent: list[Tensor] = []  # module 1's ∂loss/∂input for batch t-1, per replica
+    step = 0
+    for epoch in range(cfg.train.epochs):
+        streams = [shard.train_batches(epoch) for shard in shards]
+        for _ in range(shards[0].steps_per_epoch):
+            batch = [next(stream) for stream in streams]
+            first.body.train()
+            forwarded = []
+            for r, (x, _) in enumerate(batch):
+                weights = [p.detach().clone().requires_grad_() for p in body_params]
+                with _buffers_kept(first.body) if r else contextlib.nullcontext():
+                    if regime == "ddg":
+                        out, _ = functional_call(
+                            first.body, dict(zip(names, weights, strict=True)), (x,), {"kinetic_grad": False}
+                        )
+                    else:
+                        with torch.no_grad():
+                            out, _ = first.body(x, kinetic_grad=False)
+                forwarded.append((x, out, weights))
+            last.local_net.train()
+            grads, now_sent = [], []
+            for r, ((_, y), (_, out, _)) in enumerate(zip(batch, forwarded, strict=True)):
+                inp = out.detach().requires_grad_()
+                with _buffers_kept(last.local_net) if r else contextlib.nullcontext():
+                    _, _, logits = last.local_net(inp, kinetic_grad=False)
+                loss = F.cross_entropy(logits.float(), y)
+                last.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grads.append([p.grad for p in last.parameters()])
+                now_sent.append(inp.grad)
+                n = len(y)
+                losses[(step + 1, r)] = ((loss.detach() * n).double() / n).item()  # as logged
+            _mean_step(last, last.parameters(), grads)
+            if in_flight:
+                grads = []
+                for (x, out, weights), g in zip(in_flight, sent, strict=True):
+                    if regime == "ddg":
+                        out.backward(g)
+                        grads.append([w.grad for w in weights])
+                        continue
+                    first.optimizer.zero_grad(set_to_none=True)
+                    with _buffers_kept(first.body):
+                        first.body(x, kinetic_grad=False)[0].backward(g)
+                    grads.append([p.grad for p in body_params])
+                _mean_step(first, body_params, grads)
+            in_flight, sent = forwarded, now_sent
+            step += 1
+    return losses, [first, last], [x for x, _, _ in in_flight], sent
+
+
+def _replica_losses(out: Path) -> dict[tuple[int, int], float]:
+    return {
+        (e["step"], e["replica"]): e["loss"]
+        for e in read_metrics(out / "metrics.jsonl")
+        if e["event"] == "train"
+    }
+
+
+def _assert_final_is_the_reference(out: Path, stages: list[Stage], inputs: list, sent: list) -> None:
+    shards = _shards(out, 2)
+    for stage, shard in zip(stages, shards, strict=True):
+        for part, module in (("body", stage.body), ("head", stage.head)):
+            for name, tensor in module.state_dict().items():  # weights and replica 0's statistics
+                assert torch.equal(tensor, shard["stage"][part][name]), (stage.index, part, name)
+    carry = shards[0]["carry"]  # module 0: replica 0's batch in flight, then replica 1's
+    states = [carry, *carry["replica_states"]]
+    assert [[p["step"] for p in s["pending"]] for s in states] == [[9], [9]]
+    assert all(torch.equal(s["pending"][0]["x"], x) for s, x in zip(states, inputs, strict=True))
+    assert all(torch.equal(s["grads"][0][1], g) for s, g in zip(states, sent, strict=True))
+
+
+@pytest.mark.parametrize("regime", ["ddg", "fr"])
+def test_replicas_compute_the_data_parallel_reference_and_resume_it(tmp_path: Path, regime: str) -> None:
+    # K=2 stages x R=2 replicas on 4 ranks; batches of 64 (shards of 32) and a last one of 44
+    # (shards of 22). Replica r of module 1 sends its shard's gradient to replica r of module 0;
+    # each module averages its replicas' gradients (divided by 2, summed: exact) before each step.
+    common = [*_common(2, regime), "checkpoint.every_steps=3", "checkpoint.keep=100"]
+    piped = run_torchrun(4, [*common, "pipeline.replicas=2", f"out_dir={tmp_path / 'pipe'}"])
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    losses, stages, inputs, sent = _delayed_replicas_reference(common, 2, regime)
+    assert len(losses) == 10 * 2 and _replica_losses(tmp_path / "pipe") == losses  # every step, both
+    _assert_final_is_the_reference(tmp_path / "pipe", stages, inputs, sent)
+    if regime == "fr":  # its checkpoints go through the same gather and load as DDG's, resumed below
+        return
+    # the step-3 checkpoint holds both replicas' batches in flight: a resumed run ends alike
+    source = tmp_path / "pipe" / "checkpoints" / "0000000003"
+    resumed = run_torchrun(
+        4, [*common, "pipeline.replicas=2", f"out_dir={tmp_path / 'resumed'}", f"resume={source}"]
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _replica_losses(tmp_path / "resumed") == {k: v for k, v in losses.items() if k[0] > 3}
+    _assert_final_is_the_reference(tmp_path / "resumed", stages, inputs, sent)
+    # another number of replicas would split those batches otherwise: one line, nothing written
+    other = run_torchrun(2, [*common, f"out_dir={tmp_path / 'other'}", f"resume={source}"])
+    assert other.returncode != 0
+    errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "resume with pipeline.replicas=2" in errors[0], other.stderr[-2000:]
+    assert not (tmp_path / "other" / "metrics.jsonl").exists()
+    assert not (tmp_path / "other" / "checkpoints").exists()
+
+
+def test_sigterm_to_one_rank_checkpoints_the_batches_in_flight_and_resume_equals_an_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    from multiproc.test_layouts import _rank_pid, _start, _wait_for
+
+    common = [*_common(2, "ddg"), "train.epochs=3", "checkpoint.every_epochs=0"]
+    run_single(load_config(None, [*common, f"out_dir={tmp_path / 'single'}"]), console_summary=False)
+    out = tmp_path / "pipe"
+    slow = ["debug.slow_module=0", "debug.slow_s=0.2", "debug.trace=true"]
+    proc = _start([*common, f"out_dir={out}", *slow], 2)
+    _wait_for(out / "trace.rank1.jsonl", "TRAIN", 120)
+    os.kill(_rank_pid(psutil.Process(proc.pid), 1), signal.SIGTERM)  # the last module's rank
+    _, stderr = proc.communicate(timeout=120)
+    assert "stopped: SIGTERM" in stderr, stderr[-3000:]
+    folder = latest_complete(out)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert not meta["progress"]["final"] and 0 < meta["progress"]["step"] < 15
+    first = torch.load(folder / "module-0.pt", weights_only=True)["carry"]
+    assert [p["step"] for p in first["pending"]] == [meta["progress"]["step"] - 1]  # one batch in flight
+    done = run_torchrun(2, [*common, f"out_dir={out}", "resume=auto"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {folder}" in done.stdout
+    _assert_same(_shards(tmp_path / "single", 2), _shards(out, 2))

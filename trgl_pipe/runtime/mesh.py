@@ -75,12 +75,16 @@ def layout_of(cfg: Config) -> Layout:
 def check_launch(cfg: Config, env: LaunchEnv) -> Layout:
     """One-line errors for launches that cannot work, before any process group exists."""
     if cfg.train.regime in ("ddg", "fr"):
-        lay = cfg.pipeline
-        if lay.replicas != 1 or cfg.train.delays != "paper":
+        if cfg.train.delays != "paper":
             raise ConfigError(
-                f"train.regime={cfg.train.regime} runs across ranks without replicas and with "
-                "train.delays=paper so far; set pipeline.replicas=1, or run it in one process with "
-                "python -m trgl_pipe.run"
+                f"train.regime={cfg.train.regime} runs across ranks with train.delays=paper only; set "
+                "train.delays=paper, or run it in one process with python -m trgl_pipe.run"
+            )
+        if cfg.pipeline.sync_batchnorm and cfg.pipeline.replicas > 1:
+            raise ConfigError(
+                f"train.regime={cfg.train.regime} runs its replicas with per-replica BatchNorm "
+                "statistics only so far (a delayed backward through SyncBatchNorm is untested); "
+                "drop pipeline.sync_batchnorm"
             )
     elif cfg.train.regime != "parallel":
         raise ConfigError(

@@ -186,8 +186,9 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     if cfg.pipeline.sync_batchnorm and layout.replicas > 1:
         transform = lambda module: sync_batchnorm(module, session.dp_group)  # noqa: E731
     stages = [ctx.build_stage(k, transform) for k in layout.modules_of_stage(stage_index)]
-    for stage in stages:
-        replicate(stage, session.dp_group)
+    delayed = cfg.train.regime in ("ddg", "fr")
+    for stage in stages:  # ddg and fr average their delayed gradients themselves (attach_rank)
+        replicate(stage, session.dp_group, ddp=not delayed)
     writer = None
     if replica == 0:  # the replicas hold the same weights: one of them writes
         writer = CheckpointWriter(
@@ -201,11 +202,10 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     clock = clock_for(device)
     fields = {"replica": replica} if layout.replicas > 1 else {}
     chain = [make_worker(stage, cfg, logger, writer, clock, fields) for stage in stages]
-    delayed = cfg.train.regime in ("ddg", "fr")
     if delayed:  # before a resume: the shards carry the work in flight
         from trgl_pipe.delayed import attach_rank
 
-        attach_rank(chain, cfg, layout.num_modules)
+        attach_rank(chain, cfg, layout.num_modules, session.dp_group)
     start, progress = Position(), None
     if ctx.resume_from is not None:
         progress = restore_workers(Path(ctx.resume_from), chain, announce=rank == 0)
