@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from trgl_pipe.errors import ConfigError
+from trgl_pipe.models.init import init_scheme
 
 
 @dataclass
@@ -134,6 +135,17 @@ def build_backbone(cfg: object, input_shape: tuple[int, int, int], num_classes: 
 
     net = _REGISTRY[arch](cfg, input_shape, num_classes, seed)
     return net if isinstance(net, Backbone) else backbone_from_network(net, arch, input_shape)
+
+
+def initial_weights(model: nn.Module, cfg: Any) -> None:
+    """A torchvision model's starting weights: ``model.init_from`` (a state_dict) if given, then
+    ``model.init`` if not the default, the same two steps for every torchvision backbone."""
+    if cfg.init_from:
+        skipped = load_pretrained(model, cfg.init_from)
+        if skipped:
+            print(f"model.init_from: kept the new {', '.join(skipped)} (shapes differ)", flush=True)
+    if cfg.init != "default":
+        init_scheme(model, cfg.init, cfg.init_gain)
 
 
 def load_pretrained(model: nn.Module, path: str) -> list[str]:

@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from torchvision.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock
 
 from trgl_pipe.errors import ConfigError
-from trgl_pipe.models.backbone import load_pretrained, register
+from trgl_pipe.models.backbone import initial_weights, register
 from trgl_pipe.models.blocks import TransportBlock, add_with_energy
 from trgl_pipe.models.heads import TorchvisionHead
-from trgl_pipe.models.init import fork_seeded, init_scheme
+from trgl_pipe.models.init import fork_seeded
 from trgl_pipe.models.torchvision_resnet import adapt_input_channels
 from trgl_pipe.models.user import Network
 
@@ -98,12 +98,7 @@ def torchvision_swin(cfg: Any, input_shape: tuple[int, int, int], num_classes: i
             num_classes=num_classes,
         )
         model.features[0][0] = adapt_input_channels(model.features[0][0], input_shape[0])
-    if cfg.init_from:
-        skipped = load_pretrained(model, cfg.init_from)
-        if skipped:
-            print(f"model.init_from: kept the new {', '.join(skipped)} (shapes differ)", flush=True)
-    if cfg.init != "default":
-        init_scheme(model, cfg.init, cfg.init_gain)
+    initial_weights(model, cfg)
     blocks: list[nn.Module] = []
     per_module = []
     for stage in model.features[1:]:

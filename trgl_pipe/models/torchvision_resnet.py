@@ -16,10 +16,10 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 
-from trgl_pipe.models.backbone import load_pretrained, register
+from trgl_pipe.models.backbone import initial_weights, register
 from trgl_pipe.models.blocks import ResidualBlock
 from trgl_pipe.models.heads import TorchvisionHead
-from trgl_pipe.models.init import fork_seeded, init_scheme
+from trgl_pipe.models.init import fork_seeded
 from trgl_pipe.models.user import Network
 
 # the authors' K=4 splits (blocks per module) where the paper gives them
@@ -71,12 +71,7 @@ def torchvision_resnet(cfg: Any, input_shape: tuple[int, int, int], num_classes:
     with fork_seeded(seed, 0):
         model = getattr(torchvision.models, cfg.arch)(weights=None, num_classes=num_classes)
         model.conv1 = adapt_input_channels(model.conv1, input_shape[0])
-    if cfg.init_from:
-        skipped = load_pretrained(model, cfg.init_from)
-        if skipped:
-            print(f"model.init_from: kept the new {', '.join(skipped)} (shapes differ)", flush=True)
-    if cfg.init != "default":
-        init_scheme(model, cfg.init, cfg.init_gain)
+    initial_weights(model, cfg)
     stem_layers = [model.conv1, model.bn1, model.relu]
     if not cfg.small_input:
         stem_layers.append(model.maxpool)

@@ -18,10 +18,10 @@ from typing import Any
 import torchvision
 from torch import Tensor, nn
 
-from trgl_pipe.models.backbone import load_pretrained, register
+from trgl_pipe.models.backbone import initial_weights, register
 from trgl_pipe.models.blocks import TransportBlock
 from trgl_pipe.models.heads import TorchvisionHead
-from trgl_pipe.models.init import fork_seeded, init_scheme
+from trgl_pipe.models.init import fork_seeded
 from trgl_pipe.models.torchvision_resnet import adapt_input_channels
 from trgl_pipe.models.user import Network
 
@@ -61,12 +61,7 @@ def torchvision_vgg(cfg: Any, input_shape: tuple[int, int, int], num_classes: in
     with fork_seeded(seed, 0):
         model = getattr(torchvision.models, cfg.arch)(weights=None, num_classes=num_classes)
         model.features[0] = adapt_input_channels(model.features[0], input_shape[0])
-    if cfg.init_from:
-        skipped = load_pretrained(model, cfg.init_from)
-        if skipped:
-            print(f"model.init_from: kept the new {', '.join(skipped)} (shapes differ)", flush=True)
-    if cfg.init != "default":
-        init_scheme(model, cfg.init, cfg.init_gain)
+    initial_weights(model, cfg)
     blocks = vgg_units(model.features, cfg.vgg_transport == "displacement")
     head = TorchvisionHead(model.avgpool, *model.classifier, flatten_at=1)
     return Network(blocks=blocks, head=head)
