@@ -1,8 +1,8 @@
 """Benchmark: what DDG and Features Replay cost against the local-loss pipeline — step time and
 memory per stage, and the bytes on the wire.
 
-    python benchmarks/delayed_cost.py                  # K = 2 and 4, 3 rounds, about 10 minutes on 2 cores
-    python benchmarks/delayed_cost.py --ks 2 --rounds 1  # a quick look
+    python benchmarks/delayed_cost.py --rounds 5         # committed results: K = 2 and 4, ~10 min on 2 cores
+    python benchmarks/delayed_cost.py --ks 2 --rounds 1  # a quick look (about a minute)
 
 Three regimes on the same network, split, data and batch, each a torchrun pipeline of K ranks
 (gloo, CPU, one thread per rank), run in interleaved rounds (local, ddg, fr, local, ddg, fr, ...):
