@@ -80,7 +80,10 @@ def render_markdown(payload: dict[str, Any], columns: list[str] | None = None) -
         markdown_table(payload["rows"], columns or payload.get("columns")),
         "",
     ]
-    return "\n".join(lines + [f"- {n}" for n in payload["notes"]]) + "\n"
+    lines += [f"- {n}" for n in payload["notes"]]
+    for table in payload.get("tables", []):  # further tables of the same runs, each under its title
+        lines += ["", f"## {table['title']}", "", markdown_table(table["rows"])]
+    return "\n".join(lines) + "\n"
 
 
 def write_results(

@@ -85,6 +85,29 @@ def test_delayed_pipeline_computes_exactly_what_one_process_computes(
     _assert_same(a, b)
     losses = _losses(tmp_path / "single")
     assert len(losses) == 10 and losses == _losses(tmp_path / "pipe")  # the last module, every step
+    _assert_gradient_bytes(tmp_path / "pipe", k, per_rank)
+
+
+# bytes of one sample of module m's input at TINY's depth and width (its ∂loss/∂input, float32)
+INPUT_SAMPLE_BYTES = {
+    (2, 1): 8 * 14 * 14 * 4,
+    (4, 1): 4 * 28 * 28 * 4,
+    (4, 2): 4 * 28 * 28 * 4,
+    (4, 3): 8 * 14 * 14 * 4,
+}
+
+
+def _assert_gradient_bytes(out: Path, k: int, per_rank: int) -> None:
+    """Each rank but the first sends back one gradient per update of its first module: of the
+    batches 0 .. 9 - delay (TINY: 300 images a batch of 64 at a time, 2 epochs)."""
+    sizes = [64, 64, 64, 64, 44] * 2
+    ranks = sorted(json.loads((out / "summary.json").read_text())["ranks"], key=lambda r: r["rank"])
+    assert ranks[0]["grad_sent_bytes"] is None  # the first rank has no one to send to
+    for r in ranks[1:]:
+        m = r["rank"] * per_rank
+        delay = k - 1 - m
+        expected = sum(sizes[: 10 - delay]) * INPUT_SAMPLE_BYTES[(k, m)]
+        assert r["grad_sent_bytes"] == expected, (r["rank"], r["grad_sent_bytes"], expected)
 
 
 def test_a_pipeline_resumes_a_one_process_checkpoint_with_batches_in_flight(tmp_path: Path) -> None:

@@ -343,6 +343,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     logger.close()
     stats = {
         **rank_stats(chain, outbox, clock, device, rank),
+        **({"grad_sent_bytes": links.sent_bytes} if links is not None else {}),
         "stage": stage_index,
         "replica": replica,
         **telemetry.summary(),

@@ -690,6 +690,12 @@ class BackwardLinks:
         for before, after in itertools.pairwise(carries):
             after.send_grad = lambda msg, to=before: to.grads.append((msg.step, msg.x, msg.step + to.delay))
 
+    @property
+    def sent_bytes(self) -> int | None:
+        """Gradient bytes sent to the rank before (headers and credits not counted); None on the
+        first rank, which sends none."""
+        return None if self.outbox is None else self.outbox.sent_bytes
+
     def _recv(self, waiter: Waiter) -> Message:
         assert self.inbox is not None
         t0 = time.perf_counter()
