@@ -80,16 +80,16 @@ def _runtime_chain(rank: int, world: int, x: torch.Tensor, n: int, capacity: int
 
     from trgl_pipe.runtime.buffer import LocalControl, Waiter
     from trgl_pipe.runtime.messages import Kind, Message
-    from trgl_pipe.runtime.transport import DistInbox, DistOutbox
+    from trgl_pipe.runtime.transport import DistInbox, DistOutbox, LinkSettings
 
     cpu = torch.device("cpu")
     waiter = Waiter(LocalControl(), 120, f"rank {rank}")
     group = dist.group.WORLD
     inbox = outbox = None
     if rank > 0:
-        inbox = DistInbox(rank, rank - 1, group, capacity, BATCH, cpu, 120)
+        inbox = DistInbox(rank, rank - 1, LinkSettings(group, capacity, BATCH, cpu, 120))
     if rank < world - 1:
-        outbox = DistOutbox(rank, rank + 1, group, capacity, BATCH, cpu, 120)
+        outbox = DistOutbox(rank, rank + 1, LinkSettings(group, capacity, BATCH, cpu, 120))
     if inbox is not None:
         inbox.handshake()
     if outbox is not None:

@@ -61,7 +61,7 @@ from trgl_pipe.runtime.mesh import (
 )
 from trgl_pipe.runtime.replicas import replicate, sync_batchnorm
 from trgl_pipe.runtime.schedule import Position, parallel_stream
-from trgl_pipe.runtime.transport import BackwardLinks, DistInbox, DistOutbox, StreamInbox
+from trgl_pipe.runtime.transport import BackwardLinks, DistInbox, DistOutbox, LinkSettings, StreamInbox
 from trgl_pipe.runtime.worker import make_worker
 from trgl_pipe.summary import build_summary, print_summary, stage_figures, write_summary
 from trgl_pipe.telemetry import Telemetry
@@ -213,6 +213,9 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     should_stop = preemption.shared_flag(session.store, rank)
     capacity = cfg.pipeline.buffer_size
     previous, following = layout.previous_rank(rank), layout.next_rank(rank)
+    link = LinkSettings(
+        session.pp_group, capacity, ctx.max_batch, device, cfg.pipeline.timeout_s, session.staged
+    )
     inbox: Any
     agreement: preemption.Agreed | None = None
     if previous is None:
@@ -225,12 +228,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
         inbox = DistInbox(
             rank,
             previous,
-            session.pp_group,
-            capacity,
-            ctx.max_batch,
-            device,
-            cfg.pipeline.timeout_s,
-            session.staged,
+            link,
             # the image follows each training batch while this rank or a later one reads it
             ctx.input_shape if any(w.reads_image or w.passes_image for w in chain) else None,
         )
@@ -243,31 +241,11 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
             probe = stage.forward_frozen(probe)
     outbox = None
     if following is not None:
-        outbox = DistOutbox(
-            rank,
-            following,
-            session.pp_group,
-            capacity,
-            ctx.max_batch,
-            device,
-            cfg.pipeline.timeout_s,
-            session.staged,
-        )
+        outbox = DistOutbox(rank, following, link)
         outbox.handshake(tuple(probe.shape[1:]), probe.dtype, cfg.train.channels_last and probe.dim() == 4)
     links = None
     if delayed:  # the backward link: gradients from the next rank to this one
-        links = BackwardLinks.connect(
-            rank,
-            previous,
-            following,
-            session.pp_group,
-            capacity,
-            ctx.max_batch,
-            device,
-            cfg.pipeline.timeout_s,
-            session.staged,
-            (in_shape, in_dtype),
-        )
+        links = BackwardLinks.connect(rank, previous, following, link, (in_shape, in_dtype))
     train_sizes, eval_sizes = batch_sizes(cfg, ctx, replica, layout.replicas)
     for stage, (shape, dtype) in zip(stages, shapes, strict=True):
         stage.warm_up(shape, dtype, train_sizes, eval_sizes)

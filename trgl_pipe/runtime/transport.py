@@ -23,6 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -337,30 +338,39 @@ class _Completer:
             raise PipelineError(f"{waiter.who}: {what} failed ({_short(self.error)})")
 
 
+@dataclass(frozen=True)
+class LinkSettings:
+    """What both ends of every link of a rank share: the process group the peers are ranks of, the
+    slots per link, the largest batch, the device, the timeout of every wait, and whether GPU
+    tensors go through host memory (``staged``: gloo between ranks that share a GPU)."""
+
+    group: Any
+    capacity: int
+    max_batch: int
+    device: torch.device
+    timeout_s: float
+    staged: bool = False
+
+
 class DistOutbox:
-    """Rank k's end of the link to the rank after it (``peer``, a global rank of ``group``)."""
+    """Rank k's end of the link to the rank after it (``peer``, a global rank of ``link.group``)."""
 
     def __init__(
         self,
         rank: int,
         peer: int,
-        group: Any,
-        capacity: int,
-        max_batch: int,
-        device: torch.device,
-        timeout_s: float,
-        staged: bool = False,
+        link: LinkSettings,
         tags: tuple[int, int, int] = (HEADER_TAG, DATA_TAG, CREDIT_TAG),
     ) -> None:
         self.rank = rank
         self.peer = peer
-        self.group = group
+        self.group = link.group
         self.tags = tags
-        self.gate = CreditGate(capacity)
-        self.max_batch = max_batch
-        self.device = device
-        self.staged = staged  # activations on a GPU but sent by gloo: copy to host first
-        self._completer = _Completer(f"sends-to-{peer}", device, timeout_s)
+        self.gate = CreditGate(link.capacity)
+        self.max_batch = link.max_batch
+        self.device = link.device
+        self.staged = link.staged  # activations on a GPU but sent by gloo: copy to host first
+        self._completer = _Completer(f"sends-to-{peer}", link.device, link.timeout_s)
         self._error: BaseException | None = None
         self._staging: StagingBuffers | None = None
         self._copy_stream: Any = None
@@ -483,33 +493,28 @@ class DistInbox:
         self,
         rank: int,
         peer: int,
-        group: Any,
-        capacity: int,
-        max_batch: int,
-        device: torch.device,
-        timeout_s: float,
-        staged: bool = False,
+        link: LinkSettings,
         image_shape: tuple[int, ...] | None = None,
         tags: tuple[int, int, int] = (HEADER_TAG, DATA_TAG, CREDIT_TAG),
     ) -> None:
         self.rank = rank
         self.peer = peer
-        self.group = group
+        self.group = link.group
         self.image_shape = image_shape  # training batches bring their image (a later module reads it)
         self.tags = tags
-        self.capacity = capacity
-        self.max_batch = max_batch
-        self.device = device
-        self.timeout = timedelta(seconds=timeout_s)
-        self.staged = staged
-        self.on_gpu = device.type == "cuda"
+        self.capacity = link.capacity
+        self.max_batch = link.max_batch
+        self.device = link.device
+        self.timeout = timedelta(seconds=link.timeout_s)
+        self.staged = link.staged
+        self.on_gpu = link.device.type == "cuda"
         self._ready: queue.Queue = queue.Queue()
-        self._free_slots = threading.Semaphore(capacity)
+        self._free_slots = threading.Semaphore(link.capacity)
         self._in_use: deque[int] = deque()
-        self._used = [False] * capacity  # a slot's `consumed` event has been recorded
+        self._used = [False] * link.capacity  # a slot's `consumed` event has been recorded
         self._arrived: list[Any] = []
         self._consumed: list[Any] = []
-        self._credits = _Completer(f"credits-to-{peer}", device, timeout_s)
+        self._credits = _Completer(f"credits-to-{peer}", link.device, link.timeout_s)
         self._closing = threading.Event()
         self._slots: list[torch.Tensor] = []
         self._thread: threading.Thread | None = None
@@ -654,26 +659,17 @@ class BackwardLinks:
         rank: int,
         previous: int | None,
         following: int | None,
-        group: Any,
-        capacity: int,
-        max_batch: int,
-        device: torch.device,
-        timeout_s: float,
-        staged: bool,
+        link: LinkSettings,
         input_sample: tuple[tuple[int, ...], torch.dtype],
     ) -> BackwardLinks:
         """Open both ends after the forward handshakes (rank k answers rank k+1's only once its own
         towards rank k-1 is done, so no two ranks wait on each other)."""
         outbox = inbox = None
         if previous is not None:
-            outbox = DistOutbox(
-                rank, previous, group, capacity, max_batch, device, timeout_s, staged, tags=BACKWARD_TAGS
-            )
+            outbox = DistOutbox(rank, previous, link, tags=BACKWARD_TAGS)
             outbox.handshake(*input_sample)
         if following is not None:
-            inbox = DistInbox(
-                rank, following, group, capacity, max_batch, device, timeout_s, staged, tags=BACKWARD_TAGS
-            )
+            inbox = DistInbox(rank, following, link, tags=BACKWARD_TAGS)
             inbox.handshake()
         return cls(outbox, inbox)
 
