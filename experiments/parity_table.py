@@ -32,6 +32,7 @@ SCHEDULE_NAMES = {
     "run-cosine": "cosine to 0 over the run (trgl_pipe's, not in their code)",
 }
 CODE_NAMES = {"authors": "the authors' code", "trgl_pipe": "trgl_pipe"}
+SHORT = {"constant": "`-lrd 0`", "cosine": "`-lrd 1`", "run-cosine": "cosine to 0"}
 PROTOCOLS = {"trgl_pipe": "trgl_pipe's protocol", "authors": "the authors' protocol"}
 
 
@@ -139,7 +140,7 @@ def render(runs: dict[tuple[str, int], dict[str, Any]]) -> tuple[str, dict[str, 
     for protocol in ("trgl_pipe", "authors"):
         for schedule in ("constant", "cosine"):
             compare(
-                f"the authors' code − trgl_pipe, {schedule}",
+                f"the authors' code − trgl_pipe, {SHORT[schedule]}",
                 (schedule, "authors"),
                 (schedule, "trgl_pipe"),
                 protocol,
@@ -168,7 +169,7 @@ def render(runs: dict[tuple[str, int], dict[str, Any]]) -> tuple[str, dict[str, 
         )
     for schedule in schedules:
         compare(
-            f"the authors' protocol − trgl_pipe's, {schedule} (trgl_pipe)",
+            f"the authors' protocol − trgl_pipe's, {SHORT[schedule]} (trgl_pipe)",
             (schedule, "trgl_pipe"),
             (schedule, "trgl_pipe"),
             "authors",
@@ -204,6 +205,11 @@ def main() -> int:
             "threads": first["threads"],
             "data": first["data"],
             "commands": {f"{s}-s{seed}": r["command"] for (s, seed), r in sorted(runs.items())},
+            "their_commands": {
+                f"{s}-s{seed}": r["authors"]["command"]
+                for (s, seed), r in sorted(runs.items())
+                if r["authors"]["run"]
+            },
             "wall_s": {
                 f"{s}-s{seed}": {code: round(v["wall_s"], 1) for code, v in r["codes"].items()}
                 for (s, seed), r in sorted(runs.items())
