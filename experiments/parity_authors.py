@@ -3,6 +3,9 @@
     python experiments/parity_authors.py AUTHORS_CHECKOUT                  # 2 epochs, K = 4
     python experiments/parity_authors.py AUTHORS_CHECKOUT --schedule constant --init theirs
     python experiments/parity_authors.py AUTHORS_CHECKOUT --record tests/data/authors_trajectory.json
+    python experiments/parity_authors.py AUTHORS_CHECKOUT --data fashion_mnist --train-size 480 \
+        --val-size 250 --test-size 500 --batch-size 64 --lr 0.1 --epochs 6 --steps 8 \
+        --schedule constant --seed 0 --json RESULTS/constant-s0.json   # benchmarks/vs_authors.md
 
 AUTHORS_CHECKOUT is a clone of the authors' public code (the repository block-wise/module-wise:
 ``resnet110-{2,4,8,16}modules-stl10.py``, ``utils7.py``, ``dataloaders9.py``); it stays outside this
@@ -21,7 +24,13 @@ parallel regime does. Printed: per step and module both losses, both kinetic ene
 largest absolute difference between their parameters and buffers and trgl_pipe's; then both test
 accuracies per module after each epoch. ``--record`` writes the authors' per-step numbers (losses,
 kinetic energies, parameter checksums), the commit and versions, as JSON: the trajectory the test
-suite holds trgl_pipe to (tests/test_authors_trajectory.py).
+suite holds trgl_pipe to (tests/test_authors_trajectory.py). ``--json`` writes both codes' test
+accuracy per module after every epoch and validation accuracy after the last, read by both rules
+(trgl_pipe's: the module best on validation, its last test accuracy; the authors': the highest test
+accuracy over epochs and modules), with how many steps had equal losses and parameter checksums;
+experiments/parity_table.py makes the tables of benchmarks/vs_authors.md from those files.
+``--schedule run-cosine`` trains trgl_pipe alone with its own cosine to 0 over the run, from the
+same initial weights and batches (their code has no such schedule).
 """
 
 from __future__ import annotations
