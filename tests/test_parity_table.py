@@ -59,4 +59,5 @@ def test_vs_authors_quotes_the_committed_runs(results: Path) -> None:
     missing = [line for line in text.split("\n") if line and line not in page]
     assert not missing, f"benchmarks/vs_authors.md does not quote {missing[:2]}"
     assert {row["code"] for row in summary["rows"]} == {"authors", "trgl_pipe"}
-    assert {len(row["seeds"]) for row in summary["rows"]} == {3}
+    seeds = {tuple(row["seeds"]) for row in summary["rows"]}
+    assert len(seeds) == 1 and len(seeds.pop()) >= 3  # every row over the same seeds, three at least
