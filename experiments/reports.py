@@ -6,9 +6,10 @@
 
 Each report is ``python -m trgl_pipe.report`` over a fixed set of run folders with a fixed title,
 written to ``docs/results/<name>/``; the authors' table of experiment 6 is written into
-benchmarks/vs_authors.md. ``--check`` rebuilds the Markdown only (figures are not drawn: their
-bytes depend on the matplotlib version) and exits 1 naming every report that differs; CI runs it
-(tests/test_committed_reports.py), so a report cannot drift from its runs.
+benchmarks/vs_authors.md, the paired table of experiment 7 into docs/results.md §7. ``--check``
+rebuilds the Markdown only (figures are not drawn: their bytes depend on the matplotlib version)
+and exits 1 naming every report that differs; CI runs it (tests/test_committed_reports.py), so a
+report cannot drift from its runs.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from authors_table import table as authors_table  # noqa: E402
 from authors_table import variants  # noqa: E402
+from competitors_table import table as competitors_table  # noqa: E402
 
 from trgl_pipe import report  # noqa: E402
 
 RUNS = Path("experiments/runs")
 RESULTS = Path("docs/results")
 AUTHORS_PAGE = Path("benchmarks/vs_authors.md")
+RESULTS_PAGE = Path("docs/results.md")
 
 
 @dataclass(frozen=True)
@@ -97,9 +100,19 @@ REPORTS = (
         "Experiment 6: the authors' setup against trgl_pipe's defaults (10,000 images, ResNet-20, K = 4)",
         (f"{RUNS}/authors/*",),
     ),
+    # beside experiment 5's VanGL and TRGL runs at the same K (the same seeds, data and weights)
+    Report(
+        "competitors",
+        "Experiment 7: InfoPro, PredSim and DGL's head against VanGL and TRGL (5,000 images, fresh seeds)",
+        (
+            f"{RUNS}/competitors/*",
+            *(f"{RUNS}/scarce/{method}-k{k}-s*" for k in (4, 16) for method in ("vangl", "trgl-halves")),
+        ),
+    ),
 )
 BY_NAME = {r.name: r for r in REPORTS}
 AUTHORS_TABLE = "authors-table"  # the table of benchmarks/vs_authors.md
+COMPETITORS_TABLE = "competitors-table"  # the paired table of docs/results.md §7
 
 
 @contextmanager
@@ -131,11 +144,11 @@ def write(spec: Report, out: Path) -> Path:
     return report.build_report(spec.folders(), out, spec.title)
 
 
-def replace_table(page: str, table: str) -> str:
-    """``page`` with its Markdown table whose header equals ``table``'s first line replaced."""
-    lines, new = page.split("\n"), table.strip("\n").split("\n")
+def replace_table(page: Path, text: str, table: str) -> str:
+    """``text`` (of ``page``) with its Markdown table whose header equals ``table``'s first line replaced."""
+    lines, new = text.split("\n"), table.strip("\n").split("\n")
     if new[0] not in lines:
-        raise SystemExit(f"error: {AUTHORS_PAGE} has no table headed {new[0]!r}; put the table back")
+        raise SystemExit(f"error: {page} has no table headed {new[0]!r}; put the table back")
     start = lines.index(new[0])
     end = start
     while end < len(lines) and lines[end].startswith("|"):
@@ -143,9 +156,17 @@ def replace_table(page: str, table: str) -> str:
     return "\n".join(lines[:start] + new + lines[end:])
 
 
-def authors_page() -> str:
-    """benchmarks/vs_authors.md with its table regenerated from experiments/runs/authors."""
-    return replace_table(AUTHORS_PAGE.read_text(), authors_table(variants(RUNS / "authors")))
+def page_table(name: str) -> tuple[Path, str]:
+    """The page a table report lives in and that page's text with the table regenerated."""
+    if name == AUTHORS_TABLE:
+        page, table = AUTHORS_PAGE, authors_table(variants(RUNS / "authors"))
+    else:
+        found = variants(RUNS / "competitors"), variants(RUNS / "scarce")
+        page, table = RESULTS_PAGE, competitors_table(*found)
+    return page, replace_table(page, page.read_text(), table)
+
+
+PAGE_TABLES = (AUTHORS_TABLE, COMPETITORS_TABLE)
 
 
 def check(names: list[str]) -> list[str]:
@@ -153,9 +174,10 @@ def check(names: list[str]) -> list[str]:
     stale = []
     with at_root(), no_drawing(), tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            if name == AUTHORS_TABLE:
-                if authors_page() != AUTHORS_PAGE.read_text():
-                    stale.append(f"{AUTHORS_PAGE} (its table)")
+            if name in PAGE_TABLES:
+                page, text = page_table(name)
+                if text != page.read_text():
+                    stale.append(f"{page} (its table)")
                 continue
             committed = RESULTS / name / "report.md"
             fresh = report.build_report(BY_NAME[name].folders(), Path(tmp) / name, BY_NAME[name].title)
@@ -170,7 +192,7 @@ def check(names: list[str]) -> list[str]:
 
 
 def main() -> int:
-    choices = [*BY_NAME, AUTHORS_TABLE]
+    choices = [*BY_NAME, *PAGE_TABLES]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", metavar="NAME", help="some of: " + ", ".join(choices))
     parser.add_argument("--check", action="store_true", help="compare instead of writing")
@@ -186,9 +208,10 @@ def main() -> int:
         return 1 if stale else 0
     with at_root():
         for name in names:
-            if name == AUTHORS_TABLE:
-                AUTHORS_PAGE.write_text(authors_page())
-                print(f"wrote {AUTHORS_PAGE}")
+            if name in PAGE_TABLES:
+                page, text = page_table(name)
+                page.write_text(text)
+                print(f"wrote {page} ({name})")
             else:
                 print(f"wrote {write(BY_NAME[name], RESULTS / name)}")
     return 0

@@ -1,0 +1,67 @@
+"""The paired table of experiment 7 (docs/results.md §7) recomputed from the run folders.
+
+    python experiments/competitors_table.py [experiments/runs/competitors] [experiments/runs/scarce]
+
+Per method and K: the best module's test accuracy (mean ± sd over the seeds that ran), the method
+− VanGL and TRGL − the method, paired by seed with the 95% t interval (VanGL and TRGL-halves are
+experiment 5's runs: same data subset and initial weights per seed). A method whose runs are
+not all finished is shown with the seeds it has.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+from authors_table import paired, variants
+
+METHODS = {
+    "infopro-softmax": "InfoPro (softmax)",
+    "infopro-contrast": "InfoPro (contrast)",
+    "predsim": "PredSim",
+    "dgl-mlp-sr": "DGL (MLP-SR head)",
+}
+KS = (4, 16)
+
+
+def accuracy(runs: dict) -> str:
+    """Mean ± sd of the best module's test accuracy, in %, over the seeds given."""
+    values = [100 * runs[s].summary["best_test_accuracy"] for s in sorted(runs)]
+    if len(values) == 1:
+        return f"{values[0]:.2f} (one seed)"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(competitors: dict, scarce: dict) -> str:
+    lines = [
+        "| method | K | seeds | best test % | − VanGL, paired [95% CI] | TRGL − method, paired [95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k in KS:
+        vangl, trgl = scarce.get(f"vangl-k{k}", {}), scarce.get(f"trgl-halves-k{k}", {})
+        for name, runs in (("VanGL (§5)", vangl), ("TRGL-halves τ=10⁴ (§5)", trgl)):
+            if runs:
+                seeds = ", ".join(map(str, sorted(runs)))
+                lines.append(f"| {name} | {k} | {seeds} | {accuracy(runs)} | | |")
+        for method, label in METHODS.items():
+            runs = competitors.get(f"{method}-k{k}")
+            if not runs:
+                continue
+            seeds = ", ".join(map(str, sorted(runs)))
+            lines.append(
+                f"| {label} | {k} | {seeds} | {accuracy(runs)} | {paired(runs, vangl)} | "
+                f"{paired(trgl, runs)} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    here = Path(__file__).parent / "runs"
+    competitors = Path(sys.argv[1]) if len(sys.argv) > 1 else here / "competitors"
+    scarce = Path(sys.argv[2]) if len(sys.argv) > 2 else here / "scarce"
+    print(table(variants(competitors), variants(scarce)))
+
+
+if __name__ == "__main__":
+    main()
