@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import markdown_table, run, torchrun_cmd, write_results
+from common import markdown_table, run, torchrun_cmd, workload, write_results
 
 from trgl_pipe.config import load_config
 from trgl_pipe.context import build_context
@@ -83,26 +83,13 @@ def storage_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 def overrides(args: argparse.Namespace, k: int, out_dir: Path, regime: str) -> list[str]:
+    """The benchmarks' standard run (equal-depth split, TRGL off: ddg and fr refuse it), one thread
+    per rank, timeline on, in ``regime``."""
     return [
-        "data.source=embedded",
-        "data.val_size=1000",
-        f"data.train_size={args.batch * 50}",
-        f"data.batch_size={args.batch}",
-        f"data.eval_batch_size={args.batch}",
-        f"model.depth={args.depth}",
-        f"model.width={args.width}",
-        f"model.num_modules={k}",
-        "model.split=depth",
-        "train.epochs=100",
-        f"train.max_steps={args.steps}",
-        "train.eval_every_epochs=0",
-        "train.num_threads=1",
-        "log.every_steps=5",
-        "log.live=off",
-        "log.timeline=true",
-        "checkpoint.every_epochs=0",
+        *workload(args, out_dir, k, split="depth"),
         "trgl.enabled=false",
-        f"out_dir={out_dir}",
+        "train.num_threads=1",
+        "log.timeline=true",
         *REGIMES[regime],
     ]
 

@@ -37,8 +37,11 @@ def paired(runs: dict[int, Run], base: dict[int, Run]) -> str:
         for s in sorted(runs)
         if s in base
     ]
-    if not diffs:
-        return "-"
+    return interval(diffs) if diffs else "-"
+
+
+def interval(diffs: list[float]) -> str:
+    """Mean of paired differences with its 95% t interval and the page's reading of it."""
     mean = statistics.fmean(diffs)
     half = t_half_width(diffs)
     if half is None:

@@ -23,8 +23,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
 
-from trgl_pipe.report import t_half_width  # noqa: E402
+from authors_table import interval  # noqa: E402
 
 SCHEDULE_NAMES = {
     "constant": "constant (their `-lrd 0`)",
@@ -57,12 +58,7 @@ def mean_sd(values: list[float]) -> str:
 def paired(diffs: list[float]) -> str:
     if all(d == 0 for d in diffs):
         return "0 at every seed: equal"
-    mean = statistics.fmean(diffs)
-    half = t_half_width(diffs)
-    if half is None:
-        return f"{mean:+.2f} (one seed)"
-    reading = "noise" if mean - half <= 0 <= mean + half else "beyond noise"
-    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] {reading}"
+    return interval(diffs)
 
 
 def accuracy(run: dict[str, Any], code: str, protocol: str) -> float | None:
