@@ -395,6 +395,19 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path, *axes, legend_cols: int = 1) -> bool:
+    """Grid and legend on each axis, then write the figure and free it (every plot ends here)."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=legend_cols)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_accuracy_vs_depth(groups: dict[str, list[Run]], path: Path) -> bool:
     plt = _plt()
     if plt is None:
@@ -415,12 +428,7 @@ def plot_accuracy_vs_depth(groups: dict[str, list[Run]], path: Path) -> bool:
     ax.set_xlabel("residual blocks up to the end of the module (depth)")
     ax.set_ylabel("test accuracy of the module's head (%)")
     ax.set_title("Accuracy of each module against depth")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(fig, path, ax)
 
 
 def _series(run: Run, key: str) -> dict[int, list[tuple[int, float]]]:
@@ -445,12 +453,7 @@ def plot_curves(run: Run, key: str, ylabel: str, path: Path, log: bool = False) 
     if log:
         ax.set_yscale("log")
     ax.set_title(run.label)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(fig, path, ax, legend_cols=2)
 
 
 def plot_block_kinetic(groups: dict[str, list[Run]], path: Path) -> bool:
@@ -473,12 +476,7 @@ def plot_block_kinetic(groups: dict[str, list[Run]], path: Path) -> bool:
     ax.set_ylabel("kinetic energy mean_b ||r||² (validation)")
     ax.set_yscale("log")
     ax.set_title("Kinetic energy per block at the end of training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(fig, path, ax)
 
 
 def plot_ranks(run: Run, path: Path) -> bool:
@@ -504,10 +502,7 @@ def plot_ranks(run: Run, path: Path) -> bool:
     right.set_ylabel("seconds")
     right.legend(fontsize=7)
     fig.suptitle(run.label)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_timeline(run: Run, path: Path) -> bool:
@@ -561,12 +556,7 @@ def plot_train_vs_val(groups: dict[str, list[Run]], path: Path) -> bool:
         )
     ax.set_xlabel("module")
     ax.set_ylabel("accuracy %")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(fig, path, ax)
 
 
 def _slug(text: str) -> str:
