@@ -29,10 +29,12 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from trgl_pipe.checkpoint import checkpoint_root, latest_complete
-from trgl_pipe.config import Config
+from trgl_pipe.config import Config, save_config
 from trgl_pipe.errors import ConfigError
+from trgl_pipe.metrics import MetricsLogger, describe_argv
 
 RUN_FILES = ("summary.json", "metrics.jsonl", "config.yaml")
 LOCK = ".lock"
@@ -100,6 +102,20 @@ class RunFolder:
                 flush=True,
             )
         self.committed = True
+
+    def begin(self, cfg: Config, logger: MetricsLogger, ctx: Any, **fields: Any) -> None:
+        """Commit, then write the run's first files: config.yaml and the "start" event that
+        every entry point logs (its own ``fields`` added)."""
+        self.commit()
+        save_config(cfg, self.out / "config.yaml")
+        logger.log(
+            "start",
+            argv=describe_argv(),
+            regime=cfg.train.regime,
+            partition=ctx.partition,
+            data=ctx.data.describe(),
+            **fields,
+        )
 
     def release(self) -> None:
         """Drop the lock; a refused run also removes the folder it created, if still empty."""

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from trgl_pipe.checkpoint import CheckpointWriter, find_resume, log_resume, restore_workers
-from trgl_pipe.config import Config, save_config
+from trgl_pipe.config import Config
 from trgl_pipe.context import RunContext, build_context, configure_torch, resolve_device
 from trgl_pipe.live import LiveView, LocalBoard, Publisher
-from trgl_pipe.metrics import MetricsLogger, describe_argv
+from trgl_pipe.metrics import MetricsLogger
 from trgl_pipe.regimes import run_regime
 from trgl_pipe.run_folder import RunFolder, claim, discard_replaced
 from trgl_pipe.runtime import preemption
@@ -69,16 +69,7 @@ def _run(cfg: Config, folder: RunFolder, device: torch.device, console_summary: 
     resume = find_resume(cfg, ctx.partition, cfg.train.regime, ctx.steps_per_epoch)
     progress = restore_workers(resume, workers) if resume is not None else None
     # everything is checked: from here on the run writes
-    folder.commit()
-    save_config(cfg, out / "config.yaml")
-    logger.log(
-        "start",
-        argv=describe_argv(),
-        regime=cfg.train.regime,
-        partition=ctx.partition,
-        data=ctx.data.describe(),
-        device=str(device),
-    )
+    folder.begin(cfg, logger, ctx, device=str(device))
     if progress is not None:
         log_resume(logger, resume, workers, progress)
     watch = open_watch(cfg)

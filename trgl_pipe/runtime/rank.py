@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from trgl_pipe.checkpoint import CheckpointWriter, find_resume, log_resume, restore_workers
-from trgl_pipe.config import Config, save_config
+from trgl_pipe.config import Config
 from trgl_pipe.context import (
     RunContext,
     build_context,
@@ -40,7 +40,7 @@ from trgl_pipe.errors import ConfigError, OutputError, PipelineError, UserError
 from trgl_pipe.faults import Tracer
 from trgl_pipe.launch import record_failure
 from trgl_pipe.live import LiveView, Publisher, StoreBoard
-from trgl_pipe.metrics import MetricsLogger, describe_argv
+from trgl_pipe.metrics import MetricsLogger
 from trgl_pipe.run_folder import RunFolder, claim, discard_replaced
 from trgl_pipe.runtime import preemption
 from trgl_pipe.runtime.buffer import Waiter
@@ -252,14 +252,10 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     _ready_barrier(session)
     # every rank has checked its part (shards, shapes): from here on the run writes
     if folder is not None:
-        folder.commit()
-        save_config(cfg, out_dir / "config.yaml")
-        logger.log(
-            "start",
-            argv=describe_argv(),
-            regime=cfg.train.regime,
-            partition=ctx.partition,
-            data=ctx.data.describe(),
+        folder.begin(
+            cfg,
+            logger,
+            ctx,
             world_size=env.world_size,
             backend=session.data_backend,
             layout=layout.describe(),
