@@ -66,17 +66,24 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
     return "\n".join(lines)
 
 
-def render_markdown(payload: dict[str, Any], columns: list[str] | None = None) -> str:
-    """The Markdown page of a results JSON (``python benchmarks/common.py render NAME`` redoes it)."""
+def page_header(payload: dict[str, Any], title: str) -> list[str]:
+    """A results page's first lines: its title, the command that made it and the machine it ran on."""
     info = payload["machine"]
-    lines = [
-        f"# {payload['title']}",
+    return [
+        f"# {title}",
         "",
         f"Command: `{payload['command']}`",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu'] or 'none'}; "
         f"torch {info['torch']}, Python {info['python']}; {info['date']}",
         "",
+    ]
+
+
+def render_markdown(payload: dict[str, Any], columns: list[str] | None = None) -> str:
+    """The Markdown page of a results JSON (``python benchmarks/common.py render NAME`` redoes it)."""
+    lines = [
+        *page_header(payload, payload["title"]),
         markdown_table(payload["rows"], columns or payload.get("columns")),
         "",
     ]

@@ -50,7 +50,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import ROOT, command, machine, markdown_table, steady_throughput, torchrun_cmd, trgl_cmd
+from common import (
+    ROOT,
+    command,
+    machine,
+    markdown_table,
+    page_header,
+    steady_throughput,
+    torchrun_cmd,
+    trgl_cmd,
+)
 
 MIB = 2**20
 TINY = [
@@ -516,15 +525,9 @@ def verdict(results: list[dict[str, Any]]) -> list[str]:
 
 
 def render(payload: dict[str, Any]) -> str:
-    info = payload["machine"]
+    title = "GPU acceptance run" if payload["device"] == "cuda" else "GPU acceptance run, CPU mode"
     lines = [
-        "# GPU acceptance run" if payload["device"] == "cuda" else "# GPU acceptance run, CPU mode",
-        "",
-        f"Command: `{payload['command']}`",
-        "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu'] or 'none'}; "
-        f"torch {info['torch']}, Python {info['python']}; {info['date']}",
-        "",
+        *page_header(payload, title),
         markdown_table([{k: r[k] for k in ("check", "ok", "seconds")} for r in payload["checks"]]),
         "",
         UNTESTABLE,
