@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import random
 import statistics
 import tempfile
@@ -162,6 +163,7 @@ def memory_part(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
 
 def time_part(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]  # recorded with the results: was the machine idle?
     wl = argparse.Namespace(
         batch=args.batch, depth=args.depth, width=args.width, k=args.k, steps=10, trgl=True
     )
@@ -205,8 +207,9 @@ def time_part(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
         "in a fresh random order each round.",
         "ratio_to_vangl: a method's step time over VanGL's in the same round; median, min and max over "
         "rounds.",
-        "The machine was shared with other jobs while this ran: absolute times are loaded-machine figures; "
-        "the ratios, measured side by side, are the result.",
+        f"Load average (1 min, this benchmark's own thread included) {load_before:.2f} before and "
+        f"{os.getloadavg()[0]:.2f} after the timed rounds, on {os.cpu_count()} cores. Ratios are measured "
+        "side by side in every round; absolute times hold only on a machine as idle as that.",
     ]
     return rows, notes
 
