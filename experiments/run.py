@@ -11,10 +11,13 @@
     python experiments/run.py competitors        # 7: InfoPro, PredSim, DGL in experiment 5's setting
     python experiments/run.py all --dry-run      # print the commands only
     python experiments/run.py blockwise --only '*-tenth' --max-seeds 1   # a part of one
+    python experiments/run.py competitors --only '*-k16' --seeds 2         # one seed of some runs
 
 Each run writes ``experiments/runs/<experiment>/<name>-s<seed>/`` (config.yaml, metrics.jsonl,
-summary.json; checkpoints are not kept). Then ``python experiments/reports.py`` rebuilds the
-reports under docs/results/ from the run folders.
+summary.json; checkpoints are not kept). A folder without summary.json is an interrupted attempt
+and starts again, unless another process holds its lock (it is running): then it is skipped, so
+several invocations can share one experiment's list of runs. Then ``python experiments/reports.py``
+rebuilds the reports under docs/results/ from the run folders.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from trgl_pipe.run_folder import held_by
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "experiments" / "runs"
@@ -273,6 +278,7 @@ def main() -> None:
         "--only", nargs="+", metavar="PATTERN", help="run names to run (glob), e.g. '*-tenth'"
     )
     parser.add_argument("--max-seeds", type=int, help="run only the first N seeds of each run")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run only these seeds of each run")
     args = parser.parse_args()
     names = (
         ["tau-sweep", "depth", "blockwise", "pipeline", "scarce-sweep", "scarce"]
@@ -284,11 +290,17 @@ def main() -> None:
             if args.only and not any(fnmatch.fnmatch(run, pattern) for pattern in args.only):
                 continue
             for seed in seeds[: args.max_seeds]:
+                if args.seeds is not None and seed not in args.seeds:
+                    continue
                 out = RUNS / exp / f"{run}-s{seed}"
                 cmd = command(exp, run, overrides, seed)
                 printable = " ".join(cmd).replace(sys.executable, "python").replace(str(ROOT) + "/", "")
                 if (out / "summary.json").is_file():
                     print(f"done    {out.relative_to(ROOT)}")
+                    continue
+                holder = held_by(out)
+                if holder is not None:
+                    print(f"running {out.relative_to(ROOT)} (held by {holder}): skipped", flush=True)
                     continue
                 print(f"run     {printable}", flush=True)
                 if args.dry_run:

@@ -180,6 +180,29 @@ def _lock(out: Path) -> int:
     return fd
 
 
+def held_by(out: Path) -> str | None:
+    """Who holds ``out``'s lock right now ("pid N on host H (since T)"), or None if nobody does.
+
+    For tools that manage many run folders (experiments/run.py): a folder another process is
+    writing must be neither restarted nor removed. Takes no lock and writes nothing.
+    """
+    path = Path(out) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _describe(_holder(os.read(fd, 4096).decode(errors="replace")))
+    except OSError:  # a file system without flock: judge by the holder's pid
+        info = _holder(os.read(fd, 4096).decode(errors="replace"))
+        return _describe(info) if info.get("pid") != os.getpid() and _alive_here(info) else None
+    finally:
+        os.close(fd)  # closing drops a shared lock taken above
+    return None
+
+
 def claim(cfg: Config) -> RunFolder:
     """Lock ``out_dir`` and check it may hold this run; writes nothing but the lock file."""
     out = Path(cfg.out_dir)
