@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -52,6 +53,19 @@ def tiny(tmp_path: Path):
         return load_config(None, [*TINY, f"out_dir={out}", *overrides])
 
     return make
+
+
+def final_stage_states(out_dir: str | Path) -> dict[int, dict]:
+    """Each module's stage state in a finished run's final checkpoint (the run must have ended)."""
+    from trgl_pipe.checkpoint import latest_complete
+
+    folder = latest_complete(out_dir)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["progress"]["final"]
+    return {
+        k: torch.load(folder / f"module-{k}.pt", weights_only=True)["stage"]
+        for k in range(meta["num_modules"])
+    }
 
 
 def cli_args(*overrides: str) -> list[str]:

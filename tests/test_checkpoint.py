@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import errno
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import final_stage_states
 
 from trgl_pipe.checkpoint import latest_complete
 from trgl_pipe.errors import CheckpointError, NonFiniteLossError
 from trgl_pipe.single import run_single
-
-
-def _final_state(out_dir: str) -> dict[int, dict]:
-    folder = latest_complete(out_dir)
-    meta = json.loads((folder / "meta.json").read_text())
-    assert meta["progress"]["final"]
-    return {
-        k: torch.load(folder / f"module-{k}.pt", weights_only=True)["stage"]
-        for k in range(meta["num_modules"])
-    }
 
 
 def _assert_same_states(a: dict, b: dict) -> None:
@@ -53,7 +43,7 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tiny, regime: list[str], mid
     assert (source / "meta.json").is_file()
     resumed = tiny(*regime, f"resume={source}")
     summary_resumed = run_single(resumed, console_summary=False)
-    _assert_same_states(_final_state(full.out_dir), _final_state(resumed.out_dir))
+    _assert_same_states(final_stage_states(full.out_dir), final_stage_states(resumed.out_dir))
     for key in ("best_module", "best_val_accuracy", "best_test_accuracy"):
         assert summary_full[key] == summary_resumed[key]
     assert [m["history"] for m in summary_full["modules"]] == [

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import final_stage_states
 from torch.func import functional_call
 
 from trgl_pipe.checkpoint import CheckpointWriter, latest_complete
@@ -23,16 +24,6 @@ from trgl_pipe.runtime.worker import make_worker
 from trgl_pipe.single import run_single
 
 E2E = ["trgl.enabled=false", "optim.lr=0.2"]
-
-
-def _final(out_dir: str) -> dict[int, dict]:
-    folder = latest_complete(out_dir)
-    meta = json.loads((folder / "meta.json").read_text())
-    assert meta["progress"]["final"]
-    return {
-        k: torch.load(folder / f"module-{k}.pt", weights_only=True)["stage"]
-        for k in range(meta["num_modules"])
-    }
 
 
 def _recorded(cfg: Config) -> tuple[list[DelayedModule], object]:
@@ -55,7 +46,7 @@ def test_ddg_without_delays_equals_end_to_end_training_bitwise(tiny) -> None:
     ddg = tiny("train.regime=ddg", "train.delays=none", "model.num_modules=3", *E2E)
     summary_e2e = run_single(e2e, console_summary=False)
     summary_ddg = run_single(ddg, console_summary=False)
-    whole, parts = _final(e2e.out_dir)[0], _final(ddg.out_dir)
+    whole, parts = final_stage_states(e2e.out_dir)[0], final_stage_states(ddg.out_dir)
     # the same parameters in the same order: stem and blocks of modules 0..2, then the network's head
     body = [t for k in range(3) for t in parts[k]["body"].values()]
     assert len(body) == len(whole["body"])
@@ -135,7 +126,7 @@ def test_resumed_run_with_batches_in_flight_ends_like_an_uninterrupted_one(tiny,
     assert [p["step"] for p in shard["carry"]["pending"]] == [1, 2]
     resumed = tiny(*regime, f"resume={source}")
     summary_resumed = run_single(resumed, console_summary=False)
-    a, b = _final(full.out_dir), _final(resumed.out_dir)
+    a, b = final_stage_states(full.out_dir), final_stage_states(resumed.out_dir)
     for k in a:
         for part in ("body", "head"):
             for name, tensor in a[k][part].items():
@@ -187,7 +178,7 @@ def test_sigterm_mid_epoch_checkpoints_the_batches_in_flight_and_resume_finishes
     assert meta["progress"]["step"] % 5 and not meta["progress"]["final"]  # mid-epoch: batches in flight
     monkeypatch.setattr(preemption, "requested", lambda: False)
     run_single(tiny(*regime, f"out_dir={stopped.out_dir}", "resume=auto"), console_summary=False)
-    a, b = _final(full.out_dir), _final(stopped.out_dir)
+    a, b = final_stage_states(full.out_dir), final_stage_states(stopped.out_dir)
     for k in a:
         for name, tensor in a[k]["body"].items():
             assert torch.equal(tensor, b[k]["body"][name]), (k, name)
