@@ -46,6 +46,10 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
         (["train.regime=sequential", "pipeline.transport=sim"], "runs the parallel regime only"),
         (["data=3"], "data must be a mapping of keys"),
         (["train.epochs"], "must look like section.key=value"),
+        (
+            ["pipeline.replicas=2", "data.batch_size=1"],
+            "data.batch_size=1 is smaller than pipeline.replicas=2: each replica trains on a shard",
+        ),
     ],
 )
 def test_bad_input_names_the_key(overrides: list[str], message: str) -> None:

@@ -567,6 +567,13 @@ class Config:
                 f"pipeline.replicas={self.pipeline.replicas} applies to the pipeline (train.regime=parallel, "
                 f"ddg or fr under torchrun), not to train.regime={self.train.regime}; remove it"
             )
+        r = self.pipeline.replicas
+        if r > 1 and self.data.batch_size < r:
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} is smaller than pipeline.replicas={r}: each replica "
+                f"trains on a shard of the batch, and {r - self.data.batch_size} would get none; "
+                f"raise data.batch_size to {r} or more (it is the global batch, split over the replicas)"
+            )
         k, m = self.model.num_modules, self.pipeline.modules_per_rank
         if k % m:
             raise ConfigError(
