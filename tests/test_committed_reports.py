@@ -20,6 +20,7 @@ def _reports():
     return module
 
 
+@pytest.mark.golden
 def test_every_committed_report_regenerates_from_its_runs() -> None:
     pytest.importorskip("matplotlib")  # which figures a report names depends on it
     reports = _reports()
@@ -63,6 +64,7 @@ def test_the_tau_full_report_holds_the_depth_runs_it_compares_with() -> None:
     assert len(expected) == 19
 
 
+@pytest.mark.golden
 def test_the_derived_figures_of_the_results_page_recompute(capsys: pytest.CaptureFixture[str]) -> None:
     """experiments/derived.py reads the committed runs and prints what docs/results.md quotes."""
     spec = importlib.util.spec_from_file_location("derived", ROOT / "experiments" / "derived.py")

@@ -50,6 +50,7 @@ def test_fashion_mnist_becomes_three_channels_of_32x32_with_the_image_centred() 
     assert int(out[:, :, :2].sum()) == 0 and int(out[:, :, :, 30:].sum()) == 0
 
 
+@pytest.mark.golden
 @pytest.mark.parametrize("results", RESULTS, ids=lambda p: p.name)
 def test_vs_authors_quotes_the_committed_runs(results: Path) -> None:
     table = _experiment("parity_table")
