@@ -53,16 +53,29 @@ def test_narrow_resnet_trains_with_onednn_avx2_kernels(tmp_path: Path, options: 
     assert len(losses) == 2 * 2 and all(v == v for step in losses.values() for v in step)  # 2 modules, no NaN
 
 
-def test_compiled_modules_compute_what_eager_modules_compute(tmp_path: Path) -> None:
+# The two tests of compiled stages build the same network (COMPILED) and see the same batch
+# sizes (64, a last one of 44, evaluation 100), so they share one inductor cache: whichever runs
+# second finds its kernels compiled (the graph count it checks is dynamo's, which a cache hit
+# does not change). The xdist group keeps them on one worker.
+COMPILED = ["model.depth=8", "model.width=8"]
+
+
+@pytest.fixture(scope="module")
+def inductor_cache(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor"))}
+
+
+@pytest.mark.xdist_group("compiled")
+def test_compiled_modules_compute_what_eager_modules_compute(tmp_path: Path, inductor_cache) -> None:
     # Width 8 (no channel count below oneDNN's AVX2 block), 5 steps per epoch, 2 epochs, both
     # modules, TRGL on. Compiled and eager kernels round differently, and training amplifies the
     # rounding: measured on 2 CPUs, torch 2.14.1, the largest relative gap over these 20 steps was
     # 4e-5 (2e-6 on the first step of each module). A compiled stage that dropped the kinetic term
     # (a 2% change of the loss here) or computed a wrong gradient moves the losses by 1e-2 or more.
-    common = ["data.train_size=320", "model.depth=8", "model.width=8", "train.epochs=2"]
+    common = [*COMPILED, "train.epochs=2"]
     eager = run_cli(cli_args(f"out_dir={tmp_path / 'eager'}", *common))
     _ok(eager)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    env = inductor_cache
     compiled = run_cli(cli_args(f"out_dir={tmp_path / 'compiled'}", *common, "train.compile=true"), env=env)
     _ok(compiled)
     a, b = _per_step(tmp_path / "eager"), _per_step(tmp_path / "compiled")
@@ -124,7 +137,8 @@ print("graphs", compiled, counters["stats"]["unique_graphs"])
 """
 
 
-def test_a_compiled_stage_compiles_nothing_after_its_warm_up(tmp_path: Path) -> None:
+@pytest.mark.xdist_group("compiled")
+def test_a_compiled_stage_compiles_nothing_after_its_warm_up(tmp_path: Path, inductor_cache) -> None:
     # torch.compile is lazy: without the warm-up the first step, first evaluation and first partial
     # batch each compile while the neighbours' waits run
     import subprocess
@@ -132,8 +146,8 @@ def test_a_compiled_stage_compiles_nothing_after_its_warm_up(tmp_path: Path) -> 
 
     from conftest import ROOT
 
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    args = cli_args(f"out_dir={tmp_path / 'run'}", "model.width=8", "train.compile=true")
+    env = inductor_cache
+    args = cli_args(f"out_dir={tmp_path / 'run'}", *COMPILED, "train.compile=true")
     result = subprocess.run(
         [sys.executable, "-c", WARM_UP_SCRIPT, *args],
         capture_output=True,
