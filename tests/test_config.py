@@ -46,6 +46,10 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
         (["train.regime=sequential", "pipeline.transport=sim"], "runs the parallel regime only"),
         (["data=3"], "data must be a mapping of keys"),
         (["train.epochs"], "must look like section.key=value"),
+        (  # the range error of an int, not "must be an integer or null, got <an integer>"
+            ["data.train_size=100000000000000000000000"],
+            "data.train_size=100000000000000000000000 is too large for a 64-bit integer",
+        ),
         (
             ["pipeline.replicas=2", "data.batch_size=1"],
             "data.batch_size=1 is smaller than pipeline.replicas=2: each replica trains on a shard",
@@ -67,6 +71,16 @@ def test_bad_yaml_file(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  epochs: 3\n  regime: parallel\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"gives key 'epochs' twice in one section \(line 4\); keep one"):
+        load_config(path)
+    path.write_text("train:\n  epochs: 3\noptim:\n  epochs: 3\n")  # the same name in two sections is fine
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.epochs'"):
+        load_config(path)
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:

@@ -604,6 +604,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return from_dict(Config, raw, "")
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, mark: Any) -> None:
+        super().__init__(f"key {key!r} appears twice")
+        self.key, self.problem_mark = key, mark
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one,
+    so the first value would be ignored without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """Parse a YAML file that must hold a mapping, with one-line errors."""
     try:
@@ -615,7 +635,12 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
             f"config file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8"
         ) from error
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
+    except _DuplicateKey as error:
+        raise ConfigError(
+            f"config file {path} gives key {error.key!r} twice in one section (line "
+            f"{error.problem_mark.line + 1}); keep one"
+        ) from error
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -662,6 +687,10 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+class _OutOfRange(ConfigError):
+    """A value of the right type that no value of that type may take here."""
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against a type hint; return it (ints widened to float where a float is due)."""
     if dataclasses.is_dataclass(hint):
@@ -670,12 +699,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     origin = get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in get_args(hint):
             try:
                 return _coerce(value, option, key)
-            except ConfigError as error:
-                errors.append(error)
+            except _OutOfRange:
+                raise  # the value has the option's type: its own message says what is wrong
+            except ConfigError:
+                continue
         raise ConfigError(f"{key} must be {_describe_hint(hint)}, got {_describe(value)}")
     if origin is Literal:
         allowed = get_args(hint)
@@ -706,7 +736,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             if abs(value) >= 2**63:  # torch and numpy take 64-bit integers
-                raise ConfigError(f"{key}={value} is too large for a 64-bit integer")
+                raise _OutOfRange(f"{key}={value} is too large for a 64-bit integer")
             return value
     elif hint is float:
         number = None
@@ -717,7 +747,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 number = float(value)
         if number is not None:
             if not math.isfinite(number):
-                raise ConfigError(f"{key} must be a finite number, got {_describe(value)}")
+                raise _OutOfRange(f"{key} must be a finite number, got {_describe(value)}")
             return number
     elif hint is str:
         if isinstance(value, str):
