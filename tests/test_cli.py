@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, cli_args, run_cli
+from conftest import ROOT, TINY, cli_args, run_cli, snapshot
 
 from trgl_pipe.checkpoint import latest_complete
 
@@ -72,15 +72,30 @@ def test_unwritable_out_dir(tmp_path: Path) -> None:
     _one_line_error(run_cli(cli_args(f"out_dir={blocker}/sub")), "cannot be written")
 
 
-def test_an_earlier_run_is_not_overwritten(tmp_path: Path) -> None:
+def test_a_finished_run_is_neither_overwritten_nor_rewritten_by_resume(tmp_path: Path) -> None:
     out = tmp_path / "run"
     first = run_cli(cli_args(f"out_dir={out}", "train.epochs=1"))
     assert first.returncode == 0, first.stderr
-    before = (out / "summary.json").read_text()
+    before = snapshot(out)
     _one_line_error(
         run_cli(cli_args(f"out_dir={out}")), "already holds a run", "resume=auto", "overwrite=true"
     )
-    assert (out / "summary.json").read_text() == before
+    assert snapshot(out) == before
+    # resume=auto on a finished run: one line, exit 0, every byte as it was (it used to rewrite
+    # summary.json with a wall time of 0 and append to metrics.jsonl)
+    again = run_cli(cli_args(f"out_dir={out}", "train.epochs=1", "resume=auto"))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().splitlines() == [
+        f"resume=auto: out_dir={out} holds a finished run (final checkpoint at step 5); nothing to do"
+    ]
+    assert snapshot(out) == before
+    # with a setting that differs from the record: refused, since no step would train with it
+    _one_line_error(
+        run_cli(cli_args(f"out_dir={out}", "train.epochs=1", "resume=auto", "optim.lr=0.05")),
+        "holds a finished run and nothing would train with optim.lr=0.05 (recorded 0.1)",
+        "choose a new out_dir",
+    )
+    assert snapshot(out) == before
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import sys
 from trgl_pipe.config import load_config
 from trgl_pipe.errors import UserError
 from trgl_pipe.launch import record_failure
+from trgl_pipe.run_folder import finished_already
 from trgl_pipe.runtime import preemption
 from trgl_pipe.watch.sinks import check_packages
 
@@ -59,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             if rank == 0:
                 print(describe_run(cfg, config_path, overrides), flush=True)
+            return 0
+        finished = finished_already(cfg)  # every rank reads it: all of them stop here, none writes
+        if finished is not None:
+            if rank == 0:
+                print(finished, flush=True)
             return 0
         check_packages(cfg)  # TensorBoard / W&B asked for but not installed: say so before any work
         if _launched_world_size() > 1 or cfg.pipeline.transport == "dist":

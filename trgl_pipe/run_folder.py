@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from trgl_pipe.checkpoint import checkpoint_root, latest_complete
+from trgl_pipe.checkpoint import checkpoint_root, latest_complete, read_meta
 from trgl_pipe.config import Config, save_config
 from trgl_pipe.errors import ConfigError
 from trgl_pipe.metrics import MetricsLogger, describe_argv
@@ -241,6 +241,50 @@ def claim(cfg: Config) -> RunFolder:
         folder.release()
         raise
     return folder
+
+
+# keys a finished run's record may differ in without changing what it trained
+_NOT_RECORDED = ("resume", "overwrite", "out_dir")
+
+
+def _leaves(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def finished_already(cfg: Config) -> str | None:
+    """``resume=auto`` on a run that has ended: the line that says so, or None (a run to start
+    or continue). Nothing is written either way, so the finished run stays byte for byte as it
+    was; settings that differ from its record are refused, since no step would train with them."""
+    out = Path(cfg.out_dir)
+    if cfg.resume != "auto" or not (out / "summary.json").is_file():
+        return None
+    folder = latest_complete(out)
+    if folder is None or not read_meta(folder)["progress"]["final"]:
+        return None
+    from trgl_pipe.config import load_config
+
+    try:
+        recorded = _leaves(load_config(out / "config.yaml").to_dict())
+    except ConfigError as error:
+        raise ConfigError(
+            f"resume=auto: out_dir={out} holds a finished run whose config.yaml is unreadable ({error})"
+        ) from error
+    asked = _leaves(cfg.to_dict())
+    changed = [k for k in asked if k.split(".")[0] not in _NOT_RECORDED and asked[k] != recorded.get(k)]
+    if changed:
+        shown = ", ".join(f"{k}={asked[k]} (recorded {recorded.get(k)})" for k in changed[:3])
+        raise ConfigError(
+            f"resume=auto: out_dir={out} holds a finished run and nothing would train with {shown}; "
+            "drop those overrides, or choose a new out_dir to train with them"
+        )
+    step = read_meta(folder)["progress"]["step"]
+    return f"resume=auto: out_dir={out} holds a finished run (final checkpoint at step {step}); nothing to do"
 
 
 def _restart_of_this_job(out: Path) -> bool:
