@@ -257,6 +257,20 @@ def test_a_module_that_does_not_import_gets_one_line_from_the_cli(tmp_path: Path
     ]
 
 
+def test_a_builder_that_raises_shows_its_own_frames_then_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run_cli([*SMALL, f"out_dir={out}", f"model.arch={NETS}:raises"])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == f"Traceback of {NETS}:raises (most recent call last):"
+    assert lines[-1] == f"error: model.arch={NETS}:raises raised ValueError: width 4 is not a multiple of 3"
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
+    frames = "\n".join(lines[1:-1])
+    assert "in raises" in frames and "in _checked_width" in frames  # the user's frames
+    assert "plugins.py" not in frames and "models/user.py" not in frames  # and none of trgl_pipe's
+    assert not out.exists()  # refused before anything was written
+
+
 def test_ranks_that_build_different_networks_are_refused() -> None:
     from trgl_pipe.context import context_from_shape_info
 

@@ -32,6 +32,16 @@ class OutputError(UserError):
         )
 
 
+class UserCodeError(UserError):
+    """A user's builder (``model.arch``, ``data.name``, ``aux.head``) raised: the message names the
+    import path and the exception; ``user_frames`` holds the traceback from the user's code down,
+    without trgl_pipe's frames above it, for the CLI to print before its one line."""
+
+    def __init__(self, message: str, user_frames: str) -> None:
+        super().__init__(message)
+        self.user_frames = user_frames
+
+
 class PipelineError(Exception):
     """The pipeline stopped: a rank failed, timed out, or lost its peers."""
 

@@ -10,10 +10,11 @@ own copy.
 from __future__ import annotations
 
 import importlib
+import traceback
 from collections.abc import Callable
 from typing import Any
 
-from trgl_pipe.errors import ConfigError
+from trgl_pipe.errors import ConfigError, UserCodeError, UserError
 
 _REGISTERED: dict[str, Callable[..., Any]] = {}
 
@@ -53,10 +54,20 @@ def load_callable(key: str, path: str) -> Callable[..., Any]:
 
 
 def call_user(key: str, path: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
-    """Call user code; a TypeError from the call itself (wrong arguments) gets one line."""
+    """Call user code. A TypeError from the call itself (wrong arguments) is a one-line config
+    error; any exception raised inside the user's code becomes a :class:`UserCodeError` that keeps
+    the user's frames (and those of what it called), not trgl_pipe's."""
     try:
         return fn(**kwargs)
-    except TypeError as error:
-        if error.__traceback__ is not None and error.__traceback__.tb_next is None:
+    except UserError:
+        raise  # trgl_pipe's own one-line error, raised through the user's code
+    except Exception as error:
+        inside = error.__traceback__.tb_next if error.__traceback__ is not None else None
+        if inside is None and isinstance(error, TypeError):
             raise ConfigError(f"{key}={path}: cannot call it with ({', '.join(kwargs)}): {error}") from error
-        raise
+        frames = "".join(traceback.format_tb(inside)) if inside is not None else ""
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise UserCodeError(
+            f"{key}={path} raised {type(error).__name__}{': ' + text if text else ''}",
+            f"Traceback of {path} (most recent call last):\n{frames}",
+        ) from error

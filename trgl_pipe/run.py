@@ -21,7 +21,7 @@ import os
 import sys
 
 from trgl_pipe.config import load_config
-from trgl_pipe.errors import UserError
+from trgl_pipe.errors import UserCodeError, UserError
 from trgl_pipe.launch import record_failure
 from trgl_pipe.run_folder import finished_already
 from trgl_pipe.runtime import preemption
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         # every rank finds the same bad input: rank 0 says it (or the launcher, from the error file)
         if not record_failure(f"error: {error}", error.exit_code) and rank == 0:
+            if isinstance(error, UserCodeError):  # the user's frames, then the one line, last
+                print(error.user_frames, end="", file=sys.stderr, flush=True)
             print(f"error: {error}", file=sys.stderr, flush=True)
         return error.exit_code
     except Exception as error:

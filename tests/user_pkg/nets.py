@@ -153,3 +153,14 @@ def rank_dependent(input_shape: tuple[int, int, int], num_classes: int) -> nn.Se
         nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0] * input_shape[1] * input_shape[2], width)),
         nn.Sequential(nn.Linear(width, width), nn.ReLU()),
     )
+
+
+def _checked_width(width: int) -> int:
+    if width % 3:
+        raise ValueError(f"width {width} is not a multiple of 3")
+    return width
+
+
+def raises(input_shape: tuple[int, int, int], num_classes: int, width: int = 4) -> nn.Sequential:
+    """A builder with a bug of its own: it raises two frames down."""
+    return mlp(input_shape, num_classes, width=_checked_width(width))
