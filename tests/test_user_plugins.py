@@ -267,6 +267,7 @@ def test_a_builder_that_raises_shows_its_own_frames_then_one_line(tmp_path: Path
     assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
     frames = "\n".join(lines[1:-1])
     assert "in raises" in frames and "in _checked_width" in frames  # the user's frames
+    assert lines[-2] == "ValueError: width 4 is not a multiple of 3"
     assert "plugins.py" not in frames and "models/user.py" not in frames  # and none of trgl_pipe's
     assert not out.exists()  # refused before anything was written
 

@@ -66,6 +66,7 @@ def call_user(key: str, path: str, fn: Callable[..., Any], **kwargs: Any) -> Any
         if inside is None and isinstance(error, TypeError):
             raise ConfigError(f"{key}={path}: cannot call it with ({', '.join(kwargs)}): {error}") from error
         frames = "".join(traceback.format_tb(inside)) if inside is not None else ""
+        frames += "".join(traceback.format_exception_only(error))
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise UserCodeError(
             f"{key}={path} raised {type(error).__name__}{': ' + text if text else ''}",
