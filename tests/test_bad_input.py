@@ -91,6 +91,11 @@ def _latin1_yaml(made, tmp):
     return [str(path), f"out_dir={tmp / 'out'}"]
 
 
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
 def _fresh(*overrides: str) -> Callable:
     return lambda made, tmp: [*TINY, f"out_dir={tmp / 'out'}", *overrides]
 
@@ -222,6 +227,21 @@ CASES = {
         "pipeline.replicas=2 applies to the pipeline",
     ),
     "empty class folder": (run, _empty_class_folder, 2, "holds no images"),
+    "out_dir name too long": (
+        run,
+        lambda made, tmp: [*TINY, f"out_dir={tmp / ('x' * 300)}", "resume=auto"],
+        2,
+        "cannot be written (File name too long); choose a writable out_dir",
+    ),
+    "key twice in a YAML file": (
+        run,
+        lambda made, tmp: [
+            _write(tmp / "twice.yaml", "train:\n  epochs: 1\n  epochs: 2\n"),
+            f"out_dir={tmp}/o",
+        ],
+        2,
+        "gives key 'epochs' twice in one section (line 3)",
+    ),
     # deliberate faults say one line, as in the pipeline
     "raise_at_step in one process": (
         run,

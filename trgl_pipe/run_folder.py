@@ -206,13 +206,13 @@ def held_by(out: Path) -> str | None:
 def claim(cfg: Config) -> RunFolder:
     """Lock ``out_dir`` and check it may hold this run; writes nothing but the lock file."""
     out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out_dir={out} exists and is not a folder; choose another out_dir")
-    created = not out.exists()
     try:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"out_dir={out} exists and is not a folder; choose another out_dir")
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         fd = _lock(out)
-    except OSError as error:
+    except OSError as error:  # a name too long for the file system, no permission, a full disk
         raise ConfigError(
             f"out_dir={out} cannot be written ({error.strerror or error}); choose a writable out_dir"
         ) from error
@@ -262,7 +262,10 @@ def finished_already(cfg: Config) -> str | None:
     or continue). Nothing is written either way, so the finished run stays byte for byte as it
     was; settings that differ from its record are refused, since no step would train with them."""
     out = Path(cfg.out_dir)
-    if cfg.resume != "auto" or not (out / "summary.json").is_file():
+    try:
+        if cfg.resume != "auto" or not (out / "summary.json").is_file():
+            return None
+    except OSError:  # a name the file system refuses: claim() says so in one line
         return None
     folder = latest_complete(out)
     if folder is None or not read_meta(folder)["progress"]["final"]:
