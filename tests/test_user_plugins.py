@@ -298,6 +298,11 @@ def test_a_dataset_of_wrong_labels_is_refused() -> None:
 
     with pytest.raises(DataError, match="has a label of type float"):
         image_set([(torch.zeros(1, 2, 2), 0.5)], "data.name=x:y: the training set")
+    # empty arrays: one line, not torch's "min(): Expected reduction dim" from the label check
+    with pytest.raises(DataError, match=r"data.name=x:y: the training set is empty \(0 images\)"):
+        image_set(
+            (torch.zeros(0, 1, 4, 4), torch.zeros(0, dtype=torch.long)), "data.name=x:y: the training set"
+        )
 
 
 def test_a_user_run_resumed_mid_epoch_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:

@@ -65,6 +65,8 @@ def _from_arrays(pair: Any, where: str) -> ImageSet:
             f"{where} holds labels of shape {list(labels.shape)} ({labels.dtype}); expected "
             f"{len(images)} integer labels"
         )
+    if len(images) == 0:
+        raise DataError(f"{where} is empty (0 images)")
     return ImageSet(_as_images(images.contiguous()), labels.long())
 
 
