@@ -282,3 +282,53 @@ def test_spans_are_contiguous_and_reach_the_file_every_few_seconds(tmp_path: Pat
     again.until("compute")
     again.close()
     assert [len(s) for _, s in read_spans(path)] == [3, 1]
+
+
+class _ListSink:
+    def __init__(self) -> None:
+        self.points: list = []
+
+    def scalars(self, points: list) -> None:
+        self.points.extend(points)
+
+    def hparams(self, config: dict, results: dict) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _BoardFailingOnce:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def snapshot(self) -> dict:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("snapshot mid-update")
+        return {"rank/0": {"step": 2, "elapsed_s": 1.0, "train_samples": 64}}
+
+
+def test_a_failed_board_read_does_not_lose_the_metrics_lines_already_read(tiny) -> None:
+    # the watch reads new metrics lines, then the board; a board read that fails must not take
+    # the lines it had consumed with it (the W&B series of a resumed run once came back empty)
+    from trgl_pipe.watch.follow import RunWatch
+
+    cfg = tiny()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True)
+    metrics = out / "metrics.jsonl"
+    metrics.write_text("")
+    sink = _ListSink()
+    watch = RunWatch(cfg, [sink], world_size=1, poll_s=3600)
+    watch.attach_board(_BoardFailingOnce(), {0: 0})
+    lines = [{"event": "train", "module": 0, "step": s, "loss": 1.0 / s} for s in (1, 2)]
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(RuntimeError, match="mid-update"):
+        watch.poll()
+    watch.finish(None)  # reads what is left and the board again
+    tags = {(p.tag, p.step) for p in sink.points}
+    assert {("module_0/loss", 1), ("module_0/loss", 2), ("rank_0/samples_per_s", 2)} <= tags

@@ -87,6 +87,10 @@ class RunWatch:
             for tail in self._tails:
                 for event in tail.read():
                     points.extend(self._builder.from_event(event))
+            # handed on before the board is read: the lines are consumed, and a failure below
+            # (a snapshot mid-update) must not take them with it
+            self._write(points)
+            points = []
             if self._board is not None:
                 snapshot = self._board.snapshot()
                 for rank, module in self._ranks.items():
