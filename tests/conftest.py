@@ -115,15 +115,8 @@ def torchrun_cmd(
     ]
 
 
-def run_torchrun(
-    nproc: int, args: list[str], timeout: float = 300, shutdown_timeout_s: int | None = None
-) -> subprocess.CompletedProcess:
-    """torchrun on one host. ``shutdown_timeout_s``: how long torchrun lets the other ranks stop
-    after one failed before it kills them (its default, 30 s, is the grace a preempted rank needs
-    to checkpoint; a test of a hung rank that never answers SIGTERM need not wait it out)."""
+def run_torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if shutdown_timeout_s is not None:
-        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(shutdown_timeout_s)
     return subprocess.run(
         torchrun_cmd(nproc, args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
     )

@@ -123,7 +123,7 @@ def test_a_rank_waiting_for_a_gradient_names_the_hung_rank_within_the_timeout(tm
     # rank 1 sleeps in its first step: rank 0 has sent batch 0 and waits for its gradient at step 1
     args = [*_common(2, "ddg"), f"out_dir={tmp_path / 'run'}", "debug.slow_module=1", "debug.slow_s=120"]
     t0 = time.monotonic()
-    result = run_torchrun(2, [*args, "pipeline.timeout_s=5"], timeout=200, shutdown_timeout_s=2)
+    result = run_torchrun(2, [*args, "pipeline.timeout_s=5"], timeout=200)
     elapsed = time.monotonic() - t0
     assert result.returncode != 0
     # the hung rank is named, not the neighbour that waited for its gradient

@@ -281,7 +281,7 @@ def test_a_hung_rank_is_named_by_its_neighbours_within_the_timeout(tmp_path: Pat
         "pipeline.timeout_s=5",
     ]
     t0 = time.monotonic()
-    result = run_torchrun(3, args, timeout=200, shutdown_timeout_s=2)
+    result = run_torchrun(3, args, timeout=200)
     elapsed = time.monotonic() - t0
     assert result.returncode != 0
     assert "waited 5 s for" in result.stderr and "rank 1" in result.stderr
