@@ -1,5 +1,8 @@
 """SIGTERM (Slurm preemption, scancel, torchrun stopping a job) asks training to stop cleanly.
 
+Unless a rank has already recorded a failure on the store: then no consistent checkpoint can be
+cut, SIGTERM is torchrun stopping a failed group, and the process exits at once with status 1.
+
 The handler only sets a flag. The data stream checks it before every training and evaluation
 batch and ends the stream with a checkpoint at the current position followed by a STOP marked
 "preempted", so every module saves the same cut and every rank learns the decision from the
@@ -11,6 +14,7 @@ one batch later, since their streams must stay in step.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -20,15 +24,25 @@ from typing import Any
 EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a job stopped by SIGTERM
 
 _requested = threading.Event()
+_job_failed: Callable[[], bool] | None = None
+FAILED_EXIT_CODE = 1
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     _requested.set()
+    if _job_failed is not None and _job_failed():
+        # a rank already recorded why the job failed, so no consistent checkpoint can be cut:
+        # torchrun is stopping the group, and a rank stuck in Python (a long wait, a sleep) would
+        # otherwise hold it for torchrun's fixed 30 s grace before being killed
+        os._exit(FAILED_EXIT_CODE)
 
 
-def install() -> None:
-    """Route SIGTERM to the stop flag (call from the main thread)."""
+def install(job_failed: Callable[[], bool] | None = None) -> None:
+    """Route SIGTERM to the stop flag (call from the main thread). ``job_failed``: in the
+    pipeline, whether a failure is on record; SIGTERM then ends the process at once."""
+    global _job_failed
     _requested.clear()
+    _job_failed = job_failed
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
