@@ -65,8 +65,11 @@ def test_export_errors_are_one_line(trained, tmp_path: Path) -> None:
         and result.stderr.startswith("error: ")
         and "no complete checkpoint" in result.stderr
     )
+    export(
+        out, to=tmp_path / "export"
+    )  # its own: under pytest-xdist another worker may hold the first test's
     result = subprocess.run(
-        [sys.executable, "-m", "trgl_pipe.evaluate", str(out / "export")],
+        [sys.executable, "-m", "trgl_pipe.evaluate", str(tmp_path / "export")],
         capture_output=True,
         text=True,
         cwd=ROOT,
