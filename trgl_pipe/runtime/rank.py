@@ -422,8 +422,8 @@ def run_rank(cfg: Config, exit_process: bool = True) -> dict[str, Any] | None:
     code = 0
     try:
         store = connect_store(env, STARTUP_TIMEOUT_S)
-        control = StoreControl(store)
-        preemption.install(job_failed=lambda: control is not None and control.failure() is not None)
+        control = store_control = StoreControl(store)
+        preemption.install(job_failed=lambda: store_control.failure() is not None)
         device = resolve_device(cfg.device, env.local_rank)
         session = init_distributed(cfg, env, layout, device, store, control, STARTUP_TIMEOUT_S)
         folder = claim(cfg) if env.rank == 0 else None  # only rank 0 locks and writes the run files
