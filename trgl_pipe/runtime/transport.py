@@ -338,6 +338,19 @@ class _Completer:
             raise PipelineError(f"{waiter.who}: {what} failed ({_short(self.error)})")
 
 
+def wire_device(device: torch.device, staged: bool) -> torch.device:
+    """Where a payload (activation, image, gradient) must be when handed to the backend.
+
+    The ``cpu:gloo,cuda:nccl`` group routes a tensor by its device: a CPU tensor goes over gloo,
+    a CUDA one over NCCL. Both ends must agree, or a receive matches the wrong send (NCCL ignores
+    tags). So every payload of a link with a GPU of its own (NCCL) is sent from and received into
+    that GPU, whatever device it was made on (the first rank's image is the host batch); a link
+    whose ranks share a GPU (``staged``) or a CPU link sends host tensors. Headers and credits are
+    always host tensors (gloo).
+    """
+    return torch.device("cpu") if staged or device.type == "cpu" else device
+
+
 @dataclass(frozen=True)
 class LinkSettings:
     """What both ends of every link of a rank share: the process group the peers are ranks of, the
@@ -350,6 +363,11 @@ class LinkSettings:
     device: torch.device
     timeout_s: float
     staged: bool = False
+
+    @property
+    def wire(self) -> torch.device:
+        """The device of every payload on this link (:func:`wire_device`)."""
+        return wire_device(self.device, self.staged)
 
 
 class DistOutbox:
@@ -370,6 +388,7 @@ class DistOutbox:
         self.max_batch = link.max_batch
         self.device = link.device
         self.staged = link.staged  # activations on a GPU but sent by gloo: copy to host first
+        self.wire = link.wire
         self._completer = _Completer(f"sends-to-{peer}", link.device, link.timeout_s)
         self._error: BaseException | None = None
         self._staging: StagingBuffers | None = None
@@ -439,19 +458,26 @@ class DistOutbox:
                 waited += time.perf_counter() - t0
                 later = self._stage(x, buffer[: x.shape[0]], self._copied[i])
             elif x.shape[0]:  # an empty evaluation shard sends its header only
+                x = self._on_wire(x)
                 works.append(_isend(x, self.rank, self.peer, self.group, self.tags[1]))
                 self.sent_bytes += x.numel() * x.element_size()
             keep.append(x)
             if msg.image is not None and x.shape[0]:  # the receiver expects it (same rule there)
-                image = msg.image.contiguous()
-                if self.staged:
-                    image = image.cpu()
+                # the first rank's image is the host batch: on an NCCL link it must go to the GPU
+                image = self._on_wire(msg.image.contiguous())
                 works.append(_isend(image, self.rank, self.peer, self.group, IMAGE_TAG))
                 self.image_sent_bytes += image.numel() * image.element_size()
                 keep.append(image)
         self._num_sent += 1
         self._completer.add(works, keep, done, later)
         return waited
+
+    def _on_wire(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the link's wire device. A host-to-GPU copy is ordered on the stream before the
+        send; a GPU-to-host copy must be complete before gloo reads it, so that one blocks."""
+        if t.device == self.wire:
+            return t
+        return t.to(self.wire, non_blocking=self.wire.type != "cpu")
 
     def _stage(self, x: torch.Tensor, host: torch.Tensor, copied: Any) -> Callable[[], Any]:
         """Copy ``x`` to pinned ``host`` memory on a side stream without the host waiting; returns
@@ -507,6 +533,7 @@ class DistInbox:
         self.device = link.device
         self.timeout = timedelta(seconds=link.timeout_s)
         self.staged = link.staged
+        self.wire = link.wire  # where payloads arrive (the sender's rule, :func:`wire_device`)
         self.on_gpu = link.device.type == "cuda"
         self._ready: queue.Queue = queue.Queue()
         self._free_slots = threading.Semaphore(link.capacity)
@@ -517,6 +544,8 @@ class DistInbox:
         self._credits = _Completer(f"credits-to-{peer}", link.device, link.timeout_s)
         self._closing = threading.Event()
         self._slots: list[torch.Tensor] = []
+        self._stream: Any = None  # the stream receives are waited on (CUDA only)
+        self._compute_stream: Any = None
         self._thread: threading.Thread | None = None
         self.feature_shape: tuple[int, ...] = ()
         self.dtype = torch.float32
@@ -527,14 +556,7 @@ class DistInbox:
         info = torch.zeros(INFO, dtype=torch.int64)
         dist.irecv(info, self.peer, group=self.group, tag=self.tags[0]).wait(STARTUP_TIMEOUT)
         self.feature_shape, self.dtype, self.channels_last = _decode_info(info)
-        wire_shape = _wire_shape(self.feature_shape, self.channels_last)
-        slot_device = self.device if (self.on_gpu and not self.staged) else torch.device("cpu")
-        self._slots = [
-            torch.empty((self.max_batch, *wire_shape), dtype=self.dtype, device=slot_device)
-            for _ in range(self.capacity)
-        ]
-        if self.staged:
-            self._slots = [s.pin_memory() for s in self._slots]
+        self._slots = self._allocate_slots()
         self._stream = torch.cuda.Stream(self.device) if self.on_gpu else None
         # the stream the training loop runs on (this is the main thread)
         self._compute_stream = torch.cuda.current_stream(self.device) if self.on_gpu else None
@@ -544,6 +566,15 @@ class DistInbox:
         self._thread = threading.Thread(target=self._receive, name=f"recv-from-{self.peer}", daemon=True)
         self._thread.start()
         return self.feature_shape, self.dtype
+
+    def _allocate_slots(self) -> list[torch.Tensor]:
+        """One receive slot per credit, of the largest batch, on the link's wire device."""
+        wire_shape = _wire_shape(self.feature_shape, self.channels_last)
+        slots = [
+            torch.empty((self.max_batch, *wire_shape), dtype=self.dtype, device=self.wire)
+            for _ in range(self.capacity)
+        ]
+        return [s.pin_memory() for s in slots] if self.staged else slots
 
     def _take_slot(self) -> bool:
         while not self._closing.is_set():
@@ -585,14 +616,14 @@ class DistInbox:
             return (view.to(self.device, non_blocking=True) if self.staged else view), None, None
         if self._stream is None:  # CPU ranks
             dist.irecv(view, self.peer, group=self.group, tag=self.tags[1]).wait(self.timeout)
-            return view, None, self._receive_image(n, self.device) if with_image else None
+            return view, None, self._receive_image(n, self.wire) if with_image else None
         with torch.cuda.stream(self._stream):
             image = None
             if self.staged:  # gloo into pinned host memory, then to this rank's GPU
                 dist.irecv(view, self.peer, group=self.group, tag=self.tags[1]).wait(self.timeout)
                 x = view.to(self.device, non_blocking=True)
                 if with_image:
-                    image = self._receive_image(n, torch.device("cpu")).to(self.device, non_blocking=True)
+                    image = self._receive_image(n, self.wire).to(self.device, non_blocking=True)
                     image.record_stream(self._compute_stream)
                 self._stream.synchronize()  # the host slot may be reused once this returns
                 x.record_stream(self._compute_stream)  # keep its memory until the training loop is done
@@ -603,7 +634,7 @@ class DistInbox:
             # handed over only once it has arrived, and a dead sender surfaces as an error.
             dist.irecv(view, self.peer, group=self.group, tag=self.tags[1]).wait(self.timeout)
             if with_image:
-                image = self._receive_image(n, self.device)
+                image = self._receive_image(n, self.wire)
                 image.record_stream(self._compute_stream)
             ready = self._arrived[slot]
             ready.record(self._stream)

@@ -1,0 +1,112 @@
+"""Which device every payload is on when the transport hands it to torch.distributed.
+
+The ``cpu:gloo,cuda:nccl`` group picks the backend from the tensor's device, and NCCL ignores
+tags: a payload sent from the host while the receiver posts a CUDA receive goes over gloo, and the
+CUDA receive then matches the next activation. The decision runs here on a CPU: a "meta" device
+stands in for the GPU of an NCCL link (tensors move there without CUDA), and the backend's send is
+replaced by one that records what it was given.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import torch
+
+from trgl_pipe.runtime import transport
+from trgl_pipe.runtime.buffer import LocalControl, Waiter
+from trgl_pipe.runtime.messages import Kind, Message
+
+CPU, GPU, FAKE_GPU = torch.device("cpu"), torch.device("cuda", 1), torch.device("meta")
+
+
+@pytest.mark.parametrize(
+    ("device", "staged", "expected"),
+    [
+        (CPU, False, CPU),  # CPU ranks: gloo
+        (GPU, False, GPU),  # a GPU per rank: NCCL, every payload from and into the GPU
+        (GPU, True, CPU),  # ranks sharing a GPU: gloo through host memory
+    ],
+    ids=["cpu-gloo", "gpu-nccl", "gpu-staged"],
+)
+def test_every_link_kind_has_one_wire_device(device, staged, expected) -> None:
+    link = transport.LinkSettings(None, 2, 8, device, 5.0, staged)
+    assert transport.wire_device(device, staged) == expected == link.wire
+
+
+class _Done:
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        return True
+
+
+@pytest.fixture
+def sent(monkeypatch) -> list[tuple[int, torch.Tensor]]:
+    """Every (tag, tensor) an outbox hands to the backend; the receiver's credits end at once."""
+    record: list[tuple[int, torch.Tensor]] = []
+
+    def isend(tensor, rank, peer, group, tag):
+        record.append((tag, tensor))
+        return _Done()
+
+    def irecv(tensor, peer, group=None, tag=None):
+        tensor.fill_(-1)  # the receiver's last credit: the credit thread ends
+        return _Done()
+
+    monkeypatch.setattr(transport, "_isend", isend)
+    monkeypatch.setattr(transport.dist, "irecv", irecv)
+    return record
+
+
+PAYLOADS = {
+    transport.DATA_TAG: "activation",
+    transport.IMAGE_TAG: "image",
+    transport.BACKWARD_TAGS[1]: "gradient",
+}
+
+
+@pytest.mark.parametrize(
+    ("device", "staged"), [(CPU, False), (FAKE_GPU, False)], ids=["cpu-gloo", "gpu-nccl"]
+)
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_every_payload_is_handed_over_on_the_links_device(sent, device, staged, backward) -> None:
+    link = transport.LinkSettings(None, 2, 8, device, 5.0, staged)
+    tags = (
+        transport.BACKWARD_TAGS
+        if backward
+        else (transport.HEADER_TAG, transport.DATA_TAG, transport.CREDIT_TAG)
+    )
+    outbox = transport.DistOutbox(0, 1, link, tags=tags)
+    # the first rank's image is the host batch, whatever the link; the output is on the rank's device
+    image = torch.randn(3, 1, 4, 4)
+    out = torch.randn(3, 2, 4, 4).to(device)
+    msg = Message(Kind.TRAIN, out, torch.arange(3), image=None if backward else image)
+    outbox.send(msg, Waiter(LocalControl(), 5, "rank 0"))
+    outbox.close(Waiter(LocalControl(), 5, "rank 0"))
+    header_tag, data_tag = tags[0], tags[1]
+    by_tag = {tag: t for tag, t in sent}
+    assert by_tag[header_tag].device == CPU  # labels and counters: the host (gloo) always
+    assert by_tag[header_tag][transport.HEADER : transport.HEADER + 3].tolist() == [0, 1, 2]
+    payloads = {tag: t for tag, t in sent if tag != header_tag}
+    expected = {data_tag, *([] if backward else [transport.IMAGE_TAG])}
+    assert set(payloads) == expected
+    for tag, tensor in payloads.items():
+        assert tensor.device == link.wire, (PAYLOADS.get(tag, tag), tensor.device, link.wire)
+
+
+def test_on_an_nccl_link_the_receiver_posts_its_receives_on_the_gpu(monkeypatch) -> None:
+    posted: list[tuple[int, torch.device]] = []
+
+    def irecv(tensor, peer, group=None, tag=None):
+        posted.append((tag, tensor.device))
+        return _Done()
+
+    monkeypatch.setattr(transport.dist, "irecv", irecv)
+    link = transport.LinkSettings(None, 2, 8, FAKE_GPU, 5.0, False)
+    inbox = transport.DistInbox(1, 0, link, image_shape=(1, 4, 4))
+    inbox.feature_shape = (2, 4, 4)
+    inbox._slots = inbox._allocate_slots()
+    assert [s.device for s in inbox._slots] == [FAKE_GPU, FAKE_GPU]
+    x, _, image = inbox._receive_payload(0, 3, with_image=True)
+    assert x.device == image.device == FAKE_GPU
+    assert posted == [(transport.DATA_TAG, FAKE_GPU), (transport.IMAGE_TAG, FAKE_GPU)]
