@@ -46,3 +46,16 @@ def test_the_rank_device_follows_the_visible_gpus(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     assert str(context.resolve_device("auto", local_rank)) == expected
+
+
+def test_mig_instances_are_not_gpus_of_their_own() -> None:
+    from trgl_pipe.runtime.mesh import is_mig
+
+    assert is_mig("NVIDIA A100-SXM4-80GB MIG 1g.10gb", "")
+    assert is_mig("NVIDIA H100 80GB HBM3", "MIG-4f0e0b3c-8f51-5f63-9a6e-2a9d7c2d6c5e")
+    assert not is_mig("NVIDIA H100 80GB HBM3", "0,1")
+    # two slices of one GPU have UUIDs of their own: without the MIG mark they would get NCCL
+    slices = ["node1/MIG-a/mig", "node1/MIG-b/mig"]
+    assert choose_data_backend("auto", slices) == "gloo"
+    with pytest.raises(ConfigError, match="2 ranks run on MIG instances, which NCCL cannot link"):
+        choose_data_backend("nccl", slices)

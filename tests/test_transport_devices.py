@@ -9,6 +9,7 @@ replaced by one that records what it was given.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 
 import pytest
@@ -110,3 +111,39 @@ def test_on_an_nccl_link_the_receiver_posts_its_receives_on_the_gpu(monkeypatch)
     x, _, image = inbox._receive_payload(0, 3, with_image=True)
     assert x.device == image.device == FAKE_GPU
     assert posted == [(transport.DATA_TAG, FAKE_GPU), (transport.IMAGE_TAG, FAKE_GPU)]
+
+
+def test_a_gpu_rank_receives_labels_and_staged_images_in_pinned_host_memory(monkeypatch) -> None:
+    # pageable host memory makes the copy to the GPU block the host; a staged image stays on the
+    # host (the stage copies it if it reads it, the next link sends it as it is)
+    pinned: list[tuple[int, ...]] = []
+
+    def pin_memory(self):
+        pinned.append(tuple(self.shape))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(transport, "use_device", lambda device: None)  # no CUDA here
+    monkeypatch.setattr(transport, "side_stream", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(transport.dist, "irecv", lambda tensor, peer, group=None, tag=None: _Done())
+    link = transport.LinkSettings(None, 2, 8, GPU, 5.0, staged=True)
+    inbox = transport.DistInbox(1, 0, link, image_shape=(1, 4, 4))
+    image = inbox._receive_image(3, inbox.wire)
+    assert image.device == CPU and pinned == [(3, 1, 4, 4)]
+    header = transport._encode_header(Message(Kind.TRAIN, None, torch.arange(3)), 8)
+    inbox._closing.set()  # one header only: the receive loop ends after it
+
+    def irecv(tensor, peer, group=None, tag=None):
+        tensor.copy_(header)
+        return _Done()
+
+    monkeypatch.setattr(transport.dist, "irecv", irecv)
+    monkeypatch.setattr(inbox, "_take_slot", iter([True, False]).__next__)
+    monkeypatch.setattr(
+        inbox, "_receive_payload", lambda slot, n, with_image: (torch.zeros(n, 2), None, None)
+    )
+    pinned.clear()
+    inbox._receive()
+    msg, _, _ = inbox._ready.get_nowait()
+    assert msg.y.tolist() == [0, 1, 2] and pinned == [(3,)]

@@ -187,8 +187,20 @@ def device_identity(device: torch.device) -> str:
     """The physical device behind ``device``: host and GPU UUID (CUDA_VISIBLE_DEVICES-proof)."""
     if device.type != "cuda":
         return "cpu"
-    uuid = str(getattr(torch.cuda.get_device_properties(device), "uuid", device.index))
-    return f"{socket.gethostname()}/{uuid}"
+    props = torch.cuda.get_device_properties(device)
+    uuid = str(getattr(props, "uuid", device.index))
+    mig = is_mig(props.name, os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    return f"{socket.gethostname()}/{uuid}" + (MIG_SUFFIX if mig else "")
+
+
+MIG_SUFFIX = "/mig"
+
+
+def is_mig(device_name: str, visible_devices: str) -> bool:
+    """A MIG instance (a slice of a GPU): CUDA names it "<GPU> MIG <profile>", and
+    ``CUDA_VISIBLE_DEVICES`` selects it by a "MIG-" UUID. Each has a UUID of its own, so without
+    this check two slices of one GPU would look like two GPUs, and NCCL cannot link MIG instances."""
+    return " MIG " in f" {device_name} " or "MIG-" in visible_devices
 
 
 def choose_data_backend(requested: str, identities: list[str]) -> str:
@@ -198,14 +210,16 @@ def choose_data_backend(requested: str, identities: list[str]) -> str:
     ``CUDA_VISIBLE_DEVICES`` per task) is a GPU of its own, however the devices are numbered.
     """
     on_gpu = [i for i in identities if i != "cpu"]
-    own = len(on_gpu) == len(identities) and len(set(on_gpu)) == len(on_gpu)
+    mig = [i for i in on_gpu if i.endswith(MIG_SUFFIX)]
+    own = len(on_gpu) == len(identities) and len(set(on_gpu)) == len(on_gpu) and not mig
     if requested == "nccl" and not own:
         shared = len(on_gpu) - len(set(on_gpu))
-        why = (
-            f"{len(identities) - len(on_gpu)} ranks have no GPU"
-            if len(on_gpu) < len(identities)
-            else f"{shared} ranks share a GPU with another rank"
-        )
+        if len(on_gpu) < len(identities):
+            why = f"{len(identities) - len(on_gpu)} ranks have no GPU"
+        elif shared:
+            why = f"{shared} ranks share a GPU with another rank"
+        else:
+            why = f"{len(mig)} ranks run on MIG instances, which NCCL cannot link"
         raise ConfigError(
             f"pipeline.backend=nccl needs a GPU of its own on every rank, but {why}; "
             "use pipeline.backend=gloo or auto"

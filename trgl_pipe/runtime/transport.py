@@ -204,7 +204,9 @@ def side_stream(device: torch.device) -> contextlib.AbstractContextManager:
     A background thread of the runtime must never make the training stream wait: an NCCL work's
     ``wait()`` first makes the calling thread's *current* stream wait for the transfer, and a
     thread's current stream is the device's default one, the stream training runs on. Inside
-    this context that wait lands on a stream of the thread's own, which nothing else uses.
+    this context that wait lands on a side stream instead. ``torch.cuda.Stream`` hands out the
+    streams of torch's pool in turn, so two helper threads may share one (their waits then order
+    each other, which is harmless); it is never the default stream training runs on.
     """
     if device.type != "cuda":
         return contextlib.nullcontext()
@@ -592,6 +594,8 @@ class DistInbox:
                 index += 1
                 dist.irecv(header, self.peer, group=self.group, tag=self.tags[0]).wait(IDLE_TIMEOUT)
                 msg, ready = _decode_header(header), None
+                if self.on_gpu and msg.y is not None:
+                    msg.y = msg.y.pin_memory()  # the stage's copy to the GPU then does not block
                 if msg.kind.has_payload:
                     n = msg.num_samples
                     with_image = self.image_shape is not None and msg.kind is Kind.TRAIN and n > 0
@@ -607,6 +611,8 @@ class DistInbox:
     def _receive_image(self, n: int, device: torch.device) -> torch.Tensor:
         """A training batch's image, into a tensor of its own (it is read after the slot's reuse)."""
         image = torch.empty((n, *self.image_shape), dtype=torch.float32, device=device)
+        if self.on_gpu and device.type == "cpu":
+            image = image.pin_memory()  # so the copy to the GPU does not block the host
         dist.irecv(image, self.peer, group=self.group, tag=IMAGE_TAG).wait(self.timeout)
         return image
 
@@ -622,9 +628,9 @@ class DistInbox:
             if self.staged:  # gloo into pinned host memory, then to this rank's GPU
                 dist.irecv(view, self.peer, group=self.group, tag=self.tags[1]).wait(self.timeout)
                 x = view.to(self.device, non_blocking=True)
-                if with_image:
-                    image = self._receive_image(n, self.wire).to(self.device, non_blocking=True)
-                    image.record_stream(self._compute_stream)
+                if with_image:  # stays on the host: the stage copies it when it reads it, the
+                    # outbox passes it on as it is (no copy back from the GPU each step)
+                    image = self._receive_image(n, self.wire)
                 self._stream.synchronize()  # the host slot may be reused once this returns
                 x.record_stream(self._compute_stream)  # keep its memory until the training loop is done
                 return x, None, image
