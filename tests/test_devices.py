@@ -59,3 +59,55 @@ def test_mig_instances_are_not_gpus_of_their_own() -> None:
     assert choose_data_backend("auto", slices) == "gloo"
     with pytest.raises(ConfigError, match="2 ranks run on MIG instances, which NCCL cannot link"):
         choose_data_backend("nccl", slices)
+
+
+def test_the_gradient_link_gets_a_communicator_of_its_own(monkeypatch) -> None:
+    # NCCL ignores tags: forward and backward sends on one communicator can wait on each other
+    from datetime import timedelta
+
+    from trgl_pipe.runtime import mesh
+    from trgl_pipe.runtime.layout import Layout
+
+    made: list[tuple[int, ...]] = []
+
+    def new_group(ranks, timeout=None):
+        made.append(tuple(ranks))
+        return object()
+
+    monkeypatch.setattr(mesh.dist, "new_group", new_group)
+    layout = Layout(4, 2, 1)  # K=4 modules, 2 per rank: 2 stages
+    forward = mesh.pipeline_group(layout, 1, timedelta(seconds=5))
+    backward = mesh.pipeline_group(layout, 1, timedelta(seconds=5))
+    assert forward is not backward and made[0] == made[1]
+    made.clear()
+    two = Layout(2, 1, 2)  # 2 stages x 2 replicas: every rank creates both replicas' groups
+    mesh.pipeline_group(two, 3, timedelta(seconds=5))
+    assert made == [(two.rank_of(0, 0), two.rank_of(1, 0)), (two.rank_of(0, 1), two.rank_of(1, 1))]
+
+
+@pytest.mark.parametrize("regime", ["ddg", "fr", "parallel"])
+def test_only_the_delayed_regimes_open_a_second_pipeline_communicator(monkeypatch, regime) -> None:
+    from trgl_pipe.config import load_config
+    from trgl_pipe.runtime import mesh
+    from trgl_pipe.runtime.layout import Layout
+
+    groups: list[object] = []
+
+    def new_group(ranks, timeout=None):
+        groups.append(object())
+        return groups[-1]
+
+    monkeypatch.setattr(mesh, "agree_on_backend", lambda *args: "gloo")
+    monkeypatch.setattr(mesh.dist, "init_process_group", lambda *args, **kwargs: None)
+    monkeypatch.setattr(mesh.dist, "PrefixStore", lambda *args: None)
+    monkeypatch.setattr(mesh.dist, "new_group", new_group)
+    monkeypatch.setattr(mesh.DeviceMesh, "from_group", lambda *args, **kwargs: None)
+    extra = ["trgl.enabled=false"] if regime != "parallel" else []
+    cfg = load_config(None, [f"train.regime={regime}", "model.num_modules=2", *extra])
+    env = mesh.LaunchEnv(0, 2, 0, 2, "localhost", 1, 0, False)
+    session = mesh.init_distributed(cfg, env, Layout(2), torch.device("cpu"), None, None, 5)
+    assert session.pp_group is groups[0]
+    if regime == "parallel":
+        assert session.backward_group is None and len(groups) == 3  # pp, dp of each stage
+    else:
+        assert session.backward_group is groups[-1] and len(groups) == 4

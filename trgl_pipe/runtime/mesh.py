@@ -239,6 +239,7 @@ class DistSession:
     pp_group: Any
     dp_group: Any
     timeout: timedelta = timedelta(seconds=60)  # pipeline.timeout_s, for every group once training runs
+    backward_group: Any = None  # the delayed-gradient regimes' link back: the pipeline's ranks again
 
     @property
     def stage(self) -> int:
@@ -323,8 +324,12 @@ def init_distributed(
     # the first all-reduce may wait for a replica still reading data or compiling).
     startup = timedelta(seconds=max(startup_timeout_s, cfg.pipeline.timeout_s))
     mesh, pp_group, dp_group = create_mesh(layout, env.rank, device.type, timeout, startup)
+    # the gradients' link (ddg, fr): its own communicator, created after the mesh on every rank
+    backward = pipeline_group(layout, env.rank, timeout) if cfg.train.regime in ("ddg", "fr") else None
     staged = device.type == "cuda" and data_backend == "gloo"
-    return DistSession(env, layout, store, control, data_backend, staged, mesh, pp_group, dp_group, timeout)
+    return DistSession(
+        env, layout, store, control, data_backend, staged, mesh, pp_group, dp_group, timeout, backward
+    )
 
 
 def create_mesh(
@@ -338,12 +343,8 @@ def create_mesh(
     group of the mesh, in the same order, whatever its device, and the mesh is built from them.
     """
     stages, replicas = layout.mesh_shape
-    pp_group = dp_group = None
-    for replica in range(replicas):  # a pipeline: stage 0 → stage S−1 of one replica
-        ranks = [layout.rank_of(s, replica) for s in range(stages)]
-        group = dist.new_group(ranks, timeout=pp_timeout)
-        if rank in ranks:
-            pp_group = group
+    pp_group = pipeline_group(layout, rank, pp_timeout)
+    dp_group = None
     for stage in range(stages):  # the replicas of one stage
         ranks = [layout.rank_of(stage, r) for r in range(replicas)]
         group = dist.new_group(ranks, timeout=dp_timeout)
@@ -352,6 +353,25 @@ def create_mesh(
     grid = torch.arange(stages * replicas).view(stages, replicas)
     mesh = DeviceMesh.from_group([pp_group, dp_group], device_type, mesh=grid, mesh_dim_names=("pp", "dp"))
     return mesh, pp_group, dp_group
+
+
+def pipeline_group(layout: Layout, rank: int, timeout: timedelta) -> Any:
+    """This rank's pipeline (stage 0 → stage S−1 of its replica) as a group of its own; every rank
+    creates every replica's group, in the same order (``new_group`` is collective).
+
+    Called twice for the delayed-gradient regimes: the backward link gets a communicator of its
+    own, because NCCL ignores tags. On one communicator, two ranks that each post a send to the
+    other (an activation forward, a gradient backward) may each wait for the other's receive;
+    with two, each direction is ordered on its own and neither can block the other.
+    """
+    stages, replicas = layout.mesh_shape
+    mine = None
+    for replica in range(replicas):
+        ranks = [layout.rank_of(s, replica) for s in range(stages)]
+        group = dist.new_group(ranks, timeout=timeout)
+        if rank in ranks:
+            mine = group
+    return mine
 
 
 def training_starts(session: DistSession) -> None:

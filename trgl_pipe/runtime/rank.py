@@ -16,6 +16,7 @@ in one process (2 for bad input, 3 for a non-finite loss, 1 otherwise, 143 for S
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -245,7 +246,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
         outbox.handshake(tuple(probe.shape[1:]), probe.dtype, cfg.train.channels_last and probe.dim() == 4)
     links = None
     if delayed:  # the backward link: gradients from the next rank to this one
-        links = BackwardLinks.connect(rank, previous, following, link, (in_shape, in_dtype))
+        backward = dataclasses.replace(link, group=session.backward_group)  # a communicator of its own
+        links = BackwardLinks.connect(rank, previous, following, backward, (in_shape, in_dtype))
     train_sizes, eval_sizes = batch_sizes(cfg, ctx, replica, layout.replicas)
     for stage, (shape, dtype) in zip(stages, shapes, strict=True):
         stage.warm_up(shape, dtype, train_sizes, eval_sizes)
