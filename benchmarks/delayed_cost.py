@@ -44,6 +44,7 @@ from common import markdown_table, run, torchrun_cmd, workload, write_results
 
 from trgl_pipe.config import load_config
 from trgl_pipe.context import build_context
+from trgl_pipe.runtime.layout import slot_samples
 from trgl_pipe.runtime.transport import HEADER
 from trgl_pipe.watch.spans import read_spans
 
@@ -119,7 +120,7 @@ def shapes_and_local_graph(args: argparse.Namespace, k: int) -> dict[str, Any]:
         "partition": [list(p) for p in ctx.partition],
         "samples": samples,
         "graph_bytes": graphs,
-        "max_batch": ctx.max_batch,
+        "max_batch": slot_samples(cfg.data.batch_size, cfg.data.eval_batch_size),
     }
 
 

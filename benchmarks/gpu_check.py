@@ -1,35 +1,33 @@
-"""The GPU acceptance run: every GPU path of trgl_pipe that one GPU can reach, in a few minutes.
+"""The GPU acceptance run: every GPU path of trgl_pipe one or two GPUs can reach, in minutes.
 
-    python benchmarks/gpu_check.py                       # on a GPU machine: about 10 minutes
+    python benchmarks/gpu_check.py                       # one H100: about 6 minutes (estimated)
+    python benchmarks/gpu_check.py --only correctness    # a group (or checks) at a time
+    python benchmarks/gpu_check.py --plan                # the plan and the pre-flight, nothing run
     python benchmarks/gpu_check.py --device cpu --quick  # the same checks on CPU, smaller (CI)
 
-Checks, each recorded with its figures and a verdict (a failed check does not stop the others;
-the exit status is 1 if any failed; a check that needs CUDA is "skipped" in CPU mode):
-1. regimes: e2e, parallel, sequential and multi-lap sequential in one process, a few steps each;
-2. equivalence: a 4-rank pipeline sharing the one device (host-staged through gloo on a GPU)
-   against the single-process parallel regime on the same device, ``train.deterministic=true``:
-   every step present in both, per-step losses and final parameters equal, else the largest
-   difference (a NaN or a missing step fails);
-3. throughput: samples/s of the single-process parallel regime and of 2 and 4 ranks on the one
-   device, medians of interleaved repeats, for the quickstart model (synthetic 1×28×28 data, as
-   many images as the timed steps need) and ResNet-110 at 96×96 (synthetic);
-4. memory: every rank's peak (``torch.cuda.max_memory_allocated``) against plain end-to-end
-   training (TRGL off, as the paper measures), ResNet-110, 96×96, batch 64, K = 2/4/8/16, equal
-   depth and balanced splits, beside the meta-device estimate of benchmarks/memory.py;
-5. speed options: bf16, channels_last, torch.compile (and on a GPU compile with channels_last),
-   one short run each, samples/s against fp32;
-6. failure: SIGKILL of one rank of the 4-rank one-device pipeline ends the job within
-   ``pipeline.timeout_s``;
-7. replicas: K=2 stages × R=2 replicas on the one device (gloo, CUDA tensors through pinned host
-   memory on a GPU, DDP), with a validation split of one image (an empty evaluation shard):
-   the run ends and every evaluation counts each image once;
-8. nccl (CUDA): one rank with ``cpu:gloo,cuda:nccl`` and the ("pp","dp") mesh on CUDA: a CUDA
-   all-reduce, an NCCL send-to-self of a channels_last activation waited with a timeout, and the
-   stall test (does a wait in a helper thread delay the training stream?) — benchmarks/gpu_probes.py;
-9. host_syncs (CUDA): host synchronisations per training step under
-   ``torch.cuda.set_sync_debug_mode("warn")``: none outside logging steps.
-Writes ``<out>/gpu_check.{json,md}`` (``gpu_check_cpu`` on CPU) with machine, versions, command,
-and prints a one-screen verdict that also says what one GPU cannot test.
+It first prints the plan (each check's estimated seconds) and a pre-flight of what the checks need
+(CUDA, torchvision, a resolvable host name for torchrun --standalone, a C compiler and Python's
+headers for torch.compile, two GPUs): a check whose need is missing is skipped with one line.
+It installs nothing. Results are written after every check, so a failure or a kill keeps what was
+measured. A failed check does not stop the others; the exit status is 1 if any failed.
+
+Checks by group (``--only`` takes group or check names):
+- correctness: regimes (e2e, parallel, sequential, multi-lap in one process, a few steps each);
+  equivalence (a 4-rank pipeline sharing the one device against the one-process parallel regime,
+  ``train.deterministic=true``: per-step losses and final parameters equal, else the largest
+  difference); sigkill (SIGKILL of one rank of the 4-rank pipeline ends the job within
+  ``pipeline.timeout_s``); replicas (K=2 × R=2 on the one device with an empty evaluation shard:
+  the run ends and every evaluation counts each image once).
+- speed: throughput (samples/s of one process, 2 and 4 ranks on the one device, ResNet-110 at
+  96×96, medians of interleaved repeats); speed_options (fp32, bf16, channels_last, compile with
+  channels_last: samples/s against fp32).
+- memory: every rank's peak against end-to-end training, ResNet-110 at 96×96, K = 2/4/8/16, beside
+  the meta-device estimate of benchmarks/memory.py.
+- cuda: nccl (``cpu:gloo,cuda:nccl`` and the mesh on one rank, an NCCL send-to-self, the stall
+  test: benchmarks/gpu_probes.py); host_syncs (host synchronisations per training step).
+- multi_gpu (two or more GPUs): K=2 over NCCL against one process; InfoPro at K=4 on two ranks
+  (the image follows each batch over NCCL) against one process; R=2 replicas with NCCL DDP.
+Writes ``<out>/gpu_check.{json,md}`` (``gpu_check_cpu`` on CPU; ``_<names>`` with ``--only``).
 """
 
 from __future__ import annotations
@@ -46,6 +44,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,16 +78,8 @@ def throughput_models(quick: bool) -> dict[str, list[str]]:
         return {
             "quickstart": ["data.source=embedded", "data.batch_size=64", "model.depth=14", "model.width=8"]
         }
+    # one model on a GPU (the paper's deepest, at STL-10's size): the runs must fit the lent time
     return {
-        "quickstart": [
-            "data.name=synthetic",
-            "data.image_size=28",
-            "data.channels=1",
-            "data.num_classes=10",
-            "data.batch_size=128",
-            "model.depth=20",
-            "model.width=16",
-        ],
         "resnet110_96px": [
             "data.name=synthetic",
             "data.image_size=96",
@@ -103,7 +94,7 @@ def throughput_models(quick: bool) -> dict[str, list[str]]:
 
 def throughput_steps(quick: bool) -> tuple[int, int]:
     """Timed steps per run and the first steps left out of the rate (warm-up)."""
-    return (20, 6) if quick else (120, 30)
+    return (20, 6) if quick else (80, 20)
 
 
 def throughput_args(model: list[str], device: str, steps: int) -> list[str]:
@@ -161,6 +152,7 @@ class Check:
         self.work = work
         self.results: list[dict[str, Any]] = []
         self.device = args.device
+        self.missing: dict[str, str | None] = {}  # the pre-flight's findings
 
     def run(self, name: str, fn: Callable[[], tuple[bool | None, dict[str, Any]]]) -> None:
         """Run one check; ``ok`` None means skipped (it needs CUDA)."""
@@ -177,6 +169,17 @@ class Check:
         self.results.append({"check": name, "ok": ok, "seconds": seconds, **figures})
         verdict = "skipped" if ok is None else ("ok" if ok else "FAILED")
         print(f"   {verdict} in {seconds} s: {json.dumps(figures)[:600]}", flush=True)
+
+    @property
+    def small(self) -> bool:
+        """``--quick`` on a CPU (CI): what needs four ranks on a GPU runs on two here (each
+        process costs the CI machine seconds of start-up; tests/multiproc covers four ranks)."""
+        return self.args.quick and self.device == "cpu"
+
+    def skip(self, name: str, reason: str) -> None:
+        """Record a check that cannot run here, with the one line that says why."""
+        print(f"== {name}\n   skipped: {reason}", flush=True)
+        self.results.append({"check": name, "ok": None, "seconds": 0.0, "skipped": reason})
 
     def out(self, name: str) -> Path:
         return self.work / name
@@ -219,6 +222,15 @@ class Check:
     # -- 2 -------------------------------------------------------------------------------------
 
     def equivalence(self) -> tuple[bool, dict[str, Any]]:
+        k = 2 if self.small else 4
+        return self._against_one_process("eq", [f"model.num_modules={k}"], k, k)
+
+    def _against_one_process(
+        self, tag: str, extra: list[str], nproc: int, modules: int
+    ) -> tuple[bool, dict[str, Any]]:
+        """A torchrun pipeline of ``nproc`` ranks against the one-process parallel regime on the
+        same device, ``train.deterministic=true``: every step in both, per-step losses and final
+        parameters equal, else the largest difference (a NaN or a missing step fails)."""
         common = [
             *TINY,
             f"device={self.device}",
@@ -226,16 +238,16 @@ class Check:
             "data.batch_size=64",
             "model.depth=14",
             "model.width=8",
-            "model.num_modules=4",
             "train.epochs=2",
             "train.deterministic=true",
             "train.num_threads=1",
             "log.every_steps=1",
             "checkpoint.every_epochs=1",
+            *extra,
         ]
-        single, piped = self.out("eq-single"), self.out("eq-pipe")
+        single, piped = self.out(f"{tag}-single"), self.out(f"{tag}-pipe")
         _run(trgl_cmd([*common, f"out_dir={single}"]), 600)
-        _run(torchrun_cmd(4, [*common, f"out_dir={piped}", "pipeline.timeout_s=120"]), 900)
+        _run(torchrun_cmd(nproc, [*common, f"out_dir={piped}", "pipeline.timeout_s=120"]), 900)
 
         def steps(out: Path) -> dict:
             events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -249,12 +261,12 @@ class Check:
         compared = compare_steps(a, b)
         loss_gap = compared["largest"]
         param_gap = 0.0
-        for k in range(4):
+        for k in range(modules):
             fa = sorted((single / "checkpoints").iterdir())[-1] / f"module-{k}.pt"
             fb = sorted((piped / "checkpoints").iterdir())[-1] / f"module-{k}.pt"
             sa = torch.load(fa, weights_only=True)["stage"]
             sb = torch.load(fb, weights_only=True)["stage"]
-            for part in ("body", "head"):
+            for part in [p for p in ("body", "head", "aux") if p in sa]:
                 for name, t in sa[part].items():
                     gap = float((t.double() - sb[part][name].double()).abs().max())  # NaN if any is
                     nan = math.isnan(gap) or math.isnan(param_gap)
@@ -275,7 +287,7 @@ class Check:
                 "different kernels in the two processes (cuDNN/cuBLAS algorithm choice or reduction order) "
                 "despite train.deterministic=true"
             )
-        complete = len(a) == 4 * 10 and compared["num_missing"] == 0
+        complete = len(a) == modules * 10 and compared["num_missing"] == 0
         return complete and (bitwise or loss_gap < 1e-4) and not math.isnan(param_gap), figures
 
     # -- 3 -------------------------------------------------------------------------------------
@@ -284,13 +296,14 @@ class Check:
         quick = self.args.quick
         models = throughput_models(quick)
         steps, skip = throughput_steps(quick)
-        repeats = 1 if quick else 3
+        repeats = 1 if quick else 2
         figures: dict[str, Any] = {}
         ok = True
         for name, model in models.items():
             batch = int(next(o for o in model if o.startswith("data.batch_size")).split("=")[1])
             base = throughput_args(model, self.device, steps)
-            rates: dict[str, list[float]] = {"single": [], "2 ranks": [], "4 ranks": []}
+            variants = ["single", "2 ranks"] + ([] if self.small else ["4 ranks"])
+            rates: dict[str, list[float]] = {v: [] for v in variants}
             for rep in range(repeats):  # interleaved: the variants share the machine's drifts
                 for variant in rates:
                     out = self.out(f"tp-{name}-{variant.replace(' ', '')}-{rep}")
@@ -343,7 +356,7 @@ class Check:
 
     def speed_options(self) -> tuple[bool, dict[str, Any]]:
         quick = self.args.quick
-        steps, skip = (20, 8) if quick else (100, 30)
+        steps, skip = (20, 8) if quick else (60, 20)
         batch = 64
         base = [
             *TINY,
@@ -359,19 +372,18 @@ class Check:
             "log.every_steps=2",
         ]
         figures: dict[str, Any] = {}
-        variants = [
-            ("fp32", []),
-            ("bf16", ["train.precision=bf16"]),
-            ("channels_last", ["train.channels_last=true"]),
-        ]
+        variants = [("fp32", []), ("bf16", ["train.precision=bf16"])]
+        if not self.small:  # tests/test_native_paths.py trains channels_last on the CPU
+            variants.append(("channels_last", ["train.channels_last=true"]))
         if quick and self.device == "cpu":
             # a cold inductor compile costs about 45 s of the CI's two cores; tests/test_native_paths.py
             # compiles on the CPU already, so the CPU mode stops at the eager options
             figures["compile"] = {"skipped": "--quick on the CPU: tests/test_native_paths.py compiles there"}
+        elif self.missing.get("compiler"):
+            figures["compile"] = {"skipped": self.missing["compiler"]}
         else:
-            variants.append(("compile", ["train.compile=true"]))
-        if not quick:
-            variants.append(("compile_channels_last", ["train.compile=true", "train.channels_last=true"]))
+            # one cold compile: channels_last is what inductor picks for convolutions on a GPU anyway
+            variants.append(("compile", ["train.compile=true", "train.channels_last=true"]))
         for name, extra in variants:
             out = self.out(f"speed-{name}")
             env = {
@@ -397,6 +409,7 @@ class Check:
         import psutil
 
         timeout_s = 20
+        ranks = 2 if self.small else 4
         out = self.out("killed")
         args = [
             *TINY,
@@ -404,40 +417,44 @@ class Check:
             "data.train_size=2000",
             "data.batch_size=64",
             "model.depth=14",
-            "model.num_modules=4",
+            f"model.num_modules={ranks}",
             "train.epochs=50",
             f"pipeline.timeout_s={timeout_s}",
             "debug.trace=true",
             f"out_dir={out}",
         ]
+        victim_rank = ranks // 2  # a middle rank: both neighbours must notice (rank 1 of 2: its one)
         proc = subprocess.Popen(
-            torchrun_cmd(4, args),
+            torchrun_cmd(ranks, args),
             cwd=ROOT,
             env=_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        trace = out / "trace.rank3.jsonl"
+        trace = out / f"trace.rank{ranks - 1}.jsonl"  # the last rank trains: every rank has started
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not (trace.exists() and "TRAIN" in trace.read_text()):
             time.sleep(0.2)
         victim = None
         for child in psutil.Process(proc.pid).children(recursive=True):
             try:
-                if child.environ().get("RANK") == "2" and "trgl_pipe.run" in " ".join(child.cmdline()):
+                rank = child.environ().get("RANK")
+                if rank == str(victim_rank) and "trgl_pipe.run" in " ".join(child.cmdline()):
                     victim = child.pid
             except psutil.Error:
                 continue
         if victim is None:
             proc.kill()
-            return False, {"error": "rank 2 never started training"}
+            return False, {"error": f"rank {victim_rank} never started training"}
         t0 = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=timeout_s + 120)
         elapsed = time.monotonic() - t0
         named = [line for line in stderr.splitlines() if line.startswith("error:")]
         return (proc.returncode != 0 and elapsed < timeout_s), {
+            "ranks": ranks,
+            "killed_rank": victim_rank,
             "seconds_to_end": round(elapsed, 1),
             "pipeline_timeout_s": timeout_s,
             "exit_code": proc.returncode,
@@ -463,8 +480,10 @@ class Check:
             "pipeline.replicas=2",
             "pipeline.timeout_s=120",
             f"out_dir={out}",
+            # K=2 x R=2 on four ranks; on two (CPU mode) each rank holds both modules
+            *(["pipeline.modules_per_rank=2"] if self.small else []),
         ]
-        _run(torchrun_cmd(4, args), 900)
+        _run(torchrun_cmd(2 if self.small else 4, args), 900)
         s = _summary(out)
         events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         counts = sorted({(e["split"], e["count"]) for e in events if e["event"] == "eval"})
@@ -493,6 +512,46 @@ class Check:
     def host_syncs(self) -> tuple[bool | None, dict[str, Any]]:
         return self._probe("syncs")
 
+    # -- 10-12: what needs two GPUs ----------------------------------------------------------------
+
+    def two_gpu_pipeline(self) -> tuple[bool, dict[str, Any]]:
+        """K = 2 on two GPUs (NCCL point-to-point) against one process."""
+        ok, figures = self._against_one_process("nccl-k2", ["model.num_modules=2"], 2, 2)
+        return ok and figures["data_backend"] == "nccl", figures
+
+    def two_gpu_infopro(self) -> tuple[bool, dict[str, Any]]:
+        """InfoPro at K = 4 on two GPUs: the image follows each batch from rank 0 to rank 1 over NCCL."""
+        extra = ["model.num_modules=4", "pipeline.modules_per_rank=2", "objective.name=infopro"]
+        ok, figures = self._against_one_process("nccl-infopro", extra, 2, 4)
+        return ok and figures["data_backend"] == "nccl", figures
+
+    def two_gpu_replicas(self) -> tuple[bool, dict[str, Any]]:
+        """K = 2 modules on one rank, R = 2 replicas on two GPUs: DDP's all-reduce over NCCL."""
+        out = self.out("nccl-replicas")
+        args = [
+            *TINY,
+            "device=cuda",
+            "data.train_size=256",
+            "data.batch_size=64",
+            "model.depth=14",
+            "model.width=8",
+            "model.num_modules=2",
+            "pipeline.modules_per_rank=2",
+            "pipeline.replicas=2",
+            "train.epochs=1",
+            "pipeline.timeout_s=120",
+            f"out_dir={out}",
+        ]
+        _run(torchrun_cmd(2, args), 600)
+        s = _summary(out)
+        devices = [r["device"] for r in s["ranks"]]
+        figures = {
+            "data_backend": s.get("data_backend"),
+            "ranks_devices": devices,
+            "test_accuracy": s["best_test_accuracy"],
+        }
+        return s.get("data_backend") == "nccl" and len(set(devices)) == 2, figures
+
 
 def _free_port() -> int:
     import socket
@@ -505,8 +564,16 @@ def _free_port() -> int:
 UNTESTABLE = (
     "What one GPU cannot test: NCCL point-to-point between two GPUs (the pipeline's activations "
     "when every rank has a GPU of its own), NCCL DDP between replicas on different GPUs, and "
-    "several nodes. Here ranks share the GPU, so activations and gradients go through gloo."
+    "several nodes. Here ranks share the GPU, so activations and gradients go through gloo; "
+    "the multi_gpu group runs the first two where two GPUs are visible."
 )
+UNTESTABLE_TWO_GPUS = "What this machine cannot test: several nodes (NCCL across hosts)."
+
+
+def untestable(results: list[dict[str, Any]]) -> str:
+    """What this run could not reach: depends on whether the two-GPU checks ran."""
+    ran = any(r["check"].startswith("two_gpu") and r["ok"] is not None for r in results)
+    return UNTESTABLE_TWO_GPUS if ran else UNTESTABLE
 
 
 def verdict(results: list[dict[str, Any]]) -> list[str]:
@@ -522,9 +589,9 @@ def verdict(results: list[dict[str, Any]]) -> list[str]:
     lines.append(
         f"{passed} of {len(results)} checks passed"
         + (f"; failed: {', '.join(failed)}" if failed else "")
-        + (f"; skipped (need CUDA): {', '.join(skipped)}" if skipped else "")
+        + (f"; skipped: {', '.join(skipped)}" if skipped else "")
     )
-    lines.append(UNTESTABLE)
+    lines.append(untestable(results))
     return lines
 
 
@@ -534,7 +601,7 @@ def render(payload: dict[str, Any]) -> str:
         *page_header(payload, title),
         markdown_table([{k: r[k] for k in ("check", "ok", "seconds")} for r in payload["checks"]]),
         "",
-        UNTESTABLE,
+        untestable(payload["checks"]),
         "",
     ]
     for r in payload["checks"]:
@@ -543,54 +610,183 @@ def render(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# What the GPU estimates assume (no GPU has run this script yet): one process start (import torch
+# and torchvision, CUDA context, the data) 8 s; one torchrun start (agent, ranks, rendezvous,
+# process groups) 15 s; a training step of these small models 50 ms; a cold inductor compile 90 s
+# (a ResNet-20 module's cold compile took 45 s on the 2-core CPU). Each run records every check's
+# real seconds beside its estimate, so the first GPU run corrects these.
+PROCESS_S, TORCHRUN_S, STEP_S, COMPILE_S = 8, 15, 0.05, 90
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One check: its group (what ``--only`` runs together), what it needs, what it launches on a
+    GPU (for its estimate), and its seconds measured in ``--device cpu --quick`` on 2 cores."""
+
+    name: str
+    group: str
+    processes: int
+    torchruns: int
+    steps: int
+    cpu_s: int
+    compiles: int = 0
+    needs: tuple[str, ...] = ()
+
+    @property
+    def gpu_s(self) -> int:
+        """Estimated seconds on one H100 (see PROCESS_S)."""
+        seconds = self.processes * PROCESS_S + self.torchruns * TORCHRUN_S
+        return round(seconds + self.steps * STEP_S + self.compiles * COMPILE_S)
+
+
+SPECS = (
+    Spec("regimes", "correctness", 4, 0, 4 * 6, 22),
+    Spec("equivalence", "correctness", 1, 1, 2 * 40, 18, needs=("torchrun",)),
+    Spec("sigkill", "correctness", 0, 1, 20, 13, needs=("torchrun",)),
+    Spec("replicas", "correctness", 0, 1, 2 * 4, 11, needs=("torchrun",)),
+    Spec("throughput", "speed", 2, 4, 6 * 80, 24, needs=("torchrun",)),
+    Spec("speed_options", "speed", 4, 0, 4 * 60, 17, compiles=1),
+    Spec("memory", "memory", 1, 0, 35 * 2, 12),  # in this process: 35 ranks and runs, 2 steps each
+    Spec("nccl", "cuda", 1, 0, 0, 0, needs=("cuda",)),
+    Spec("host_syncs", "cuda", 1, 0, 10, 0, needs=("cuda",)),
+    Spec("two_gpu_pipeline", "multi_gpu", 1, 1, 2 * 20, 0, needs=("cuda", "torchrun", "two_gpus")),
+    Spec("two_gpu_infopro", "multi_gpu", 1, 1, 2 * 40, 0, needs=("cuda", "torchrun", "two_gpus")),
+    Spec("two_gpu_replicas", "multi_gpu", 0, 1, 8, 0, needs=("cuda", "torchrun", "two_gpus")),
+)
+GROUPS = {spec.group for spec in SPECS}
+
+
+def select(only: list[str] | None) -> list[Spec]:
+    """The checks ``--only`` names (check or group names), in their fixed order; all by default."""
+    if not only:
+        return list(SPECS)
+    known = {s.name for s in SPECS} | GROUPS
+    unknown = [name for name in only if name not in known]
+    if unknown:
+        raise ValueError(
+            f"--only {' '.join(unknown)}: not a check or group; "
+            f"groups: {', '.join(sorted(GROUPS))}; checks: {', '.join(s.name for s in SPECS)}"
+        )
+    return [s for s in SPECS if s.name in only or s.group in only]
+
+
+def preflight(device: str) -> dict[str, str | None]:
+    """What the checks need, looked up before any starts: each need maps to None when present,
+    else to the one line that says what is missing (the checks needing it are skipped)."""
+    import importlib.util
+    import shutil
+    import socket
+    import sysconfig
+
+    missing: dict[str, str | None] = {"cuda": None, "torchrun": None, "compiler": None, "two_gpus": None}
+    if device != "cuda":
+        missing["cuda"] = "needs a CUDA GPU"
+    if importlib.util.find_spec("torchvision") is None:
+        missing["torchvision"] = "torchvision is not installed (the memory check's backbones need it)"
+    try:  # torchrun --standalone binds its rendezvous to this host's name
+        socket.getaddrinfo(socket.gethostname(), None)
+    except OSError as error:
+        missing["torchrun"] = f"this host's name {socket.gethostname()!r} does not resolve ({error})"
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if compiler is None or not headers.exists():
+        what = "no C compiler" if compiler is None else f"no Python headers ({headers})"
+        missing["compiler"] = f"{what}: torch.compile cannot build kernels"
+    if device != "cuda" or torch.cuda.device_count() < 2:
+        missing["two_gpus"] = "needs two or more visible GPUs"
+    return missing
+
+
+def plan_lines(specs: list[Spec], device: str, quick: bool, missing: dict[str, str | None]) -> list[str]:
+    """The checks about to run, each with its estimated seconds, and what is skipped and why."""
+    lines, total = [], 0
+    for spec in specs:
+        reason = next((missing[n] for n in spec.needs if missing.get(n)), None)
+        seconds = spec.cpu_s if device == "cpu" else spec.gpu_s
+        if reason is None:
+            total += seconds
+        state = f"skipped: {reason}" if reason else f"~{seconds} s"
+        lines.append(f"  {spec.group:<12} {spec.name:<18} {state}")
+    basis = "measured on a 2-core CPU" if device == "cpu" else "estimated for one H100, not measured"
+    lines.append(f"  total about {total / 60:.1f} min ({basis})")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
     parser.add_argument("--quick", action="store_true", help="smaller models and fewer repeats (CI)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--only", nargs="+", help="run only these checks")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help=f"run only these checks or groups ({', '.join(sorted(GROUPS))})",
+    )
+    parser.add_argument("--plan", action="store_true", help="print the plan and the pre-flight, run nothing")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA GPU; use --device cpu --quick", file=sys.stderr)
         return 2
-    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, device {args.device}", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        check = Check(args, Path(tmp))
-        for name, fn in (
-            ("regimes", check.regimes),
-            ("equivalence", check.equivalence),
-            ("throughput", check.throughput),
-            ("memory", check.memory),
-            ("speed_options", check.speed_options),
-            ("sigkill", check.sigkill),
-            ("replicas", check.replicas),
-            ("nccl", check.nccl),
-            ("host_syncs", check.host_syncs),
-        ):
-            if not args.only or name in args.only:
-                check.run(name, fn)
-    payload = {
+    try:
+        specs = select(args.only)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, device {args.device}, "
+        f"{torch.cuda.device_count()} GPU(s)",
+        flush=True,
+    )
+    missing = preflight(args.device)
+    print("plan:", *plan_lines(specs, args.device, args.quick, missing), sep="\n", flush=True)
+    if args.plan:
+        return 0
+    name = "gpu_check" if args.device == "cuda" else "gpu_check_cpu"
+    if args.only:
+        name += "_" + "_".join(args.only)
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {
         "benchmark": "gpu_check",
         "device": args.device,
         "quick": args.quick,
+        "only": args.only,
         "command": command(),
         "machine": machine(),
         "versions": {
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         },
-        "checks": check.results,
+        "preflight": {k: v for k, v in missing.items() if v},
+        "checks": [],
     }
-    name = "gpu_check" if args.device == "cuda" else "gpu_check_cpu"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (args.out / f"{name}.md").write_text(render(payload))
+    with tempfile.TemporaryDirectory() as tmp:
+        check = Check(args, Path(tmp))
+        check.missing = missing
+        for spec in specs:
+            reason = next((missing[n] for n in spec.needs if missing.get(n)), None)
+            if reason is not None:
+                check.skip(spec.name, reason)
+            else:
+                check.run(spec.name, getattr(check, spec.name))
+            check.results[-1]["estimated_s"] = spec.cpu_s if args.device == "cpu" else spec.gpu_s
+            payload["checks"] = check.results
+            _write(args.out, name, payload)  # after every check: a later crash or kill keeps these
     print("\n".join(["", "== verdict", *verdict(check.results)]), flush=True)
     failed = [r["check"] for r in check.results if r["ok"] is False]
     return 1 if failed else 0
+
+
+def _write(out: Path, name: str, payload: dict[str, Any]) -> None:
+    """Both result files, each replaced whole (a reader never sees half of one)."""
+    for suffix, text in ((".json", json.dumps(payload, indent=2) + "\n"), (".md", render(payload))):
+        tmp = out / f".{name}{suffix}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / f"{name}{suffix}")
 
 
 if __name__ == "__main__":

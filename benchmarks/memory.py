@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten
 from trgl_pipe.config import load_config
 from trgl_pipe.cost import aux_head_factory, measure_costs
 from trgl_pipe.partition import split_balanced, split_by_depth
+from trgl_pipe.runtime.layout import slot_samples
 from trgl_pipe.stage import build_parts, build_stage
 
 MIB = 2**20
@@ -142,9 +143,10 @@ def rank_peak(setting: Setting, cfg: Any, parts: Any, partition: list, k: int, i
     def run() -> None:
         stage = build_stage(cfg, fresh, partition, k, setting.classes, 100, 10, device)
         slots = []
-        if k > 0:  # pre-allocated receive slots (DistInbox)
-            slots = [torch.empty((batch, *in_shape), device=device) for _ in range(buffers)]
-        x = slots[0] if slots else torch.randn(batch, *in_shape, device=device)
+        if k > 0:  # pre-allocated receive slots (DistInbox), of the run's size (here eval = batch)
+            size = slot_samples(cfg.data.batch_size, cfg.data.eval_batch_size)
+            slots = [torch.empty((size, *in_shape), device=device) for _ in range(buffers)]
+        x = slots[0][:batch] if slots else torch.randn(batch, *in_shape, device=device)
         y = torch.randint(0, setting.classes, (batch,), device=device)
         in_flight = []
         for _ in range(2):

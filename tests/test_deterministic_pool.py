@@ -36,8 +36,9 @@ def test_torchvision_pools_are_swapped_without_changing_parameters() -> None:
     assert list(seq.state_dict()) == keys
 
 
-def test_an_inexact_pool_turns_failures_into_warnings_and_says_so(capsys) -> None:
-    from trgl_pipe.stage import _allow_inexact_pool
+def test_an_operation_without_a_deterministic_kernel_turns_failures_into_warnings_and_says_so(capsys) -> None:
+    from trgl_pipe.models.determinism import Finding
+    from trgl_pipe.stage import allow_nondeterministic
 
     before = (
         torch.are_deterministic_algorithms_enabled(),
@@ -45,10 +46,15 @@ def test_an_inexact_pool_turns_failures_into_warnings_and_says_so(capsys) -> Non
     )
     try:
         torch.use_deterministic_algorithms(True)
-        _allow_inexact_pool(3, AuxHead(8, 10, pool_size=2, spatial=(7, 7)))
+        allow_nondeterministic(3, [])
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()  # nothing found: it fails
+        found = [Finding("head", "_adaptive_avg_pool2d_backward", "torch.nn.AdaptiveAvgPool2d")]
+        allow_nondeterministic(3, found)
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled()
         out = capsys.readouterr().out
-        assert "module 3 pools a 7x7 map into 2x2 bins" in out and "warns instead of failing" in out
+        assert out.count("\n") == 1
+        assert "module 3 runs operations without a deterministic CUDA kernel: head (torch.nn.Adaptive" in out
+        assert "warns instead of failing on them, for every module of this process" in out
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])

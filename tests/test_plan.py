@@ -45,6 +45,21 @@ def test_the_projection_follows_its_stated_model() -> None:
     assert capped.reader_limited and capped.samples_per_s == pytest.approx(100.0)
 
 
+def test_receive_slots_are_counted_at_the_size_the_run_allocates() -> None:
+    # the run sizes every slot for the largest message (slot_samples): with evaluation batches
+    # of 256 and training batches of 64, 256 samples per slot, 128 per replica with R = 2
+    from trgl_pipe.runtime.layout import slot_samples
+
+    assert slot_samples(64, 256) == 256 and slot_samples(64, 256, 2) == 128 and slot_samples(64, 33, 3) == 22
+    profiles = _profiles()
+    one = project(profiles, m=1, r=1, batch=64, link_gbps=8.0, reader=None, buffers=2, eval_batch=256)
+    assert one.peak_bytes == 3 * 1_000_000 + 4_000_000 + 2 * 256 * (100 + 50) * 4
+    two = project(profiles, m=4, r=2, batch=64, link_gbps=8.0, reader=None, buffers=2, eval_batch=256)
+    assert (
+        two.peak_bytes == 3 * 4_000_000 + 62_500 * 32 + 2 * 128 * (100 + 50) * 4
+    )  # one module's graph at a time
+
+
 def test_layouts_fit_the_devices_and_the_memory_fastest_first() -> None:
     found = layouts(_profiles(), devices=4, batch=64, memory_gib=None, link_gbps=8.0, reader=None, buffers=2)
     pairs = {(lay.modules_per_rank, lay.replicas) for lay in found}

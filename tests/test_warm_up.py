@@ -1,7 +1,8 @@
 """A compiled stage compiles nothing after its warm-up, in the input layout training really uses.
 
 Dynamo's graphs are counted with the ``eager`` backend (no code generation: the guards and
-recompiles are the same as inductor's, in seconds); ``test_native_paths`` checks inductor itself.
+recompiles, and so the graph count, are the same as inductor's, in seconds instead of a cold
+inductor compile's minute); ``test_native_paths`` checks that inductor computes what eager does.
 """
 
 from __future__ import annotations
@@ -53,3 +54,24 @@ def test_warm_up_compiles_every_graph_a_channels_last_run_uses(tiny, eager_compi
         stage.eval_step(arriving(n), torch.randint(0, 10, (n,)), "val")
     stage.pop_eval_results()
     assert counters["stats"]["unique_graphs"] == compiled, "recompiled after the warm-up"
+
+
+def test_every_replica_makes_as_many_training_warm_up_passes(tiny, eager_compile) -> None:
+    # a training pass through SyncBatchNorm is a collective per layer over the replicas: batches
+    # of 64 and a last one of 63 split into shards of 32, 32 (replica 0) and 32, 31 (replica 1);
+    # one pass per distinct size would give replica 0 one pass and replica 1 two (a hang)
+    from trgl_pipe.runtime.rank import warm_up_sizes
+
+    assert warm_up_sizes([[32, 32], [32, 31]]) == [[32, 32], [32, 31]]
+    assert warm_up_sizes([[64], [64, 44], [22, 22]]) == [[64, 64], [64, 44], [22, 22]]
+    cfg = tiny("train.compile=true", "model.num_modules=1")
+    torch.set_num_threads(1)
+    ctx = build_context(cfg, torch.device("cpu"))
+    passes = []
+    for sizes in warm_up_sizes([[32, 32], [32, 31]]):
+        stage = ctx.build_stage(0)
+        calls: list[int] = []
+        stage.local_net.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(1))
+        stage.warm_up(ctx.input_shape, torch.float32, sizes, [])
+        passes.append(len(calls))
+    assert passes == [2, 2]

@@ -416,7 +416,8 @@ class PipelineConfig:
     # stage), and each stage runs on `replicas` data-parallel ranks; world size = K / M * R.
     modules_per_rank: int = 1
     replicas: int = 1
-    sync_batchnorm: bool = False  # replicas share BatchNorm batch statistics (CUDA only)
+    # replicas share BatchNorm batch statistics (CUDA only; an all-gather and a host sync per layer)
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         _positive("pipeline.buffer_size", self.buffer_size)

@@ -112,10 +112,6 @@ class RunContext:
     def total_steps(self) -> int:
         return total_steps(self.cfg, self.steps_per_epoch)
 
-    @property
-    def max_batch(self) -> int:
-        return max(self.cfg.data.batch_size, self.cfg.data.eval_batch_size)
-
     def build_stage(self, index: int, transform: Callable[[nn.Module], nn.Module] | None = None) -> Stage:
         """Stage ``index``; ``transform`` rewrites its body and head before the optimizer is built."""
         return build_stage(

@@ -17,7 +17,9 @@ The projection's model (stated with its inputs in the output):
   first stage's R replicas can read data (R × the measured per-replica reader rate);
 - a rank's peak memory is the weights, gradients and momentum of its modules, the largest
   activation set of one of its modules (each frees its graph after its step) at batch B/R, and
-  the receive slots and in-flight outputs of ``pipeline.buffer_size`` batches.
+  the receive slots and in-flight outputs of ``pipeline.buffer_size`` messages, each of the larger
+  of the training and evaluation batches per replica (what the run allocates:
+  :func:`trgl_pipe.runtime.layout.slot_samples`).
 What it leaves out: overlap of communication with compute, contention between ranks that share a
 machine's memory bandwidth, GPU kernel efficiency at small batches beyond what was measured here.
 """
@@ -38,6 +40,7 @@ from trgl_pipe.config import Config, load_config
 from trgl_pipe.context import resolve_partition
 from trgl_pipe.cost import median_time, saved_bytes
 from trgl_pipe.errors import UserError
+from trgl_pipe.runtime.layout import slot_samples
 from trgl_pipe.stage import ModuleBody, StagePlan, build_head, build_parts
 
 GIB = 2**30
@@ -152,11 +155,14 @@ def project(
     link_gbps: float,
     reader: float | None,
     buffers: int,
+    eval_batch: int | None = None,
 ) -> Layout:
     """The layout with M modules per rank and R replicas, under the model in the module docstring."""
     k = len(profiles)
     stages = [list(range(s, s + m)) for s in range(0, k, m)]
     local = -(-batch // r)  # the largest shard
+    # receive slots and outputs in flight hold the largest message: the run allocates them so
+    slot = slot_samples(batch, batch if eval_batch is None else eval_batch, r)
     times, allreduce, peaks = [], [], []
     for stage in stages:
         step = sum(profiles[i].time_s[local] for i in stage)
@@ -165,7 +171,7 @@ def project(
         times.append(step + comm)
         allreduce.append(comm)
         first, last = profiles[stage[0]], profiles[stage[-1]]
-        slots = buffers * local * (first.input_features + last.output_features) * 4
+        slots = buffers * slot * (first.input_features + last.output_features) * 4
         peaks.append(3 * params + max(profiles[i].activation_bytes[local] for i in stage) + slots)
     rate = batch / max(times)
     limited = reader is not None and r * reader < rate
@@ -182,6 +188,7 @@ def layouts(
     link_gbps: float,
     reader: float | None,
     buffers: int,
+    eval_batch: int | None = None,
 ) -> list[Layout]:
     k = len(profiles)
     found = []
@@ -189,7 +196,7 @@ def layouts(
         for r in range(1, devices + 1):
             if (k // m) * r > devices or batch < r:
                 continue
-            layout = project(profiles, m, r, batch, link_gbps, reader, buffers)
+            layout = project(profiles, m, r, batch, link_gbps, reader, buffers, eval_batch)
             if memory_gib is None or layout.peak_bytes <= memory_gib * GIB:
                 found.append(layout)
     return sorted(found, key=lambda lay: (-lay.samples_per_s, lay.world_size))
@@ -267,14 +274,23 @@ def main(argv: list[str] | None = None) -> int:
         return error.exit_code
     reader = reader_rate(cfg)
     found = layouts(
-        profiles, args.gpus, batch, args.gpu_memory, args.link_gbps, reader, cfg.pipeline.buffer_size
+        profiles,
+        args.gpus,
+        batch,
+        args.gpu_memory,
+        args.link_gbps,
+        reader,
+        cfg.pipeline.buffer_size,
+        cfg.data.eval_batch_size,
     )
     print(
         f"model: stage time = sum of its modules' step times at batch {batch}/R (measured on {device}"
         f"{f', {args.threads} thread' if device.type == 'cpu' else ''}), + ring all-reduce of its parameters "
         f"over {args.link_gbps:g} Gbit/s; rate = {batch} / slowest stage, capped by R x data input "
         f"({'not measured: no data here' if reader is None else f'{reader:.0f} samples/s per replica'}); "
-        f"memory: weights x3 + the largest module's activations + {cfg.pipeline.buffer_size} buffered batches"
+        f"memory: weights x3 + the largest module's activations + {cfg.pipeline.buffer_size} receive slots "
+        f"and outputs in flight of {slot_samples(batch, cfg.data.eval_batch_size)} samples "
+        "(the larger of data.batch_size and data.eval_batch_size, per replica)"
     )
     if not found:
         print(

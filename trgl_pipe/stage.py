@@ -8,6 +8,8 @@ nothing about how its input arrives or where its output goes (see runtime and tr
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,7 @@ from trgl_pipe.config import Config
 from trgl_pipe.errors import ConfigError, NonFiniteLossError
 from trgl_pipe.initial_state import load_initial_state
 from trgl_pipe.models import AuxHead, Backbone, TokenHead, VectorHead, build_backbone, kinetic_energy
+from trgl_pipe.models.determinism import Finding, audit
 from trgl_pipe.models.dgl_heads import DglHead
 from trgl_pipe.models.init import fork_seeded, init_scheme
 from trgl_pipe.models.random_stream import RandomStream, is_stochastic
@@ -149,17 +152,18 @@ class _Sums:
         return {"loss": loss, "ce": ce, "kinetic": kinetic, "accuracy": correct}
 
 
-def _allow_inexact_pool(index: int, head: nn.Module) -> None:
-    """train.deterministic on CUDA with a head whose pool has no deterministic backward (the map
-    does not divide into its bins): torch warns there instead of failing, and the run says so."""
-    if torch.is_deterministic_algorithms_warn_only_enabled():
+def allow_nondeterministic(index: int, findings: list[Finding]) -> None:
+    """train.deterministic on CUDA with operations that have no deterministic CUDA kernel (found by
+    :func:`audit_cuda_determinism`): torch warns there instead of failing, and the run says so."""
+    if not findings:
         return
     torch.use_deterministic_algorithms(True, warn_only=True)
-    h, w = head.spatial
     print(
-        f"train.deterministic: the head of module {index} pools a {h}x{w} map into "
-        f"{head.pool.size[0]}x{head.pool.size[1]} bins, which has no deterministic CUDA backward; torch "
-        "warns instead of failing on such operations (set aux.pool_kernel or aux.pool_size to a divisor)",
+        f"train.deterministic: module {index} runs operations without a deterministic CUDA kernel: "
+        + ", ".join(str(f) for f in findings)
+        + "; torch now warns instead of failing on them, for every module of this process, and those "
+        "steps may differ from run to run (a head's pool is exact where its map divides into the bins: "
+        "aux.pool_kernel or aux.pool_size)",
         flush=True,
     )
 
@@ -198,8 +202,6 @@ class Stage:
         if self.channels_last:
             self.body.to(memory_format=torch.channels_last)
             self.head.to(memory_format=torch.channels_last)
-        if cfg.train.deterministic and device.type == "cuda" and not getattr(head, "exact_pool", True):
-            _allow_inexact_pool(plan.index, head)
         if objective is None:  # built without shapes: an objective that needs none (TRGL, VanGL)
             objective = build_objective(cfg, ModuleSpec(plan.index, plan.num_modules, (), (), (), 0), device)
         self.objective = objective
@@ -429,7 +431,7 @@ class Stage:
             x = torch.zeros((n, *feature_shape), dtype=dtype)
             return self._prepare(x, torch.zeros(n, dtype=torch.int64))[0]
 
-        for n in dict.fromkeys(train_sizes):  # distinct sizes, in order
+        for n in train_sizes:  # one pass each (the replicas' counts agree: runtime warm_up_sizes)
             x = batch(n)
             net.train()
             with self._autocast():
@@ -565,6 +567,9 @@ def build_stage(
     sees their parameters (SyncBatchNorm for data-parallel replicas). ``normalization`` (the
     images' per-channel mean and std) lets an objective restore the image (InfoPro).
     """
+    if cfg.train.deterministic and device.type == "cuda":
+        findings = audit_cuda_determinism(cfg, parts, partition, index, num_classes, normalization)
+        allow_nondeterministic(index, findings)
     start, stop = partition[index]
     plan = StagePlan(index, len(partition), start, stop)
     body = ModuleBody(
@@ -582,6 +587,60 @@ def build_stage(
     if transform is not None:
         body, head, aux = transform(body), transform(head), transform(aux)
     return Stage(plan, body, head, cfg, total_steps, steps_per_epoch, device, objective, aux)
+
+
+def audit_cuda_determinism(
+    cfg: Config,
+    parts: Backbone,
+    partition: Partition,
+    index: int,
+    num_classes: int,
+    normalization: dict | None = None,
+) -> list[Finding]:
+    """The operations of module ``index``'s training step (body, head, the objective's networks,
+    the local loss, backward) that throw on CUDA under deterministic algorithms, each with the
+    network that runs it. Found on the CPU, on copies of the module's blocks, with two samples and
+    the random state left as it was: the run builds and trains exactly what it would without it."""
+    start, stop = partition[index]
+    first, last = index == 0, index == len(partition) - 1
+    blocks = list(parts.blocks)
+    blocks[start:stop] = [_meta_copy(b) for b in parts.blocks[start:stop]]
+    own = dataclasses.replace(
+        parts,
+        stem=_meta_copy(parts.stem) if first else parts.stem,
+        blocks=blocks,
+        head=_meta_copy(parts.head) if last else parts.head,
+    )
+    plain = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, compile=False, channels_last=False),
+        model=dataclasses.replace(cfg.model, init_state=None),
+    )
+    meta = torch.device("meta")  # the operations are recorded as dispatched; nothing is computed
+    with torch.random.fork_rng(devices=[]):
+        stage = build_stage(plain, own, partition, index, num_classes, 1, 1, meta, None, normalization)
+        x = torch.zeros(2, *(parts.input_shape if first else parts.input_of(start)), device=meta)
+        y = torch.zeros(2, dtype=torch.int64, device=meta)
+        image = torch.zeros(2, *parts.input_shape, device=meta) if stage.objective.needs_image else None
+
+        def step() -> None:
+            stage.net.train()
+            stage._loss(x, y, image)[-1].backward()
+
+        networks = {"body": stage.body, "head": stage.head, **{f"aux.{n}": m for n, m in stage.aux.items()}}
+        return audit(step, networks)
+
+
+def _meta_copy(module: nn.Module | None) -> nn.Module | None:
+    """A copy of ``module`` whose parameters and buffers are on the meta device (no data copied)."""
+    if module is None:
+        return None
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
 
 
 def module_head(backbone: Backbone, plan: StagePlan, num_classes: int, cfg: Config) -> nn.Module:

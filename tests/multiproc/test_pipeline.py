@@ -76,6 +76,21 @@ def test_pipeline_computes_exactly_what_the_parallel_regime_computes(tmp_path: P
         assert r["train_samples"] == 600
     assert all(r["max_buffer_occupancy"] <= 2 for r in s2["ranks"][:-1])
     assert not list((tmp_path / "pipe").glob("metrics.rank*.jsonl"))  # merged into metrics.jsonl
+    # receive slots: 2 per link, each for 100 samples (evaluation batches are larger than the
+    # training batches of 64), as trgl_pipe.plan and benchmarks/memory.py count them
+    from trgl_pipe.config import load_config
+    from trgl_pipe.context import build_context
+    from trgl_pipe.runtime.layout import slot_samples
+
+    ctx = build_context(load_config(None, common), torch.device("cpu"))
+    x = torch.zeros(1, *ctx.input_shape)
+    outputs = []
+    for i in range(k - 1):
+        x = ctx.build_stage(i).forward_frozen(x)
+        outputs.append(x[0].numel())
+    assert slot_samples(64, 100) == 100
+    expected = [0] + [2 * 100 * n * 4 for n in outputs]
+    assert [r["receive_slot_bytes"] for r in s2["ranks"]] == expected
 
 
 def test_a_slow_consumer_holds_the_producer_to_the_buffer_size(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trgl_pipe.models.heads import AveragePool
+
 
 class DglHead(nn.Module):
     """DGL's ``kind`` = "cnn" or "mlp_sr" head for a map of ``channels`` × ``side``."""
@@ -24,6 +26,10 @@ class DglHead(nn.Module):
             raise ValueError(f"unknown DGL head {kind!r}")
         self.kind = kind
         self.reduced = (math.ceil(side[0] / 4), math.ceil(side[1] / 4))
+        # adaptive pools (no parameters): exact avg_pool2d kernels where the map divides, so that
+        # train.deterministic holds on CUDA there (the same means; see AveragePool)
+        self.reduce = AveragePool(self.reduced)
+        self.pool = AveragePool((2, 2))
         kernel, padding = (3, 1) if kind == "cnn" else (1, 0)
         self.convs = nn.ModuleList(
             nn.Sequential(
@@ -44,8 +50,8 @@ class DglHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "mlp_sr":
-            x = F.adaptive_avg_pool2d(x, self.reduced)
+            x = self.reduce(x)
         for conv in self.convs:
             x = F.relu(conv(x))
-        x = self.bn(F.adaptive_avg_pool2d(x, (2, 2)))
+        x = self.bn(self.pool(x))
         return self.classifier(x.flatten(1))

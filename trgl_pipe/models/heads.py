@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trgl_pipe.models.determinism import deterministic_cuda_choice
+
 
 class AveragePool(nn.Module):
     """``nn.AdaptiveAvgPool2d(size)`` that stays usable under ``train.deterministic`` on CUDA.
@@ -22,12 +24,21 @@ class AveragePool(nn.Module):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
 
     def exact_for(self, h: int, w: int) -> bool:
-        return h % self.size[0] == 0 and w % self.size[1] == 0
+        """Whether each side divides into its bins (mean pooling) or they into it (each bin one
+        element: VGG's 7×7 pool of a 1×1 map, a copy)."""
+        (bh, bw) = self.size
+        pooled = h >= bh and w >= bw and h % bh == 0 and w % bw == 0
+        copied = h <= bh and w <= bw and bh % h == 0 and bw % w == 0
+        return pooled or copied
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        if x.is_cuda and torch.are_deterministic_algorithms_enabled() and self.exact_for(h, w):
-            return F.avg_pool2d(x, (h // self.size[0], w // self.size[1]))
+        if deterministic_cuda_choice(x) and self.exact_for(h, w):
+            (bh, bw) = self.size
+            if h >= bh and w >= bw:
+                return F.avg_pool2d(x, (h // bh, w // bw))
+            if h <= bh and w <= bw:  # repeat_interleave has a deterministic CUDA backward
+                return x.repeat_interleave(bh // h, dim=-2).repeat_interleave(bw // w, dim=-1)
         return F.adaptive_avg_pool2d(x, self.size)
 
 

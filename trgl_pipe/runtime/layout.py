@@ -101,3 +101,14 @@ def check_world_size(layout: Layout, world_size: int, nnodes: int = 1) -> None:
         f"torchrun started {world_size} ranks but model.num_modules={k} with pipeline.modules_per_rank={m} "
         f"and pipeline.replicas={r} needs (K/M)×R = ({k}/{m})×{r} = {need} ranks; " + ", or ".join(options)
     )
+
+
+def slot_samples(batch: int, eval_batch: int, replicas: int = 1) -> int:
+    """The samples one receive slot (and one host staging buffer) is allocated for: the largest
+    message a rank receives, a replica's shard of a training or an evaluation batch.
+
+    Slots are allocated once, for any message; with the default ``data.eval_batch_size`` (four
+    times the training batch) they are four times the training batch. The run, ``trgl_pipe.plan``
+    and benchmarks/memory.py all size them with this function, so their memory figures agree.
+    """
+    return -(-max(batch, eval_batch) // replicas)

@@ -46,7 +46,7 @@ from trgl_pipe.run_folder import RunFolder, claim, discard_replaced
 from trgl_pipe.runtime import preemption
 from trgl_pipe.runtime.buffer import Waiter
 from trgl_pipe.runtime.clock import clock_for
-from trgl_pipe.runtime.layout import Layout
+from trgl_pipe.runtime.layout import Layout, slot_samples
 from trgl_pipe.runtime.loop import rank_stats, run_worker
 from trgl_pipe.runtime.mesh import (
     AbortedError,
@@ -122,6 +122,20 @@ def batch_sizes(cfg: Config, ctx: RunContext, replica: int, replicas: int) -> tu
         return hi - lo
 
     return [shard(n) for n in train], [shard(n) for n in evals]
+
+
+def warm_up_sizes(per_replica: list[list[int]]) -> list[list[int]]:
+    """The training batch sizes each replica compiles in its warm-up, one pass each: its distinct
+    sizes, the last repeated until every replica makes the same number of passes.
+
+    A training pass through SyncBatchNorm is a collective per layer over the replicas. Shards of
+    one batch can differ by a sample, so one replica may see one distinct size (64 and 63 split
+    into 32 and 32) where another sees two (32 and 31): with a pass per distinct size the first
+    would stop after one pass while the second waits in its second pass's collective for ever.
+    """
+    distinct = [list(dict.fromkeys(sizes)) for sizes in per_replica]
+    passes = max(len(sizes) for sizes in distinct)
+    return [sizes + sizes[-1:] * (passes - len(sizes)) for sizes in distinct]
 
 
 def _metrics_path(out_dir: Path, rank: int) -> Path:
@@ -214,9 +228,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     should_stop = preemption.shared_flag(session.store, rank)
     capacity = cfg.pipeline.buffer_size
     previous, following = layout.previous_rank(rank), layout.next_rank(rank)
-    link = LinkSettings(
-        session.pp_group, capacity, ctx.max_batch, device, cfg.pipeline.timeout_s, session.staged
-    )
+    slot = slot_samples(cfg.data.batch_size, cfg.data.eval_batch_size, layout.replicas)
+    link = LinkSettings(session.pp_group, capacity, slot, device, cfg.pipeline.timeout_s, session.staged)
     inbox: Any
     agreement: preemption.Agreed | None = None
     if previous is None:
@@ -249,6 +262,9 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
         backward = dataclasses.replace(link, group=session.backward_group)  # a communicator of its own
         links = BackwardLinks.connect(rank, previous, following, backward, (in_shape, in_dtype))
     train_sizes, eval_sizes = batch_sizes(cfg, ctx, replica, layout.replicas)
+    # every replica warms up with as many training passes (SyncBatchNorm's collectives)
+    every = [batch_sizes(cfg, ctx, r, layout.replicas)[0] for r in range(layout.replicas)]
+    train_sizes = warm_up_sizes(every)[replica]
     for stage, (shape, dtype) in zip(stages, shapes, strict=True):
         stage.warm_up(shape, dtype, train_sizes, eval_sizes)
     _ready_barrier(session)
@@ -320,6 +336,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     stats = {
         **rank_stats(chain, outbox, clock, device, rank),
         **({"grad_sent_bytes": links.sent_bytes} if links is not None else {}),
+        # what this rank allocated to receive activations (GPU or pinned host memory)
+        "receive_slot_bytes": getattr(inbox, "slot_bytes", 0),
         "stage": stage_index,
         "replica": replica,
         **telemetry.summary(),

@@ -578,6 +578,11 @@ class DistInbox:
         ]
         return [s.pin_memory() for s in slots] if self.staged else slots
 
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of this inbox's receive slots (what :func:`slot_samples` sizes them for)."""
+        return sum(s.nbytes for s in self._slots)
+
     def _take_slot(self) -> bool:
         while not self._closing.is_set():
             if self._free_slots.acquire(timeout=0.2):
