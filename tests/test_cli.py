@@ -89,6 +89,14 @@ def test_a_finished_run_is_neither_overwritten_nor_rewritten_by_resume(tmp_path:
         f"resume=auto: out_dir={out} holds a finished run (final checkpoint at step 5); nothing to do"
     ]
     assert snapshot(out) == before
+    # another setting that trains no further would rewrite its record (config.yaml said lr 0.05
+    # although no step trained with it): one line, exit 2, every byte as it was
+    _one_line_error(
+        run_cli(cli_args(f"out_dir={out}", "train.epochs=1", "resume=auto", "optim.lr=0.05")),
+        "holds a finished run (final checkpoint at step 5); optim.lr=0.05 (it ran with 0.1) would change",
+        "raise train.epochs",
+    )
+    assert snapshot(out) == before
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:

@@ -67,22 +67,37 @@ def cause_of(rank: int, failure: Any) -> tuple[str | None, int]:
         number = -failure.exitcode
         return f"error: {where} was killed by {_signal_name(number)}", 128 + number
     if failure.exitcode == 143:
-        return None, 143  # stopped by SIGTERM: rank 0 has said so
+        return None, 143  # stopped by SIGTERM, and no rank recorded the line (rank 0 printed it)
     return (
         f"error: {where} exited with status {failure.exitcode}; its output above says why",
         failure.exitcode,
     )
 
 
+def _recorded_line(failure: Any) -> str | None:
+    message = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
+    if isinstance(message, dict) and isinstance(message.get("message"), str):
+        return message["message"]
+    return None
+
+
 def _root_cause(error: Any) -> tuple[int, Any]:
     """A rank killed by a signal other than SIGTERM wrote nothing, and its neighbours only saw the
-    connection drop: it is the cause. Otherwise the earliest failure torchrun saw."""
-    killed = [
-        (rank, failure)
-        for rank, failure in sorted(error.failures.items())
-        if failure.exitcode < 0 and -failure.exitcode != signal.SIGTERM
-    ]
-    return killed[0] if killed else error.get_first_failure()
+    connection drop: it is the cause. Unless a rank recorded why it was killed: the neighbours of
+    a rank that stopped answering record it as stuck, then SIGKILL it (a stopped or hung process
+    ignores torchrun's SIGTERM); their line is the cause. Otherwise the earliest failure."""
+    failures = sorted(error.failures.items())
+    for rank, failure in failures:
+        if failure.exitcode < 0 and -failure.exitcode != signal.SIGTERM:
+            explained = [
+                (r, f) for r, f in failures if (_recorded_line(f) or "").startswith(f"error: rank {rank} (")
+            ]
+            return explained[0] if explained else (rank, failure)
+    first = error.get_first_failure()
+    if _recorded_line(first[1]) is None:  # e.g. a rank stopped by SIGTERM: rank 0 recorded why
+        recorded = [(r, f) for r, f in failures if _recorded_line(f) is not None]
+        return recorded[0] if recorded else first
+    return first
 
 
 def _probe_endpoint(endpoint: str, timeout_s: float) -> str | None:
@@ -153,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         if line is not None:
             print(line, file=sys.stderr, flush=True)
         return code
-    except SignalException as error:  # the launcher itself was told to stop
+    except SignalException as error:  # the launcher itself was told to stop (the ranks were too)
+        name = _signal_name(int(error.sigval))
+        line = f"stopped: {name}; continue with resume=auto from the last complete checkpoint"
+        print(line, file=sys.stderr, flush=True)
         return 128 + int(error.sigval)
     except RendezvousError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

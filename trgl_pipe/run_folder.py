@@ -260,8 +260,9 @@ def _leaves(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def finished_already(cfg: Config) -> str | None:
     """``resume=auto`` with the very settings of a run that has ended: the line that says so, or
     None. Nothing is written then, so the finished run stays byte for byte as it was (resuming it
-    used to rewrite summary.json with a wall time of 0). Other settings (more epochs, another
-    width) take the usual path: a longer run continues, an incompatible one is refused there."""
+    used to rewrite summary.json with a wall time of 0). More epochs or steps take the usual path
+    (the run continues), and so does another network (its shards are refused there, by name);
+    any other change would rewrite the record of a run that trains no further: ConfigError."""
     out = Path(cfg.out_dir)
     try:
         if cfg.resume != "auto" or not (out / "summary.json").is_file():
@@ -277,12 +278,26 @@ def finished_already(cfg: Config) -> str | None:
     except ConfigError:
         return None  # the usual path reads the checkpoint and says what does not fit
     asked = _leaves(cfg.to_dict())
-    if any(k.split(".")[0] not in _NOT_RECORDED and asked[k] != recorded.get(k) for k in asked):
-        return None
-    return (
-        f"resume=auto: out_dir={out} holds a finished run (final checkpoint at step {progress['step']}); "
-        "nothing to do"
+    changed = [k for k in asked if k.split(".")[0] not in _NOT_RECORDED and asked[k] != recorded.get(k)]
+    step = progress["step"]
+    finished = f"resume=auto: out_dir={out} holds a finished run (final checkpoint at step {step})"
+    if not changed:
+        return f"{finished}; nothing to do"
+    if _trains_longer(asked, recorded) or any(k.startswith("model.") for k in changed):
+        return None  # a longer run continues; another network is refused where its shards are read
+    shown = ", ".join(f"{k}={asked[k]} (it ran with {recorded.get(k)})" for k in changed[:3])
+    raise ConfigError(
+        f"{finished}; {shown}{' and more' if len(changed) > 3 else ''} would change its record without "
+        "training a step: raise train.epochs to train on with them, or choose another out_dir"
     )
+
+
+def _trains_longer(asked: dict[str, Any], recorded: dict[str, Any]) -> bool:
+    """Whether the settings asked for train past the recorded run's end (more epochs or steps)."""
+    epochs = asked["train.epochs"] > (recorded.get("train.epochs") or 0)
+    limit, before = asked.get("train.max_steps"), recorded.get("train.max_steps")
+    steps = before is not None and (limit is None or limit > before)
+    return epochs or steps
 
 
 def _restart_of_this_job(out: Path) -> bool:

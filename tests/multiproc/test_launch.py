@@ -48,6 +48,65 @@ def test_a_failing_rank_is_said_once_last_with_exit_status_1(tmp_path: Path) -> 
     assert "Traceback" not in result.stderr
 
 
+def test_a_stopped_rank_is_named_as_stuck_within_the_timeout(tmp_path: Path) -> None:
+    # SIGSTOP: the rank neither answers nor handles torchrun's SIGTERM. Its neighbours record it as
+    # stuck after pipeline.timeout_s and SIGKILL it (torchrun would wait 30 s, then SIGKILL it and
+    # report that kill as the cause); the launcher reports their line, exit 1
+    out = tmp_path / "run"
+    args = [*TINY, f"out_dir={out}", "model.num_modules=3", "train.epochs=30", "pipeline.timeout_s=5"]
+    proc = subprocess.Popen(
+        _launch_cmd(3, args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = out / "metrics.rank2.jsonl"
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
+        time.sleep(0.1)
+    victim = next(
+        c
+        for c in psutil.Process(proc.pid).children(recursive=True)
+        if c.environ().get("RANK") == "1" and "trgl_pipe.run" in " ".join(c.cmdline())
+    )
+    t0 = time.monotonic()
+    victim.send_signal(signal.SIGSTOP)
+    _, stderr = proc.communicate(timeout=120)
+    elapsed = time.monotonic() - t0
+    cause = (
+        "error: rank 1 (module 1): stuck or dead: its neighbours waited 5 s for it "
+        "(pipeline.timeout_s sets this limit)"
+    )
+    assert proc.returncode == 1, stderr[-3000:]
+    assert stderr.splitlines()[-1] == cause, stderr[-3000:]
+    assert _errors(stderr) == [cause] and "Traceback" not in stderr
+    assert elapsed < 5 + 10, elapsed  # the timeout and a few seconds, not torchrun's 30 s grace
+
+
+def test_after_sigterm_the_stopped_line_is_the_last_one(tmp_path: Path) -> None:
+    # rank 0 records the line instead of printing it, and the launcher prints it after torchrun's
+    # own log lines about the stopped workers
+    out = tmp_path / "run"
+    args = [*TINY, f"out_dir={out}", "train.epochs=30", "checkpoint.every_epochs=0"]
+    proc = subprocess.Popen(
+        _launch_cmd(2, args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = out / "metrics.rank1.jsonl"
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
+        time.sleep(0.1)
+    victim = next(
+        c
+        for c in psutil.Process(proc.pid).children(recursive=True)
+        if c.environ().get("RANK") == "1" and "trgl_pipe.run" in " ".join(c.cmdline())
+    )
+    victim.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last == (
+        f"stopped: SIGTERM; the checkpoint in {out / 'checkpoints'} is complete, continue with resume=auto"
+    ), stderr[-3000:]
+    assert stderr.count("stopped: SIGTERM") == 1 and not _errors(stderr)
+
+
 def test_a_held_run_folder_ends_the_pipeline_with_exit_status_2(tmp_path: Path) -> None:
     # bad input found by rank 0 (the only rank that locks): the launcher says it last, exit 2
     out = tmp_path / "run"

@@ -306,10 +306,9 @@ def test_a_hung_rank_is_named_by_its_neighbours_within_the_timeout(tmp_path: Pat
         "error: rank 1 (module 1): stuck or dead: its neighbours waited 5 s for it "
         "(pipeline.timeout_s sets this limit)"
     ], result.stderr[-3000:]
-    assert elapsed < 60, elapsed  # well before the hung rank would wake up
-    # torchrun's SIGTERM ends the sleeping rank at once (a failure is on record), instead of its
-    # fixed 30 s grace and a SIGKILL (exit code -9 in torchrun's summary)
-    assert "exitcode  : -9" not in result.stderr, result.stderr[-3000:]
+    # well before the hung rank would wake up, and before torchrun's fixed 30 s grace: the
+    # neighbours that recorded it stop it themselves
+    assert elapsed < 5 + 20, elapsed
 
 
 def test_a_bad_shard_on_a_later_rank_is_named_by_that_rank(tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ import dataclasses
 import json
 import os
 import re
+import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -396,6 +398,24 @@ def _failure_of(error: BaseException, rank: int, layout: Layout) -> Failure:
     return Failure(rank, layout.modules_of(rank), message, code, isinstance(error, UserError))
 
 
+def _stop_stuck_peer(store: Any, peer: int) -> None:
+    """SIGKILL rank ``peer`` if it runs on this host, once its neighbours have recorded it as stuck.
+
+    A rank that does not answer may be stopped (SIGSTOP) or hung in native code: torchrun's
+    SIGTERM then does nothing, and torchrun waits a fixed 30 s before its own SIGKILL, which the
+    launcher would then report as the cause. Killed now, the job ends within
+    ``pipeline.timeout_s`` plus a few seconds, and the recorded cause (the neighbours' "stuck or
+    dead") is what is reported (:func:`trgl_pipe.launch.cause_of_kill`). A peer on another host is
+    left to its own agent.
+    """
+    try:
+        host, pid = store.get(f"pid/{peer}").decode().rsplit(":", 1)
+        if host == socket.gethostname():
+            os.kill(int(pid), signal.SIGKILL)
+    except Exception:  # gone already, or the store with it: nothing left to stop
+        pass
+
+
 def _report_failure(error: BaseException, rank: int, layout: Layout, control: StoreControl | None) -> int:
     """Say ``error`` once for the whole job and record it for the others; returns the exit code.
 
@@ -416,6 +436,13 @@ def _report_failure(error: BaseException, rank: int, layout: Layout, control: St
     failure = _failure_of(error, rank, layout)
     recorded = control.abort(failure) if control is not None else failure
     launched = record_failure(f"error: {recorded.describe()}", recorded.code)
+    diagnosed = failure.rank != rank  # _failure_of named a peer that stopped answering
+    if (
+        diagnosed
+        and control is not None
+        and (recorded.rank, recorded.message) == (failure.rank, failure.message)
+    ):
+        _stop_stuck_peer(control.store, failure.rank)
     if recorded != failure and recorded.message == failure.message:
         return failure.code  # every rank found the same problem: the first to record it says it
     if not launched or recorded != failure:
@@ -442,6 +469,7 @@ def run_rank(cfg: Config, exit_process: bool = True) -> dict[str, Any] | None:
     code = 0
     try:
         store = connect_store(env, STARTUP_TIMEOUT_S)
+        store.set(f"pid/{env.rank}", f"{socket.gethostname()}:{os.getpid()}")  # see _stop_stuck_peer
         control = store_control = StoreControl(store)
         preemption.install(job_failed=lambda: store_control.failure() is not None)
         device = resolve_device(cfg.device, env.local_rank)
@@ -452,13 +480,13 @@ def run_rank(cfg: Config, exit_process: bool = True) -> dict[str, Any] | None:
         shutdown(session, cfg.pipeline.timeout_s)
         if not completed:
             code = preemption.EXIT_CODE
-            if env.rank == 0:
-                print(
+            if env.rank == 0:  # under the launcher it prints the line last, after torchrun's logs
+                line = (
                     f"stopped: SIGTERM; the checkpoint in {Path(cfg.out_dir) / 'checkpoints'} is complete, "
-                    "continue with resume=auto",
-                    file=sys.stderr,
-                    flush=True,
+                    "continue with resume=auto"
                 )
+                if not record_failure(line, code):
+                    print(line, file=sys.stderr, flush=True)
     except BaseException as error:
         code = _report_failure(error, env.rank, layout, control)
     if folder is not None:
