@@ -160,3 +160,27 @@ def test_a_complete_checkpoint_is_replaced_only_by_a_complete_one(tiny, monkeypa
             torch.load(folder / f"module-{k}.pt", weights_only=True)["w"], torch.full((2,), 3.0)
         )
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no .next or .old left
+
+
+def test_a_resumed_run_records_the_global_generator_of_an_uninterrupted_one(tmp_path: Path) -> None:
+    # torch seeds its global generator from the operating system in every process, and the
+    # shards record it: a run that failed at step 7 and was resumed (two more processes) ended with
+    # another generator state than the uninterrupted run. Seeded from `seed`, every process holds
+    # the same, and the resumed run ends with the very shards of the uninterrupted one.
+    from conftest import cli_args, run_cli
+
+    common = ["train.epochs=2", "checkpoint.every_steps=3", "checkpoint.keep=100"]
+    full = run_cli(cli_args(f"out_dir={tmp_path / 'full'}", *common))
+    assert full.returncode == 0, full.stderr[-2000:]
+    failed = run_cli(
+        cli_args(f"out_dir={tmp_path / 'run'}", *common, "debug.raise_at_step=7", "debug.raise_on_module=1")
+    )
+    assert failed.returncode != 0
+    again = run_cli(cli_args(f"out_dir={tmp_path / 'run'}", *common, "resume=auto"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    for k in range(2):
+        shard = Path("checkpoints") / "0000000010" / f"module-{k}.pt"
+        a = torch.load(tmp_path / "full" / shard, weights_only=True)
+        b = torch.load(tmp_path / "run" / shard, weights_only=True)
+        assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]), k
+        assert all(torch.equal(t, b["stage"]["body"][n]) for n, t in a["stage"]["body"].items())

@@ -360,3 +360,34 @@ def test_an_exported_user_network_has_the_reported_accuracy(tmp_path: Path, sour
     info = export(Path(cfg.out_dir))
     assert info["module"] == summary["best_module"]
     assert evaluate(Path(cfg.out_dir) / "export", "test")["accuracy"] == summary["best_test_accuracy"]
+
+
+def test_a_block_whose_output_shape_changes_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run_cli([*SMALL, f"out_dir={out}", f"model.arch={NETS}:wobbly"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [
+        f"error: model.arch={NETS}:wobbly: block 1 (_Wobbly) returned a tensor of shape [1, 197], then "
+        "a tensor of shape [3, 198] on its next call (another batch of the same input shape): a block's "
+        "output shape must depend on its input's only"
+    ], result.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_a_block_that_changes_its_shape_later_is_named_in_one_line() -> None:
+    # a change the two calls at build time did not show (after more calls, or in training mode)
+    import torch
+
+    from trgl_pipe.errors import ConfigError
+    from trgl_pipe.models.user import PlainBlock
+
+    block = PlainBlock(torch.nn.Identity(), displacement=True)
+    block.shape, block.where = (4,), "model.arch=pkg:net: block 2 (Identity)"
+    assert block(torch.zeros(2, 4))[0].shape == (2, 4)
+    with pytest.raises(ConfigError) as caught:
+        block(torch.zeros(2, 5))
+    assert str(caught.value) == (
+        "model.arch=pkg:net: block 2 (Identity) returned samples of shape [5], but [4] when the network "
+        "was built: a block's output shape must depend on its input's only"
+    )

@@ -32,7 +32,15 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
 
 
 def configure_torch(cfg: Config, ranks_on_host: int = 1) -> None:
-    """Threads and determinism, before any tensor work."""
+    """Threads, determinism and torch's global generator, before any tensor work.
+
+    Nothing trgl_pipe trains draws from the global generator (the network, the heads, the data
+    order and every module's dropout have generators seeded from ``seed``), but torch seeds it
+    from the operating system in every process, and checkpoints record it: seeded here, it is the
+    same in every run and on every rank, so a resumed run's checkpoints hold what an uninterrupted
+    run's hold, and user code that draws from it is reproducible.
+    """
+    torch.manual_seed(cfg.seed)
     threads = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // ranks_on_host)
     torch.set_num_threads(threads)
     if cfg.train.deterministic:

@@ -164,3 +164,20 @@ def _checked_width(width: int) -> int:
 def raises(input_shape: tuple[int, int, int], num_classes: int, width: int = 4) -> nn.Sequential:
     """A builder with a bug of its own: it raises two frames down."""
     return mlp(input_shape, num_classes, width=_checked_width(width))
+
+
+class _Wobbly(nn.Module):
+    """A block whose output has one more feature at every call (a bug: state in the shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return torch.cat([x, x[:, : self.calls]], dim=1)
+
+
+def wobbly(input_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
+    """A flattened input, then a block whose output shape changes from call to call."""
+    return nn.Sequential(nn.Flatten(), _Wobbly(), nn.Linear(1, 1))

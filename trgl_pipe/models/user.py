@@ -67,28 +67,43 @@ class Network:
     presets: dict[int, list[int]] = field(default_factory=dict)
 
 
-class ProtocolBlock(TransportBlock):
-    """A user block that returns ``(output, residuals)`` itself."""
+class _UserBlock(TransportBlock):
+    """A user's block with the output shape (one sample) it had when probed: every later call is
+    held to it, so a block whose shape changes says so in one line instead of failing inside
+    the transport cost or the next module (``where`` names it: ``model.arch=… block i (Type)``)."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block = block
+        self.where = type(block).__name__
+        self.shape: tuple[int, ...] | None = None  # set once probed
+
+    def _checked(self, out: Tensor) -> Tensor:
+        if self.shape is not None and tuple(out.shape[1:]) != self.shape:
+            raise ConfigError(
+                f"{self.where} returned samples of shape {list(out.shape[1:])}, but {list(self.shape)} "
+                "when the network was built: a block's output shape must depend on its input's only"
+            )
+        return out
+
+
+class ProtocolBlock(_UserBlock):
+    """A user block that returns ``(output, residuals)`` itself."""
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         out, residuals = self.block(x)
-        return out, list(residuals)
+        return self._checked(out), list(residuals)
 
 
-class PlainBlock(TransportBlock):
+class PlainBlock(_UserBlock):
     """A user block returning a tensor; its residual is ``b(x) − x`` when ``displacement``."""
 
     def __init__(self, block: nn.Module, displacement: bool) -> None:
-        super().__init__()
-        self.block = block
+        super().__init__(block)
         self.displacement = displacement
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        out = self.block(x)
+        out = self._checked(self.block(x))
         return out, [out - x] if self.displacement else []
 
 
@@ -103,15 +118,18 @@ def _warn_once(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _probe(module: nn.Module, x: Tensor) -> Any:
-    """One forward of a copy of ``module`` on meta tensors, or on zeros when meta is refused."""
+def _probe(module: nn.Module, x: Tensor, calls: int = 1) -> Any:
+    """Forwards of one copy of ``module`` on meta tensors (on zeros when meta is refused): two
+    samples shaped like ``x``, then three, ... (``calls`` of them; a list when more than one)."""
+    outputs: list[Any] = []
     with torch.no_grad():
         try:
-            return copy.deepcopy(module).to("meta").eval()(x.to("meta"))
+            probe = copy.deepcopy(module).to("meta").eval()
+            outputs = [probe(torch.empty((n, *x.shape[1:]), dtype=x.dtype, device="meta")) for n in (1, 3)]
         except Exception:
-            pass
-        probe = copy.deepcopy(module).eval()
-        return probe(torch.zeros((2, *x.shape[1:]), dtype=x.dtype))
+            probe = copy.deepcopy(module).eval()
+            outputs = [probe(torch.zeros((n, *x.shape[1:]), dtype=x.dtype)) for n in (2, 3)]
+    return outputs[:calls] if calls > 1 else outputs[0]
 
 
 def _describe(value: Any) -> str:
@@ -167,7 +185,7 @@ def backbone_from_network(
             out, _ = _probe(block, h)
             wrapped: nn.Module = block
         else:
-            out = _probe(block, h)
+            out, again = _probe(block, h, calls=2)
             if (
                 isinstance(out, (tuple, list))
                 and len(out) == 2
@@ -187,6 +205,19 @@ def backbone_from_network(
                     f"model.arch={arch}: block {i} ({type(block).__name__}) returns {_describe(out)}; "
                     "expected a tensor or (output, [residual tensors])"
                 )
+        if isinstance(wrapped, _UserBlock):  # a second call, another batch: the same sample shape?
+            again = again[0] if isinstance(wrapped, ProtocolBlock) else again
+        else:
+            again = out
+        if not isinstance(again, Tensor) or tuple(again.shape[1:]) != tuple(out.shape[1:]):
+            raise ConfigError(
+                f"model.arch={arch}: block {i} ({type(block).__name__}) returned {_describe(out)}, then "
+                f"{_describe(again)} on its next call (another batch of the same input shape): a block's "
+                "output shape must depend on its input's only"
+            )
+        if isinstance(wrapped, _UserBlock):
+            wrapped.shape = tuple(out.shape[1:])
+            wrapped.where = f"model.arch={arch}: block {i} ({type(block).__name__})"
         shapes.append(tuple(out.shape[1:]))
         blocks.append(wrapped)
         h = out
