@@ -528,27 +528,6 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
-        if self.pipeline.transport != "auto" and self.train.regime != "parallel":
-            raise ConfigError(
-                f"pipeline.transport={self.pipeline.transport} runs the parallel regime only "
-                f"(train.regime is {self.train.regime}); set train.regime=parallel or "
-                "pipeline.transport=auto"
-            )
-        if self.aux.type != "conv" and self.model.arch.startswith("swin"):
-            raise ConfigError(
-                f"aux.type={self.aux.type} is a head for CNN feature maps; {self.model.arch}'s modules "
-                "output token maps: use aux.type=conv"
-            )
-        if self.train.regime in ("ddg", "fr") and self.train.compile:
-            raise ConfigError(
-                f"train.regime={self.train.regime} does not support train.compile=true yet (its delayed "
-                "backward runs the module on saved weights); set train.compile=false"
-            )
-        if self.train.regime in ("ddg", "fr") and self.trgl.enabled:
-            raise ConfigError(
-                f"train.regime={self.train.regime} trains the end-to-end objective (one loss, at the last "
-                "head); set trgl.enabled=false"
-            )
         if self.resume is not None and self.overwrite:
             raise ConfigError("resume and overwrite=true contradict each other; choose one")
         if not 0 <= self.seed < 2**63:
@@ -563,24 +542,10 @@ class Config:
             raise ConfigError(
                 f"debug.slow_module={d.slow_module} names no module: the run has {k} (0..{k - 1})"
             )
-        if self.train.regime not in ("parallel", "ddg", "fr") and self.pipeline.replicas > 1:
-            raise ConfigError(
-                f"pipeline.replicas={self.pipeline.replicas} applies to the pipeline (train.regime=parallel, "
-                f"ddg or fr under torchrun), not to train.regime={self.train.regime}; remove it"
-            )
-        r = self.pipeline.replicas
-        if r > 1 and self.data.batch_size < r:
-            raise ConfigError(
-                f"data.batch_size={self.data.batch_size} is smaller than pipeline.replicas={r}: each replica "
-                f"trains on a shard of the batch, and {r - self.data.batch_size} would get none; "
-                f"raise data.batch_size to {r} or more (it is the global batch, split over the replicas)"
-            )
-        k, m = self.model.num_modules, self.pipeline.modules_per_rank
-        if k % m:
-            raise ConfigError(
-                f"pipeline.modules_per_rank={m} does not divide model.num_modules={k}; use a divisor of {k} "
-                f"({', '.join(str(d) for d in range(1, k + 1) if k % d == 0)})"
-            )
+        # what goes with what (regime, objective, network, layout): one place, read last
+        from trgl_pipe.compatibility import check
+
+        check(self)
 
     @property
     def num_modules(self) -> int:

@@ -12,12 +12,22 @@ from trgl_pipe.objectives.predsim import PredSimObjective
 from trgl_pipe.objectives.trgl import TrglObjective
 
 __all__ = [
+    "OBJECTIVES",
     "LocalInputs",
     "ModuleSpec",
     "Objective",
     "build_objective",
     "needs_image",
 ]
+
+# objective.name -> the class that implements it (its declarations: regimes, needs_image, ...)
+OBJECTIVES: dict[str, type[Objective]] = {
+    "trgl": TrglObjective,
+    "vangl": TrglObjective,
+    "infopro": InfoProObjective,
+    "infopro_l": InfoProObjective,
+    "predsim": PredSimObjective,
+}
 
 
 def build_objective(cfg: Config, spec: ModuleSpec, device: torch.device) -> Objective:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -58,13 +58,18 @@ class Objective:
 
     Class attributes say what the stage must provide: ``needs_image`` (the batch's image must
     reach this module), ``uses_kinetic`` (C_k enters the loss: keep the residuals for autograd),
-    ``probe_head`` (F_k trains on the detached output, so it only measures accuracy).
+    ``probe_head`` (F_k trains on the detached output, so it only measures accuracy), and where
+    it can train, ``regimes``: a local objective trains each module on its own loss (parallel,
+    sequential, multi-lap, the pipeline) and, as one module, end to end; the delayed-gradient
+    regimes (ddg, fr) need the end-to-end loss itself, which only TRGL's objective (with the
+    term off) computes. :func:`trgl_pipe.compatibility.check` reads these declarations.
     """
 
     name = "vangl"
     needs_image: bool = False
     uses_kinetic: bool = False
     probe_head: bool = False
+    regimes: ClassVar[tuple[str, ...]] = ("e2e", "parallel", "sequential", "multilap")
 
     def __init__(self) -> None:
         # data-parallel replicas average what must stay equal on all of them (λ's CE)

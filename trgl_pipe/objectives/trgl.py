@@ -3,7 +3,7 @@ behind the objective interface."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -14,7 +14,10 @@ from trgl_pipe.objectives.base import LocalInputs, ModuleSpec, Objective
 
 
 class TrglObjective(LocalObjective, Objective):
-    """L_k = CE + C_k / (2 τ_k) (or C_k / λ_k); with the transport term disabled, VanGL."""
+    """L_k = CE + C_k / (2 τ_k) (or C_k / λ_k); with the transport term disabled, VanGL, which is
+    also the end-to-end loss the delayed-gradient regimes train (they call it as ``(ce, kinetic)``)."""
+
+    regimes: ClassVar[tuple[str, ...]] = ("e2e", "parallel", "sequential", "multilap", "ddg", "fr")
 
     def __init__(self, cfg: TrglConfig, spec: ModuleSpec, device: torch.device) -> None:
         LocalObjective.__init__(self, cfg, spec.index, spec.num_modules, device)

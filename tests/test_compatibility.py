@@ -1,0 +1,48 @@
+"""The compatibility table of docs/compatibility.md is what trgl_pipe.compatibility decides."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import ROOT
+
+from trgl_pipe.config import load_config
+from trgl_pipe.errors import ConfigError
+from trgl_pipe.run import main
+
+
+def _verdict(overrides: list[str]) -> str:
+    try:
+        load_config(None, overrides)
+    except ConfigError as refused:
+        assert "\n" not in str(refused)
+        return "refused"
+    return "runs"
+
+
+def test_the_documented_table_is_the_functions() -> None:
+    lines = (ROOT / "docs" / "compatibility.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| train.regime"))
+    columns = [c.strip() for c in header.strip("|").split("|")][1:]
+    rows = [line for line in lines if re.match(r"\| (e2e|parallel|sequential|multilap|ddg|fr) \|", line)]
+    assert len(rows) == 6
+    for row in rows:
+        regime, *cells = [c.strip() for c in row.strip("|").split("|")]
+        extra = ["trgl.enabled=false"] if regime in ("ddg", "fr") else []
+        for column, documented in zip(columns, cells, strict=True):
+            setting = [column] if "=" in column else [f"objective.name={column}"]
+            assert _verdict([f"train.regime={regime}", *extra, *setting]) == documented, (regime, column)
+
+
+def test_a_local_objective_with_a_delayed_regime_is_one_line_from_the_cli(tmp_path: Path, capsys) -> None:
+    # it used to start and end in "TypeError: 'InfoProObjective' object is not callable"
+    out = tmp_path / "run"
+    code = main(["train.regime=ddg", "trgl.enabled=false", "objective.name=infopro", f"out_dir={out}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [
+        "error: objective.name=infopro does not train in train.regime=ddg (it supports e2e, parallel, "
+        "sequential, multilap): the delayed-gradient regimes train the end-to-end loss; use "
+        "objective.name=vangl with trgl.enabled=false, or another regime"
+    ]
+    assert not out.exists()

@@ -1,0 +1,79 @@
+"""Which combinations of regime, objective, network, layout and precision a run accepts: one place.
+
+:func:`check` takes a validated config (each key already in its own range) and raises the one-line
+:class:`~trgl_pipe.errors.ConfigError` of the first rule it breaks, before anything is read or
+written; ``Config`` calls it last. The objective's own declarations decide what it supports
+(:attr:`trgl_pipe.objectives.Objective.regimes`), not its name. docs/compatibility.md holds the
+table of regime × objective this gives, and a test checks the table against this function.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from trgl_pipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trgl_pipe.config import Config
+
+DELAYED = ("ddg", "fr")
+
+
+def check(cfg: Config) -> None:
+    """Raise the one-line refusal of the first rule ``cfg`` breaks; return if it breaks none."""
+    refusal = refusal_of(cfg)
+    if refusal is not None:
+        raise ConfigError(refusal)
+
+
+def refusal_of(cfg: Config) -> str | None:
+    """The one-line refusal of the first rule ``cfg`` breaks, or None."""
+    from trgl_pipe.objectives import OBJECTIVES
+
+    regime = cfg.train.regime
+    objective = OBJECTIVES.get(cfg.objective.name)
+    if objective is not None and regime not in objective.regimes:
+        return (
+            f"objective.name={cfg.objective.name} does not train in train.regime={regime} (it supports "
+            f"{', '.join(objective.regimes)}): the delayed-gradient regimes train the end-to-end loss; "
+            "use objective.name=vangl with trgl.enabled=false, or another regime"
+        )
+    if cfg.pipeline.transport != "auto" and regime != "parallel":
+        return (
+            f"pipeline.transport={cfg.pipeline.transport} runs the parallel regime only "
+            f"(train.regime is {regime}); set train.regime=parallel or pipeline.transport=auto"
+        )
+    if cfg.aux.type != "conv" and cfg.model.arch.startswith("swin"):
+        return (
+            f"aux.type={cfg.aux.type} is a head for CNN feature maps; {cfg.model.arch}'s modules "
+            "output token maps: use aux.type=conv"
+        )
+    if regime in DELAYED and cfg.train.compile:
+        return (
+            f"train.regime={regime} does not support train.compile=true yet (its delayed "
+            "backward runs the module on saved weights); set train.compile=false"
+        )
+    if regime in DELAYED and cfg.trgl.enabled:
+        return (
+            f"train.regime={regime} trains the end-to-end objective (one loss, at the last "
+            "head); set trgl.enabled=false"
+        )
+    if regime not in ("parallel", *DELAYED) and cfg.pipeline.replicas > 1:
+        return (
+            f"pipeline.replicas={cfg.pipeline.replicas} applies to the pipeline (train.regime=parallel, "
+            f"ddg or fr under torchrun), not to train.regime={regime}; remove it"
+        )
+    r = cfg.pipeline.replicas
+    if r > 1 and cfg.data.batch_size < r:
+        return (
+            f"data.batch_size={cfg.data.batch_size} is smaller than pipeline.replicas={r}: each replica "
+            f"trains on a shard of the batch, and {r - cfg.data.batch_size} would get none; "
+            f"raise data.batch_size to {r} or more (it is the global batch, split over the replicas)"
+        )
+    k, m = cfg.model.num_modules, cfg.pipeline.modules_per_rank
+    if k % m:
+        return (
+            f"pipeline.modules_per_rank={m} does not divide model.num_modules={k}; use a divisor of {k} "
+            f"({', '.join(str(d) for d in range(1, k + 1) if k % d == 0)})"
+        )
+    return None
