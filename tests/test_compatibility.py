@@ -35,6 +35,19 @@ def test_the_documented_table_is_the_functions() -> None:
             assert _verdict([f"train.regime={regime}", *extra, *setting]) == documented, (regime, column)
 
 
+def test_the_documented_network_table_is_the_functions() -> None:
+    lines = (ROOT / "docs" / "compatibility.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| model.arch"))
+    columns = [c.strip() for c in header.strip("|").split("|")][1:]
+    rows = [line for line in lines if re.match(r"\| (cifar_resnet|resnet18|vgg11_bn|swin_t) \|", line)]
+    assert len(rows) == 4
+    for row in rows:
+        arch, *cells = [c.strip() for c in row.strip("|").split("|")]
+        for column, documented in zip(columns, cells, strict=True):
+            layout = ["model.num_modules=4"] if column.startswith("pipeline.") else []
+            assert _verdict([f"model.arch={arch}", column, *layout]) == documented, (arch, column)
+
+
 def test_a_local_objective_with_a_delayed_regime_is_one_line_from_the_cli(tmp_path: Path, capsys) -> None:
     # it used to start and end in "TypeError: 'InfoProObjective' object is not callable"
     out = tmp_path / "run"
