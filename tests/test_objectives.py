@@ -160,7 +160,7 @@ def test_objective_name_selects_and_checks_its_keys(tiny) -> None:
         tiny("objective.name=infopro"), 1, 2
     )
     for bad, match in [
-        ("objective.name=sedona", "objective.name must be one of"),
+        ("objective.name=sedona", "objective.name=sedona is not an objective here; choose one of trgl"),
         ("objective.infopro_weights=[1, 2]", "objective.infopro_weights lists 2"),
         ("objective.predsim_beta=1.5", "objective.predsim_beta"),
         ("objective.typo=1", "unknown config key 'objective.typo'"),

@@ -6,6 +6,8 @@ The public API (everything else is private and may change):
   under torchrun; returns the summary. :func:`build_config`: the validated config it would run.
 - :class:`Network` and :class:`Residual`: what a ``model.arch`` builder returns and builds its
   blocks from (see docs/your-own-network.md).
+- :class:`Objective`, :class:`ModuleSpec`, :class:`LocalInputs`: what an ``objective.name``
+  class subclasses, is built from, and computes its loss from (docs/your-own-objective.md).
 - :func:`load_config` and :class:`Config`: the typed, validated configuration.
 - :class:`UserError`: raised for bad input, with a one-line message.
 
@@ -22,11 +24,15 @@ if TYPE_CHECKING:
     from trgl_pipe.config import Config, load_config
     from trgl_pipe.errors import UserError
     from trgl_pipe.models.user import Network, Residual
+    from trgl_pipe.objectives.base import LocalInputs, ModuleSpec, Objective
 
 __version__ = "0.1.0"
 
 _PUBLIC = {
     "Config": "trgl_pipe.config",
+    "LocalInputs": "trgl_pipe.objectives.base",
+    "ModuleSpec": "trgl_pipe.objectives.base",
+    "Objective": "trgl_pipe.objectives.base",
     "Network": "trgl_pipe.models.user",
     "Residual": "trgl_pipe.models.user",
     "UserError": "trgl_pipe.errors",
@@ -35,7 +41,18 @@ _PUBLIC = {
     "train": "trgl_pipe.api",
 }
 
-__all__ = ["Config", "Network", "Residual", "UserError", "build_config", "load_config", "train"]
+__all__ = [
+    "Config",
+    "LocalInputs",
+    "ModuleSpec",
+    "Network",
+    "Objective",
+    "Residual",
+    "UserError",
+    "build_config",
+    "load_config",
+    "train",
+]
 
 
 def __getattr__(name: str) -> Any:

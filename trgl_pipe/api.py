@@ -76,6 +76,7 @@ def build_config(
     model: Callable[..., Any] | nn.Module | Network | Mapping[str, Any] | str | None = None,
     data: Callable[..., Any] | str | Any = None,
     head: Callable[..., nn.Module] | str | None = None,
+    objective: type | str | None = None,
     **overrides: Any,
 ) -> Config:
     """The validated :class:`Config` that :func:`train` runs (see there for the arguments)."""
@@ -95,6 +96,8 @@ def build_config(
         raw.setdefault("data", {})["name"] = _plugin(data, "data")
     if head is not None:
         raw.setdefault("aux", {})["head"] = _plugin(head, "head")
+    if objective is not None:
+        raw.setdefault("objective", {})["name"] = _plugin(objective, "objective")
     return from_dict(Config, raw, "")
 
 
@@ -104,6 +107,7 @@ def train(
     model: Callable[..., Any] | nn.Module | Network | Mapping[str, Any] | str | None = None,
     data: Callable[..., Any] | str | Any = None,
     head: Callable[..., nn.Module] | str | None = None,
+    objective: type | str | None = None,
     **overrides: Any,
 ) -> dict[str, Any] | None:
     """Train as the config says and return the run's summary (what summary.json holds).
@@ -113,7 +117,9 @@ def train(
     ``nn.Sequential`` of blocks or a :class:`trgl_pipe.Network` (or an import path to one, or a
     built network, copied as it is). ``data``: a callable returning ``(train, test)`` (Datasets
     or ``(images, labels)`` arrays), an import path, or that pair itself. ``head``: an auxiliary
-    head builder ``f(shape, num_classes, module, num_modules)``. ``overrides``: ``train={"epochs":
+    head builder ``f(shape, num_classes, module, num_modules)``. ``objective``: a subclass of
+    :class:`trgl_pipe.Objective` (or its import path), built as ``Objective(spec, **objective.kwargs)``
+    for each module (docs/your-own-objective.md). ``overrides``: ``train={"epochs":
     2}`` merges into a section, ``seed=1`` sets a top-level key, ``**{"trgl.tau": 1e4}`` one key
     (a mapping given as ``model=`` or ``data=`` is that section's keys, not a plug-in).
 
@@ -121,7 +127,7 @@ def train(
     ``out_dir``) returns the summary, and a failing pipeline ends the process with one line and
     the exit code of the CLI. Bad input raises :class:`trgl_pipe.errors.UserError`.
     """
-    cfg = build_config(config, model=model, data=data, head=head, **overrides)
+    cfg = build_config(config, model=model, data=data, head=head, objective=objective, **overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.pipeline.transport == "dist":
         from trgl_pipe.runtime.rank import run_rank
 

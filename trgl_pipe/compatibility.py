@@ -9,6 +9,7 @@ table of regime × objective this gives, and a test checks the table against thi
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 from trgl_pipe.errors import ConfigError
@@ -17,6 +18,14 @@ if TYPE_CHECKING:
     from trgl_pipe.config import Config
 
 DELAYED = ("ddg", "fr")
+
+
+def _unknown_kwargs(cls: type, kwargs: dict) -> list[str]:
+    """The keys of ``kwargs`` that ``cls(spec, **kwargs)`` would not take."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return [k for k in kwargs if k not in params or k in ("self", "spec")]
 
 
 def check(cfg: Config) -> None:
@@ -28,15 +37,28 @@ def check(cfg: Config) -> None:
 
 def refusal_of(cfg: Config) -> str | None:
     """The one-line refusal of the first rule ``cfg`` breaks, or None."""
-    from trgl_pipe.objectives import OBJECTIVES
+    from trgl_pipe.objectives import objective_class
 
     regime = cfg.train.regime
-    objective = OBJECTIVES.get(cfg.objective.name)
-    if objective is not None and regime not in objective.regimes:
+    objective = objective_class(cfg)  # a user's class is imported here: a bad path is one line too
+    if regime not in objective.regimes:
+        why = (
+            ": the delayed-gradient regimes train the end-to-end loss; use objective.name=vangl with "
+            "trgl.enabled=false, or another regime"
+            if regime in DELAYED
+            else f"; use train.regime={objective.regimes[0]}"
+            if objective.regimes
+            else ""
+        )
+        supports = ", ".join(objective.regimes) or "no regime"
+        name = cfg.objective.name
+        return f"objective.name={name} does not train in train.regime={regime} (it supports {supports}){why}"
+    unknown = _unknown_kwargs(objective, cfg.objective.kwargs) if cfg.objective.kwargs else []
+    if unknown:
+        accepted = [p for p in inspect.signature(objective.__init__).parameters if p not in ("self", "spec")]
         return (
-            f"objective.name={cfg.objective.name} does not train in train.regime={regime} (it supports "
-            f"{', '.join(objective.regimes)}): the delayed-gradient regimes train the end-to-end loss; "
-            "use objective.name=vangl with trgl.enabled=false, or another regime"
+            f"objective.kwargs: {objective.__name__} takes no {', '.join(unknown)}; it takes "
+            f"{', '.join(accepted) or 'no keyword arguments'}"
         )
     if cfg.pipeline.transport != "auto" and regime != "parallel":
         return (

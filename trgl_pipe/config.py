@@ -79,6 +79,7 @@ class DataConfig:
             raise ConfigError("data.source=root needs data.root (the folder that holds the dataset)")
 
 
+ObjectiveName = Literal["trgl", "vangl", "infopro", "infopro_l", "predsim"]
 Arch = Literal[
     "cifar_resnet",
     "resnet18",
@@ -374,7 +375,10 @@ class ObjectiveConfig:
     Eidnes 2019).
     """
 
-    name: Literal["trgl", "vangl", "infopro", "infopro_l", "predsim"] = "trgl"
+    # a built-in, or "pkg.mod:Class", a subclass of trgl_pipe.Objective built as Class(spec, **kwargs)
+    # for each module (see docs/your-own-objective.md)
+    name: ObjectiveName | str = "trgl"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to an objective.name class
     infopro_loss: Literal["softmax", "contrast"] = "softmax"  # InfoPro's task term
     # [λ1 first, λ2 first, λ1 at module K-2, λ2 at module K-2] (reconstruction, task), linear in
     # between; null: the authors' ResNet-110 CIFAR-10 values for K (2, 4, 8, 16)
@@ -386,6 +390,17 @@ class ObjectiveConfig:
     predsim_dim_in_decoder: int = 4096  # the prediction head pools its input to at most this many features
 
     def __post_init__(self) -> None:
+        builtin = self.name in get_args(ObjectiveName)
+        if not builtin and ":" not in self.name:
+            raise ConfigError(
+                f"objective.name={self.name} is not an objective here; choose one of "
+                f"{', '.join(get_args(ObjectiveName))}, or name your own as pkg.module:Class"
+            )
+        if builtin and self.kwargs:
+            raise ConfigError(
+                f"objective.kwargs={self.kwargs} is for an objective of your own (objective.name="
+                f"pkg.module:Class); {self.name} takes its settings from its own objective.* keys"
+            )
         if self.infopro_weights is not None and len(self.infopro_weights) != 4:
             raise ConfigError(
                 f"objective.infopro_weights lists {len(self.infopro_weights)} numbers; give 4: "

@@ -49,12 +49,14 @@ def _final_shards(out: Path, k: int) -> list[dict]:
     return [torch.load(folder / f"module-{i}.pt", weights_only=True)["stage"] for i in range(k)]
 
 
-def test_a_user_network_on_four_ranks_computes_what_one_process_computes(tmp_path: Path) -> None:
+def test_a_user_network_and_objective_on_four_ranks_compute_what_one_process_computes(tmp_path: Path) -> None:
     # 180 training images in batches of 32: a last partial batch of 20; the Residual ResNet-14
-    # (6 blocks) and the arrays dataset both come from tests/user_pkg
-    single = run_cli([*USER, f"out_dir={tmp_path / 'single'}"])
+    # (6 blocks), the arrays dataset and the Distill objective (a network, kwargs and state of
+    # its own) all come from tests/user_pkg
+    user = [*USER, "objective.name=tests.user_pkg.objectives:Distill", "objective.kwargs={weight: 0.5}"]
+    single = run_cli([*user, f"out_dir={tmp_path / 'single'}"])
     assert single.returncode == 0, single.stderr[-3000:]
-    piped = run_torchrun(4, [*USER, f"out_dir={tmp_path / 'pipe'}"])
+    piped = run_torchrun(4, [*user, f"out_dir={tmp_path / 'pipe'}"])
     assert piped.returncode == 0, piped.stderr[-3000:]
     a, b = _losses(tmp_path / "single"), _losses(tmp_path / "pipe")
     assert len(a) == 4 * 12 and a == b  # every module, every step, bitwise
@@ -62,13 +64,16 @@ def test_a_user_network_on_four_ranks_computes_what_one_process_computes(tmp_pat
     for sa, sb in zip(
         _final_shards(tmp_path / "single", 4), _final_shards(tmp_path / "pipe", 4), strict=True
     ):
-        for part in ("body", "head"):
+        for part in ("body", "head", "aux"):
             for name, tensor in sa[part].items():
                 assert torch.equal(tensor, sb[part][name]), (part, name)
+        assert torch.equal(sa["objective"]["centres"], sb["objective"]["centres"])
+        assert sa["objective"]["steps"] == sb["objective"]["steps"] == 12
     s1 = json.loads((tmp_path / "single" / "summary.json").read_text())
     s2 = json.loads((tmp_path / "pipe" / "summary.json").read_text())
     assert [m["test_accuracy"] for m in s1["modules"]] == [m["test_accuracy"] for m in s2["modules"]]
     assert s2["world_size"] == 4 and s2["transport"] == "dist"
+    assert [m["method"] for m in s2["modules"]] == ["distill(weight=0.5)"] * 4
 
 
 SCRIPT = """
