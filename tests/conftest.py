@@ -39,6 +39,18 @@ TINY = [
 ]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest tests (``heavy(seconds)``, seconds measured in CI) first, longest first: with two
+    workers a long test started last leaves the other worker idle at the end (longest-processing-
+    time-first scheduling); the rest keep their order (the sort is stable)."""
+
+    def seconds(item: pytest.Item) -> float:
+        heavy = item.get_closest_marker("heavy")
+        return heavy.args[0] if heavy is not None else 0.0
+
+    items.sort(key=lambda item: -seconds(item))
+
+
 @pytest.fixture(autouse=True)
 def _fixed_seed() -> None:
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ from conftest import ROOT
 OTHER_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
+@pytest.mark.heavy(40)
 @pytest.mark.slow
 def test_golden_tests_pass_under_another_cpus_kernels() -> None:
     env = {**os.environ, **OTHER_KERNELS}

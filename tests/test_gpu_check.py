@@ -16,6 +16,7 @@ import gpu_check
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 
+@pytest.mark.heavy(110)
 def test_gpu_check_passes_in_cpu_mode(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--out", str(tmp_path)],

@@ -50,6 +50,7 @@ def test_narrow_resnet_trains_with_onednn_avx2_kernels(tmp_path: Path, options: 
     assert len(losses) == 2 * 2 and all(v == v for step in losses.values() for v in step)  # 2 modules, no NaN
 
 
+@pytest.mark.heavy(75)
 def test_compiled_modules_compute_what_eager_modules_compute(tmp_path: Path) -> None:
     # The narrow network above (width 4: a strided 1x1 shortcut with 4 input channels, which
     # inductor computes channels_last) under oneDNN's AVX2 kernels, both modules, TRGL on, 5 full

@@ -256,6 +256,7 @@ def _assert_final_is_the_reference(out: Path, stages: list[Stage], inputs: list,
     assert all(torch.equal(s["grads"][0][1], g) for s, g in zip(states, sent, strict=True))
 
 
+@pytest.mark.heavy(40)
 @pytest.mark.parametrize("regime", ["ddg", "fr"])
 def test_replicas_compute_the_data_parallel_reference_and_resume_it(tmp_path: Path, regime: str) -> None:
     # K=2 stages x R=2 replicas on 4 ranks; batches of 64 (shards of 32) and a last one of 44

@@ -217,6 +217,7 @@ def _wait_for_checkpoint(out: Path, at_least: int, deadline_s: float) -> None:
     raise AssertionError(f"no complete checkpoint at or after step {at_least} in {deadline_s} s")
 
 
+@pytest.mark.heavy(45)
 @pytest.mark.parametrize("restart", ["relaunch", "max-restarts"])
 def test_a_killed_pipeline_resumes_and_ends_like_an_uninterrupted_run(tmp_path: Path, restart: str) -> None:
     common = [*TINY, "model.num_modules=3", "train.epochs=4", "checkpoint.every_steps=2", "checkpoint.keep=3"]
