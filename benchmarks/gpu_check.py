@@ -1,6 +1,6 @@
 """The GPU acceptance run: every GPU path of trgl_pipe one or two GPUs can reach, in minutes.
 
-    python benchmarks/gpu_check.py                       # one H100: about 6 minutes (estimated)
+    python benchmarks/gpu_check.py                       # one H100: about 5.5 minutes (estimated)
     python benchmarks/gpu_check.py --only correctness    # a group (or checks) at a time
     python benchmarks/gpu_check.py --plan                # the plan and the pre-flight, nothing run
     python benchmarks/gpu_check.py --device cpu --quick  # the same checks on CPU, smaller (CI)

@@ -21,14 +21,23 @@ def _verdict(overrides: list[str]) -> str:
     return "runs"
 
 
-def test_the_documented_table_is_the_functions() -> None:
+def _table(first: str, keys: str) -> tuple[list[str], list[list[str]]]:
+    """The columns after the first of docs/compatibility.md's table headed ``first``, and its rows
+    whose first cell matches ``keys`` (a regex alternation), split into cells."""
     lines = (ROOT / "docs" / "compatibility.md").read_text().splitlines()
-    header = next(line for line in lines if line.startswith("| train.regime"))
-    columns = [c.strip() for c in header.strip("|").split("|")][1:]
-    rows = [line for line in lines if re.match(r"\| (e2e|parallel|sequential|multilap|ddg|fr) \|", line)]
+    header = next(line for line in lines if line.startswith(f"| {first}"))
+    cells = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in lines
+        if re.match(rf"\| ({keys}) \|", line)
+    ]
+    return [c.strip() for c in header.strip("|").split("|")][1:], cells
+
+
+def test_the_documented_table_is_the_functions() -> None:
+    columns, rows = _table("train.regime", "e2e|parallel|sequential|multilap|ddg|fr")
     assert len(rows) == 6
-    for row in rows:
-        regime, *cells = [c.strip() for c in row.strip("|").split("|")]
+    for regime, *cells in rows:
         extra = ["trgl.enabled=false"] if regime in ("ddg", "fr") else []
         for column, documented in zip(columns, cells, strict=True):
             setting = [column] if "=" in column else [f"objective.name={column}"]
@@ -36,13 +45,9 @@ def test_the_documented_table_is_the_functions() -> None:
 
 
 def test_the_documented_network_table_is_the_functions() -> None:
-    lines = (ROOT / "docs" / "compatibility.md").read_text().splitlines()
-    header = next(line for line in lines if line.startswith("| model.arch"))
-    columns = [c.strip() for c in header.strip("|").split("|")][1:]
-    rows = [line for line in lines if re.match(r"\| (cifar_resnet|resnet18|vgg11_bn|swin_t) \|", line)]
+    columns, rows = _table("model.arch", "cifar_resnet|resnet18|vgg11_bn|swin_t")
     assert len(rows) == 4
-    for row in rows:
-        arch, *cells = [c.strip() for c in row.strip("|").split("|")]
+    for arch, *cells in rows:
         for column, documented in zip(columns, cells, strict=True):
             layout = ["model.num_modules=4"] if column.startswith("pipeline.") else []
             assert _verdict([f"model.arch={arch}", column, *layout]) == documented, (arch, column)

@@ -20,12 +20,12 @@ if TYPE_CHECKING:
 DELAYED = ("ddg", "fr")
 
 
-def _unknown_kwargs(cls: type, kwargs: dict) -> list[str]:
-    """The keys of ``kwargs`` that ``cls(spec, **kwargs)`` would not take."""
+def _kwargs_of(cls: type) -> list[str] | None:
+    """The keyword arguments ``cls(spec, ...)`` takes; None when it takes any (``**kwargs``)."""
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return []
-    return [k for k in kwargs if k not in params or k in ("self", "spec")]
+        return None
+    return [p for p in params if p not in ("self", "spec")]
 
 
 def check(cfg: Config) -> None:
@@ -53,9 +53,10 @@ def refusal_of(cfg: Config) -> str | None:
         supports = ", ".join(objective.regimes) or "no regime"
         name = cfg.objective.name
         return f"objective.name={name} does not train in train.regime={regime} (it supports {supports}){why}"
-    unknown = _unknown_kwargs(objective, cfg.objective.kwargs) if cfg.objective.kwargs else []
+    accepted = _kwargs_of(objective) if cfg.objective.kwargs else None
+    unknown = [k for k in cfg.objective.kwargs if accepted is not None and k not in accepted]
     if unknown:
-        accepted = [p for p in inspect.signature(objective.__init__).parameters if p not in ("self", "spec")]
+        assert accepted is not None
         return (
             f"objective.kwargs: {objective.__name__} takes no {', '.join(unknown)}; it takes "
             f"{', '.join(accepted) or 'no keyword arguments'}"

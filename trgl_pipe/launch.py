@@ -58,10 +58,10 @@ def _signal_name(number: int) -> str:
 
 def cause_of(rank: int, failure: Any) -> tuple[str | None, int]:
     """The line to print and the exit code for torchrun's root cause: ``failure`` of global ``rank``."""
-    message = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
-    if isinstance(message, dict) and isinstance(message.get("message"), str):
-        code = message.get("errorCode") or failure.exitcode
-        return message["message"].splitlines()[0], int(code) if int(code) > 0 else 1
+    line = _recorded_line(failure)
+    if line is not None:
+        code = failure.error_file_data["message"].get("errorCode") or failure.exitcode
+        return line.splitlines()[0], int(code) if int(code) > 0 else 1
     where = f"rank {rank} (pid {failure.pid})"
     if failure.exitcode < 0:
         number = -failure.exitcode
@@ -75,6 +75,7 @@ def cause_of(rank: int, failure: Any) -> tuple[str | None, int]:
 
 
 def _recorded_line(failure: Any) -> str | None:
+    """The line a rank recorded in its error file (:func:`record_failure`), or None."""
     message = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
     if isinstance(message, dict) and isinstance(message.get("message"), str):
         return message["message"]

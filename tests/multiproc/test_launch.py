@@ -38,6 +38,27 @@ def _errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+def _start_training(nproc: int, args: list[str], metrics: Path) -> tuple[subprocess.Popen, psutil.Process]:
+    """The launcher on ``nproc`` ranks, once ``metrics`` shows a training step; and rank 1's process."""
+    proc = subprocess.Popen(
+        _launch_cmd(nproc, args),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
+        time.sleep(0.1)
+    victim = next(
+        c
+        for c in psutil.Process(proc.pid).children(recursive=True)
+        if c.environ().get("RANK") == "1" and "trgl_pipe.run" in " ".join(c.cmdline())
+    )
+    return proc, victim
+
+
 def test_a_failing_rank_is_said_once_last_with_exit_status_1(tmp_path: Path) -> None:
     args = [*TINY, f"out_dir={tmp_path / 'run'}", "debug.raise_at_step=2", "debug.raise_on_module=1"]
     result = _launch(2, args)
@@ -54,18 +75,7 @@ def test_a_stopped_rank_is_named_as_stuck_within_the_timeout(tmp_path: Path) -> 
     # report that kill as the cause); the launcher reports their line, exit 1
     out = tmp_path / "run"
     args = [*TINY, f"out_dir={out}", "model.num_modules=3", "train.epochs=30", "pipeline.timeout_s=5"]
-    proc = subprocess.Popen(
-        _launch_cmd(3, args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    metrics = out / "metrics.rank2.jsonl"
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
-        time.sleep(0.1)
-    victim = next(
-        c
-        for c in psutil.Process(proc.pid).children(recursive=True)
-        if c.environ().get("RANK") == "1" and "trgl_pipe.run" in " ".join(c.cmdline())
-    )
+    proc, victim = _start_training(3, args, out / "metrics.rank2.jsonl")
     t0 = time.monotonic()
     victim.send_signal(signal.SIGSTOP)
     _, stderr = proc.communicate(timeout=120)
@@ -85,18 +95,7 @@ def test_after_sigterm_the_stopped_line_is_the_last_one(tmp_path: Path) -> None:
     # own log lines about the stopped workers
     out = tmp_path / "run"
     args = [*TINY, f"out_dir={out}", "train.epochs=30", "checkpoint.every_epochs=0"]
-    proc = subprocess.Popen(
-        _launch_cmd(2, args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    metrics = out / "metrics.rank1.jsonl"
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
-        time.sleep(0.1)
-    victim = next(
-        c
-        for c in psutil.Process(proc.pid).children(recursive=True)
-        if c.environ().get("RANK") == "1" and "trgl_pipe.run" in " ".join(c.cmdline())
-    )
+    proc, victim = _start_training(2, args, out / "metrics.rank1.jsonl")
     victim.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-3000:]
@@ -128,18 +127,7 @@ def test_a_killed_rank_is_named(tmp_path: Path) -> None:
         "debug.slow_module=0",
         "debug.slow_s=0.1",
     ]
-    proc = subprocess.Popen(
-        _launch_cmd(3, args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    metrics = out / "metrics.rank2.jsonl"
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
-        time.sleep(0.1)
-    victim = next(
-        c
-        for c in psutil.Process(proc.pid).children(recursive=True)
-        if c.environ().get("RANK") == "1" and "trgl_pipe.run" in " ".join(c.cmdline())
-    )
+    proc, victim = _start_training(3, args, out / "metrics.rank2.jsonl")
     victim.send_signal(signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGKILL, stderr[-3000:]

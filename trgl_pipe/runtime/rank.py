@@ -263,10 +263,9 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     if delayed:  # the backward link: gradients from the next rank to this one
         backward = dataclasses.replace(link, group=session.backward_group)  # a communicator of its own
         links = BackwardLinks.connect(rank, previous, following, backward, (in_shape, in_dtype))
-    train_sizes, eval_sizes = batch_sizes(cfg, ctx, replica, layout.replicas)
     # every replica warms up with as many training passes (SyncBatchNorm's collectives)
-    every = [batch_sizes(cfg, ctx, r, layout.replicas)[0] for r in range(layout.replicas)]
-    train_sizes = warm_up_sizes(every)[replica]
+    every = [batch_sizes(cfg, ctx, r, layout.replicas) for r in range(layout.replicas)]
+    train_sizes, eval_sizes = warm_up_sizes([train for train, _ in every])[replica], every[replica][1]
     for stage, (shape, dtype) in zip(stages, shapes, strict=True):
         stage.warm_up(shape, dtype, train_sizes, eval_sizes)
     _ready_barrier(session)
@@ -405,7 +404,7 @@ def _stop_stuck_peer(store: Any, peer: int) -> None:
     SIGTERM then does nothing, and torchrun waits a fixed 30 s before its own SIGKILL, which the
     launcher would then report as the cause. Killed now, the job ends within
     ``pipeline.timeout_s`` plus a few seconds, and the recorded cause (the neighbours' "stuck or
-    dead") is what is reported (:func:`trgl_pipe.launch.cause_of_kill`). A peer on another host is
+    dead") is what is reported (``_root_cause`` in :mod:`trgl_pipe.launch`). A peer on another host is
     left to its own agent.
     """
     try:
