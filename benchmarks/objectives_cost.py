@@ -42,7 +42,7 @@ METHODS = {
     "vangl": ["objective.name=vangl"],
     "trgl": ["objective.name=trgl"],
     "infopro_softmax": ["objective.name=infopro"],
-    "infopro_contrast": ["objective.name=infopro", "objective.infopro_loss=contrast"],
+    "infopro_contrast": ["objective.name=infopro", "objective.kwargs.loss=contrast"],
     "infopro_l": ["objective.name=infopro_l"],
     "predsim": ["objective.name=predsim"],
     "dgl_mlp_sr": ["objective.name=vangl", "aux.type=dgl_mlp_sr"],

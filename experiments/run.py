@@ -78,13 +78,13 @@ SCARCE_TAU: str | None = "1e4"  # the best validation accuracy of scarce-sweep (
 # Experiment 7: the paper's competitors in experiment 5's setting (5,000 images, ResNet-38 width 8,
 # 30 epochs, fresh seeds 0-2), beside the committed VanGL and TRGL runs of experiments/runs/scarce.
 # Hyper-parameters from each method's paper: InfoPro's per-module weights are the authors' ResNet-110
-# commands for K (objective.infopro_weights=null), temperature 0.07, their "1c2f" head; PredSim's
+# commands for K (objective.kwargs.weights=null), temperature 0.07, their "1c2f" head; PredSim's
 # β = 0.99; DGL is VanGL with DGL's MLP-SR head. The optimizer and schedule are experiment 5's for
 # every method (equal terms), not each paper's own.
 COMPETITORS = {
-    "infopro-softmax": ["objective.name=infopro", "objective.infopro_loss=softmax"],
-    "infopro-contrast": ["objective.name=infopro", "objective.infopro_loss=contrast"],
-    "predsim": ["objective.name=predsim", "objective.predsim_beta=0.99"],
+    "infopro-softmax": ["objective.name=infopro", "objective.kwargs.loss=softmax"],
+    "infopro-contrast": ["objective.name=infopro", "objective.kwargs.loss=contrast"],
+    "predsim": ["objective.name=predsim", "objective.kwargs.beta=0.99"],
     "dgl-mlp-sr": ["objective.name=vangl", "aux.type=dgl_mlp_sr"],
 }
 COMPETITOR_KS = (4, 16)

@@ -12,7 +12,7 @@ from conftest import run_cli
 
 from trgl_pipe.config import load_config
 from trgl_pipe.models import AuxHead, FinalHead, PadShortcut, PostActBlock, PreActBlock
-from trgl_pipe.objective import tau_for_module
+from trgl_pipe.objectives.trgl import tau_for_module
 from trgl_pipe.stage import StagePlan, build_head, build_parts
 
 

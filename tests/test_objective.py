@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from trgl_pipe.config import TrglConfig
 from trgl_pipe.models import PreActBlock
-from trgl_pipe.objective import LocalObjective, tau_for_module
+from trgl_pipe.objectives.trgl import LocalObjective, tau_for_module
 from trgl_pipe.stage import ModuleBody
 
 CPU = torch.device("cpu")

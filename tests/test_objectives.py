@@ -10,12 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trgl_pipe.config import Config, ObjectiveConfig
+from trgl_pipe.config import Config, ObjectiveConfig, from_dict
 from trgl_pipe.errors import ConfigError
 from trgl_pipe.metrics import read_metrics
 from trgl_pipe.models.dgl_heads import DglHead
 from trgl_pipe.objectives import LocalInputs, ModuleSpec, build_objective, needs_image
-from trgl_pipe.objectives.infopro import InfoProObjective, module_weights, supervised_contrastive
+from trgl_pipe.objectives.infopro import (
+    InfoProLObjective,
+    InfoProObjective,
+    module_weights,
+    supervised_contrastive,
+)
 from trgl_pipe.objectives.predsim import PredSimObjective, pooling_for, similarity_matrix
 from trgl_pipe.single import run_single
 
@@ -50,7 +55,7 @@ def test_infopro_weights_move_linearly_from_the_first_module_to_module_k_minus_2
 
 def test_infopro_softmax_loss_by_hand() -> None:
     # λ = (5, 0.5) at K=2; the image is restored from (x - 0.5) / 0.25 to [0, 1]
-    objective = InfoProObjective(ObjectiveConfig(), _spec(mean=(0.5,), std=(0.25,)), "image")
+    objective = InfoProObjective(_spec(mean=(0.5,), std=(0.25,)))
     pixels = torch.tensor([0.0, 0.25, 0.5, 1.0]).repeat(8).view(2, 1, 4, 4)
     image = (pixels - 0.5) / 0.25
     recon = torch.full((2, 1, 4, 4), 0.5)
@@ -76,10 +81,7 @@ def test_supervised_contrastive_loss_by_hand() -> None:
 
 
 def test_infopro_contrast_trains_a_probe_and_adds_its_ce() -> None:
-    cfg = ObjectiveConfig(
-        infopro_loss="contrast", infopro_weights=[2.0, 3.0, 0.0, 0.0], infopro_temperature=0.5
-    )
-    objective = InfoProObjective(cfg, _spec(), "image")
+    objective = InfoProObjective(_spec(), loss="contrast", weights=[2.0, 3.0, 0.0, 0.0], temperature=0.5)
     z = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6]]), dim=1)
     recon = torch.full((2, 1, 4, 4), 0.5)
     image = torch.full((2, 1, 4, 4), 0.5)  # no normalisation given: the image as it is
@@ -91,7 +93,7 @@ def test_infopro_contrast_trains_a_probe_and_adds_its_ce() -> None:
 
 
 def test_infopro_l_reconstructs_the_module_input_with_a_squared_error() -> None:
-    objective = InfoProObjective(ObjectiveConfig(infopro_weights=[2.0, 1.0, 0.0, 0.0]), _spec(), "input")
+    objective = InfoProLObjective(_spec(), weights=[2.0, 1.0, 0.0, 0.0])
     x = torch.arange(32.0).view(2, 1, 4, 4)
     recon = x + 0.5
     loss = objective.loss(_inputs(x=x, extras={"reconstruction": recon}))
@@ -100,11 +102,11 @@ def test_infopro_l_reconstructs_the_module_input_with_a_squared_error() -> None:
 
 
 def test_infopro_last_module_is_plain_cross_entropy_and_other_k_need_weights() -> None:
-    last = InfoProObjective(ObjectiveConfig(), _spec(1, 2), "image")
+    last = InfoProObjective(_spec(1, 2))
     assert last.loss(_inputs()).item() == pytest.approx(0.7)
     assert not last.networks() and last.head() is None and not last.needs_image
-    with pytest.raises(ConfigError, match=r"objective\.infopro_weights"):
-        InfoProObjective(ObjectiveConfig(), _spec(0, 3), "image")
+    with pytest.raises(ConfigError, match=r"objective\.kwargs\.weights"):
+        InfoProObjective(_spec(0, 3))
 
 
 def test_similarity_matrix_by_hand() -> None:
@@ -118,7 +120,7 @@ def test_similarity_matrix_by_hand() -> None:
 
 
 def test_predsim_loss_by_hand() -> None:
-    objective = PredSimObjective(ObjectiveConfig(predsim_beta=0.9), _spec(num_classes=2))
+    objective = PredSimObjective(_spec(num_classes=2), beta=0.9)
     h = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     y = torch.tensor([0, 1, 0])
     # S(h): rows centred to ±0.5 and 0 -> [[1, -1, 0], [-1, 1, 0], [0, 0, 0]]; S(onehot) = ±1
@@ -127,14 +129,14 @@ def test_predsim_loss_by_hand() -> None:
     assert math.isclose(mse.item(), 5 / 9, rel_tol=1e-6)  # differences: 1, 1 and 3 entries of ±1
     loss = objective.loss(_inputs(y=y, extras={"similarity": h}))
     assert math.isclose(loss.item(), 0.1 * 0.7 + 0.9 * 5 / 9, rel_tol=1e-6)
-    last = PredSimObjective(ObjectiveConfig(predsim_beta=0.9), _spec(1, 2))
+    last = PredSimObjective(_spec(1, 2), beta=0.9)
     assert math.isclose(last.loss(_inputs()).item(), 0.1 * 0.7, rel_tol=1e-6)
 
 
 def test_predsim_prediction_head_pools_to_the_authors_feature_limit() -> None:
     assert pooling_for(8, 28, 4096) == ((2, 1), (0, 0), 8 * 14 * 28)
     assert pooling_for(16, 8, 4096) == ((1, 1), (0, 0), 1024)
-    head = PredSimObjective(ObjectiveConfig(), _spec(out_shape=(8, 28, 28), num_classes=10)).head()
+    head = PredSimObjective(_spec(out_shape=(8, 28, 28), num_classes=10)).head()
     assert head(torch.randn(2, 8, 28, 28)).shape == (2, 10)
     assert float(head.fc.weight.detach().abs().sum()) == 0.0  # the prediction layer starts at zero
 
@@ -154,20 +156,27 @@ def test_dgl_heads_have_the_authors_layers() -> None:
 def test_objective_name_selects_and_checks_its_keys(tiny) -> None:
     cfg = tiny("model.num_modules=4", "objective.name=vangl")
     spec = _spec(0, 4)
-    assert build_objective(cfg, spec, CPU).describe() == {"tau": None, "lambda": None, "method": "vangl"}
-    assert build_objective(tiny(), spec, CPU).describe()["method"] == "trgl"
+    vangl = {"tau": None, "lambda": None, "method": "vangl", "label": "VanGL"}
+    assert build_objective(cfg, spec).describe() == vangl
+    assert build_objective(tiny(), spec).describe()["method"] == "trgl"
+    contrast = tiny("objective.name=infopro", "objective.kwargs.loss=contrast", "model.num_modules=4")
+    assert build_objective(contrast, spec).describe()["label"] == "InfoPro (contrast)"
     assert needs_image(tiny("objective.name=infopro"), 0, 2) and not needs_image(
         tiny("objective.name=infopro"), 1, 2
     )
+    infopro, predsim = "objective.name=infopro", "objective.name=predsim"
     for bad, match in [
-        ("objective.name=sedona", "objective.name=sedona is not an objective here; choose one of trgl"),
-        ("objective.infopro_weights=[1, 2]", "objective.infopro_weights lists 2"),
-        ("objective.predsim_beta=1.5", "objective.predsim_beta"),
-        ("objective.typo=1", "unknown config key 'objective.typo'"),
-        ("aux.type=mlp", "aux.type must be one of"),
+        (["objective.name=sedona"], "objective.name=sedona is not an objective here; choose one of trgl"),
+        ([infopro, "objective.kwargs.weights=[1, 2]"], r"objective\.kwargs\.weights=\[1, 2\]: give 4"),
+        ([infopro, "objective.kwargs.loss=mse"], "objective.kwargs.loss=mse is not InfoPro's"),
+        ([predsim, "objective.kwargs.beta=1.5"], r"objective\.kwargs\.beta must be a number in \[0, 1\]"),
+        ([predsim, "objective.kwargs.tau=1"], "PredSimObjective takes no tau; it takes beta, dim_in_decoder"),
+        (["objective.kwargs.tau=1"], "TRGL's settings are the trgl section's keys"),
+        (["objective.typo=1"], "unknown config key 'objective.typo'"),
+        (["aux.type=mlp"], "aux.type must be one of"),
     ]:
         with pytest.raises(ConfigError, match=match):
-            tiny(bad)
+            tiny(*bad)
     assert isinstance(tiny().objective, ObjectiveConfig) and isinstance(tiny(), Config)
 
 
@@ -175,9 +184,9 @@ METHODS = {
     "trgl": ["objective.name=trgl"],
     "vangl": ["objective.name=vangl"],
     "infopro-softmax": ["objective.name=infopro"],
-    "infopro-contrast": ["objective.name=infopro", "objective.infopro_loss=contrast"],
+    "infopro-contrast": ["objective.name=infopro", "objective.kwargs.loss=contrast"],
     # the authors' InfoPro weights (λ1 = 5 on a squared error of features) diverge here at lr 0.1
-    "infopro_l": ["objective.name=infopro_l", "objective.infopro_weights=[0.5, 1, 0, 0]"],
+    "infopro_l": ["objective.name=infopro_l", "objective.kwargs.weights=[0.5, 1, 0, 0]"],
     "predsim": ["objective.name=predsim"],
     "dgl-cnn": ["objective.name=vangl", "aux.type=dgl_cnn"],
     "dgl-mlp-sr": ["objective.name=vangl", "aux.type=dgl_mlp_sr"],
@@ -207,7 +216,7 @@ def test_every_method_trains_in_every_regime(tiny, method: str, regime: str) -> 
 
 
 def test_simulated_pipeline_carries_the_image_and_equals_the_parallel_regime(tiny) -> None:
-    common = ("model.num_modules=4", "objective.name=infopro", "objective.infopro_loss=contrast")
+    common = ("model.num_modules=4", "objective.name=infopro", "objective.kwargs.loss=contrast")
     a = tiny(*common)
     b = tiny(*common, "pipeline.transport=sim")
     run_single(a, console_summary=False)
@@ -238,7 +247,7 @@ def test_the_competitors_study_is_defined_with_valid_configs() -> None:
     for _, overrides, _ in runs:
         cfg = load_config(None, overrides)  # every key valid
         assert cfg.data.train_size == 5000 and cfg.train.epochs == 30 and cfg.model.depth == 38
-        names.add((cfg.objective.name, cfg.objective.infopro_loss, cfg.aux.type, cfg.model.num_modules))
+        names.add((cfg.objective.name, cfg.objective.kwargs.get("loss"), cfg.aux.type, cfg.model.num_modules))
     assert len(names) == 8
 
 
@@ -258,7 +267,7 @@ def test_a_module_with_the_objectives_own_head_exports_with_its_accuracy(tiny, m
 
 def test_a_resumed_infopro_run_ends_like_an_uninterrupted_one(tiny) -> None:
     # the decoder, projection head and their optimizer state are part of the module's shard
-    common = ("objective.name=infopro", "objective.infopro_loss=contrast", "checkpoint.keep=100")
+    common = ("objective.name=infopro", "objective.kwargs.loss=contrast", "checkpoint.keep=100")
     full = tiny(*common, "checkpoint.every_steps=3")
     run_single(full, console_summary=False)
     resumed = tiny(*common, f"resume={Path(full.out_dir) / 'checkpoints' / '0000000003'}")
@@ -301,6 +310,33 @@ def test_reports_and_summaries_name_the_objective() -> None:
     old = config({})
     del old["objective"]
     assert describe(old, summary) == "Par TRGL τ=10000 K=4"  # runs from before objectives existed
+    # a run written now: the objective's own label, from describe(), whatever its config says
+    labelled = {**summary, "method_label": "Distill (w=0.5)"}
+    assert describe(config({"name": "user_pkg.objectives:Distill"}), labelled) == "Par Distill (w=0.5) K=4"
+    new_style = config({"name": "infopro", "kwargs": {"loss": "contrast"}})
+    assert describe(new_style, summary) == "Par InfoPro (contrast) K=4"
+
+
+def test_the_old_flat_keys_move_into_kwargs_with_one_warning_naming_the_new_key(tiny) -> None:
+    with pytest.warns(
+        FutureWarning, match=r"objective\.infopro_loss is deprecated: use objective\.kwargs\.loss"
+    ):
+        cfg = tiny("objective.name=infopro", "objective.infopro_loss=contrast")
+    assert cfg.objective.kwargs == {"loss": "contrast"} and "infopro_loss" not in cfg.to_dict()["objective"]
+    with pytest.warns(FutureWarning, match="objective.predsim_beta is deprecated: use objective.kwargs.beta"):
+        assert tiny("objective.name=predsim", "objective.predsim_beta=0.5").objective.kwargs == {"beta": 0.5}
+    with pytest.raises(
+        ConfigError, match=r"objective\.infopro_loss=contrast and objective\.kwargs\.loss=softmax disagree"
+    ):
+        tiny("objective.name=infopro", "objective.infopro_loss=contrast", "objective.kwargs.loss=softmax")
+    # a config.yaml written before: every old key at its old default, for any objective; no warning
+    import warnings
+
+    old = {"infopro_loss": "softmax", "infopro_weights": None, "infopro_widen": 1.0, "predsim_beta": 0.99}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("infopro", "predsim", "trgl"):
+            assert from_dict(Config, {"objective": {"name": name, **old}}, "").objective.kwargs == {}
 
 
 def test_objectives_run_on_swin_token_maps(tiny) -> None:
@@ -308,7 +344,7 @@ def test_objectives_run_on_swin_token_maps(tiny) -> None:
 
     swin = ["model.arch=swin_t", "model.patch_size=2", "model.window_size=2", "data.name=synthetic"]
     swin += ["data.channels=3", "data.image_size=32", "data.batch_size=8", "model.num_modules=4"]
-    for extra in (["objective.name=infopro", "objective.infopro_loss=contrast"], ["objective.name=predsim"]):
+    for extra in (["objective.name=infopro", "objective.kwargs.loss=contrast"], ["objective.name=predsim"]):
         ctx = build_context(tiny(*swin, *extra), CPU)
         stages = [ctx.build_stage(i) for i in range(4)]
         x, y = next(iter(ctx.batches.train_batches(0)))

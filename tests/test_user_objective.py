@@ -102,7 +102,8 @@ def test_train_takes_the_class_itself(tmp_path: Path) -> None:
         ),
         (
             ["objective.name=infopro", "objective.kwargs={weight: 1}"],
-            "objective.kwargs={'weight': 1} is for an objective of your own",
+            "objective.kwargs: InfoProObjective takes no weight; it takes loss, weights, widen, feature_dim, "
+            "temperature",
         ),
         (["objective.name=distill"], "objective.name=distill is not an objective here; choose one of trgl"),
     ],

@@ -61,6 +61,12 @@ def refusal_of(cfg: Config) -> str | None:
             f"objective.kwargs: {objective.__name__} takes no {', '.join(unknown)}; it takes "
             f"{', '.join(accepted) or 'no keyword arguments'}"
         )
+    objective.check_kwargs(dict(cfg.objective.kwargs))  # its own one-line refusal of a bad value
+    if objective.needs_from_next:
+        return (
+            f"objective.name={cfg.objective.name} needs {' and '.join(objective.needs_from_next)} from "
+            "the next module (needs_from_next), which no regime sends back yet; it cannot train here"
+        )
     if cfg.pipeline.transport != "auto" and regime != "parallel":
         return (
             f"pipeline.transport={cfg.pipeline.transport} runs the parallel regime only "

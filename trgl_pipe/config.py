@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -376,18 +377,19 @@ class ObjectiveConfig:
     """
 
     # a built-in, or "pkg.mod:Class", a subclass of trgl_pipe.Objective built as Class(spec, **kwargs)
-    # for each module (see docs/your-own-objective.md)
+    # for each module (see docs/your-own-objective.md); a built-in's name stands for its import path
     name: ObjectiveName | str = "trgl"
-    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to an objective.name class
-    infopro_loss: Literal["softmax", "contrast"] = "softmax"  # InfoPro's task term
-    # [λ1 first, λ2 first, λ1 at module K-2, λ2 at module K-2] (reconstruction, task), linear in
-    # between; null: the authors' ResNet-110 CIFAR-10 values for K (2, 4, 8, 16)
+    # passed to the objective's class: infopro / infopro_l take loss, weights, widen, feature_dim,
+    # temperature; predsim takes beta, dim_in_decoder (docs/method.md); trgl's are the trgl section
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # deprecated (one release): the old flat keys of InfoPro and PredSim, moved into kwargs
+    infopro_loss: str | None = None
     infopro_weights: list[float] | None = None
-    infopro_widen: float = 1.0  # width factor of the decoder and the projection head
-    infopro_feature_dim: int = 128  # hidden width of the projection head (and contrast's embedding)
-    infopro_temperature: float = 0.07  # contrast
-    predsim_beta: float = 0.99  # L = (1 - β) prediction + β similarity matching
-    predsim_dim_in_decoder: int = 4096  # the prediction head pools its input to at most this many features
+    infopro_widen: float | None = None
+    infopro_feature_dim: int | None = None
+    infopro_temperature: float | None = None
+    predsim_beta: float | None = None
+    predsim_dim_in_decoder: int | None = None
 
     def __post_init__(self) -> None:
         builtin = self.name in get_args(ObjectiveName)
@@ -396,24 +398,41 @@ class ObjectiveConfig:
                 f"objective.name={self.name} is not an objective here; choose one of "
                 f"{', '.join(get_args(ObjectiveName))}, or name your own as pkg.module:Class"
             )
-        if builtin and self.kwargs:
+        if self.name == "trgl" and self.kwargs:
             raise ConfigError(
-                f"objective.kwargs={self.kwargs} is for an objective of your own (objective.name="
-                f"pkg.module:Class); {self.name} takes its settings from its own objective.* keys"
+                f"objective.kwargs={self.kwargs}: TRGL's settings are the trgl section's keys "
+                "(trgl.tau, trgl.tau_schedule, ...); drop objective.kwargs"
             )
-        if self.infopro_weights is not None and len(self.infopro_weights) != 4:
-            raise ConfigError(
-                f"objective.infopro_weights lists {len(self.infopro_weights)} numbers; give 4: "
-                "[reconstruction, task] at the first module, then at module K-2 (or null)"
-            )
-        if self.infopro_weights is not None and any(w < 0 for w in self.infopro_weights):
-            raise ConfigError(f"objective.infopro_weights must be 0 or more, got {self.infopro_weights}")
-        _positive("objective.infopro_widen", self.infopro_widen)
-        _positive("objective.infopro_feature_dim", self.infopro_feature_dim)
-        _positive("objective.infopro_temperature", self.infopro_temperature)
-        _positive("objective.predsim_dim_in_decoder", self.predsim_dim_in_decoder)
-        if not 0 <= self.predsim_beta <= 1:
-            raise ConfigError(f"objective.predsim_beta must be in [0, 1], got {self.predsim_beta}")
+        self._move_deprecated_keys()
+
+    def _move_deprecated_keys(self) -> None:
+        """Move the old flat keys into ``kwargs`` with a one-line warning naming the new key. A
+        run folder written before holds every old key at its default value: those are dropped."""
+        for old, (method, new, default) in DEPRECATED_OBJECTIVE_KEYS.items():
+            value = getattr(self, old)
+            setattr(self, old, None)
+            applies = self.name in (("infopro", "infopro_l") if method == "infopro" else (method,))
+            if value is None or value == default or not applies:
+                continue
+            if new in self.kwargs and self.kwargs[new] != value:
+                raise ConfigError(
+                    f"objective.{old}={value} and objective.kwargs.{new}={self.kwargs[new]} disagree; "
+                    f"drop objective.{old} (deprecated)"
+                )
+            warnings.warn(f"objective.{old} is deprecated: use objective.kwargs.{new}", FutureWarning, 2)
+            self.kwargs = {**self.kwargs, new: value}
+
+
+# old key -> (the method it belongs to, its name in objective.kwargs, its old default)
+DEPRECATED_OBJECTIVE_KEYS: dict[str, tuple[str, str, Any]] = {
+    "infopro_loss": ("infopro", "loss", "softmax"),
+    "infopro_weights": ("infopro", "weights", None),
+    "infopro_widen": ("infopro", "widen", 1.0),
+    "infopro_feature_dim": ("infopro", "feature_dim", 128),
+    "infopro_temperature": ("infopro", "temperature", 0.07),
+    "predsim_beta": ("predsim", "beta", 0.99),
+    "predsim_dim_in_decoder": ("predsim", "dim_in_decoder", 4096),
+}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -568,7 +587,11 @@ class Config:
         return 1 if self.train.regime == "e2e" else self.model.num_modules
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key, as config.yaml holds it (the deprecated objective keys are moved already)."""
+        raw = dataclasses.asdict(self)
+        for old in DEPRECATED_OBJECTIVE_KEYS:
+            del raw["objective"][old]
+        return raw
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from torch.func import functional_call
 
 from trgl_pipe.checkpoint import Progress
 from trgl_pipe.errors import CheckpointError
+from trgl_pipe.objectives import LocalInputs
 from trgl_pipe.runtime.messages import Kind, Message
 from trgl_pipe.runtime.replicas import average_gradients, gather_to_first
 from trgl_pipe.runtime.schedule import Position, parallel_stream
@@ -197,9 +198,9 @@ class DelayedModule:
         stage.sync_buffers()
         inp = x.detach().requires_grad_(stage.index > 0)
         with stage._autocast():
-            _, kinetic, logits = stage.local_net(inp, kinetic_grad=False)
+            out, kinetic, logits = stage.local_net(inp, kinetic_grad=False)
         ce = F.cross_entropy(logits.float(), y, label_smoothing=stage.label_smoothing)
-        loss = stage.objective(ce, kinetic)
+        loss = stage.objective.loss(LocalInputs(inp, out, kinetic, logits, ce, y))  # the interface
         stage.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._step(time, time, stage.num_steps, None)

@@ -57,7 +57,8 @@ def describe(config: dict[str, Any], summary: dict[str, Any]) -> str:
         objective = config.get("objective", {})
         aux_type = config.get("aux", {}).get("type", "conv")
         if objective.get("name", "trgl") not in ("trgl", "vangl"):
-            method = other_method(objective)
+            # the objective's own label (describe()); runs written before it was recorded: the config's
+            method = summary.get("method_label") or other_method(objective)
         elif objective.get("name") == "vangl" or not config["trgl"]["enabled"]:
             method = "VanGL" if aux_type == "conv" else f"DGL ({_DGL_HEADS[aux_type]})"
         elif config["trgl"]["tau_schedule"] == "adaptive":
@@ -84,7 +85,8 @@ def other_method(objective: dict[str, Any]) -> str:
     """The label of a local objective other than TRGL / VanGL."""
     name = objective["name"]
     if name == "infopro":
-        return f"InfoPro ({objective.get('infopro_loss', 'softmax')})"
+        loss = objective.get("kwargs", {}).get("loss") or objective.get("infopro_loss") or "softmax"
+        return f"InfoPro ({loss})"  # infopro_loss: the key before objective.kwargs
     return {"infopro_l": "InfoProL", "predsim": "PredSim"}.get(name, name)
 
 

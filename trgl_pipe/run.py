@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from trgl_pipe.config import load_config
 from trgl_pipe.errors import UserCodeError, UserError
@@ -30,6 +31,13 @@ from trgl_pipe.watch.sinks import check_packages
 
 def _launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _one_line_warnings(rank: int) -> None:
+    """A deprecated key is one line on the console, said once (by rank 0 under torchrun)."""
+    warnings.formatwarning = lambda message, category, *_a, **_k: f"{category.__name__}: {message}\n"
+    if rank != 0:
+        warnings.simplefilter("ignore", FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.insert(0, config_path)
         config_path = None
     rank = int(os.environ.get("RANK", "0"))
+    _one_line_warnings(rank)
     try:
         cfg = load_config(config_path, overrides)
         if args.print_config:

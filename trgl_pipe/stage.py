@@ -83,7 +83,7 @@ class LocalNet(nn.Module):
         self,
         body: ModuleBody,
         head: nn.Module,
-        objective: Objective | None = None,
+        objective: Objective,
         aux: nn.ModuleDict | None = None,
     ) -> None:
         super().__init__()
@@ -190,7 +190,7 @@ class Stage:
         total_steps: int,
         steps_per_epoch: int,
         device: torch.device,
-        objective: Objective | None = None,
+        objective: Objective,
         aux: nn.ModuleDict | None = None,
     ) -> None:
         self.plan = plan
@@ -202,8 +202,6 @@ class Stage:
         if self.channels_last:
             self.body.to(memory_format=torch.channels_last)
             self.head.to(memory_format=torch.channels_last)
-        if objective is None:  # built without shapes: an objective that needs none (TRGL, VanGL)
-            objective = build_objective(cfg, ModuleSpec(plan.index, plan.num_modules, (), (), (), 0), device)
         self.objective = objective
         self.local_net = LocalNet(self.body, self.head, objective, aux)
         self.aux = self.local_net.aux.to(device)
@@ -575,12 +573,9 @@ def build_stage(
     body = ModuleBody(
         parts.stem if plan.is_first else None, parts.blocks[start:stop], start, cfg.trgl.reduction
     )
-    spec = module_spec(parts, plan, num_classes, normalization)
-    # the objective's networks (and a head of its own) are seeded by (seed, k, last block): rank-free
-    with fork_seeded(cfg.seed, 5, plan.index, plan.stop):
-        objective = build_objective(cfg, spec, device)
-        own_head = objective.head()
-        aux = objective.networks()
+    objective, own_head, aux = module_objective(
+        cfg, module_spec(parts, plan, num_classes, normalization, device)
+    )
     head = own_head if own_head is not None else build_head(parts, plan, num_classes, cfg)
     if cfg.model.init_state:
         load_initial_state(cfg.model.init_state, index, len(partition), body, head)
@@ -646,13 +641,21 @@ def _meta_copy(module: nn.Module | None) -> nn.Module | None:
 def module_head(backbone: Backbone, plan: StagePlan, num_classes: int, cfg: Config) -> nn.Module:
     """F_k as training builds it: the objective's own classifier (InfoPro, PredSim), else the
     ``aux`` section's (for an export, which then loads the trained weights)."""
-    spec = module_spec(backbone, plan, num_classes, None)
-    with fork_seeded(cfg.seed, 5, plan.index, plan.stop):
-        own = build_objective(cfg, spec, torch.device("cpu")).head()
+    _, own, _ = module_objective(cfg, module_spec(backbone, plan, num_classes, None, torch.device("cpu")))
     return own if own is not None else build_head(backbone, plan, num_classes, cfg)
 
 
-def module_spec(parts: Backbone, plan: StagePlan, num_classes: int, normalization: dict | None) -> ModuleSpec:
+def module_objective(cfg: Config, spec: ModuleSpec) -> tuple[Objective, nn.Module | None, nn.ModuleDict]:
+    """The one place a module's objective is built, with its own classifier (None: the ``aux``
+    section's) and its networks, seeded by (seed, k, last block) so they are the same on any rank."""
+    with fork_seeded(cfg.seed, 5, spec.index, spec.last_block):
+        objective = build_objective(cfg, spec)
+        return objective, objective.head(), objective.networks()
+
+
+def module_spec(
+    parts: Backbone, plan: StagePlan, num_classes: int, normalization: dict | None, device: torch.device
+) -> ModuleSpec:
     """What an objective may know of module ``plan.index``: the shapes around it, the images'."""
     norm = normalization or {}
     return ModuleSpec(
@@ -665,4 +668,6 @@ def module_spec(parts: Backbone, plan: StagePlan, num_classes: int, normalizatio
         tokens=parts.tokens,
         mean=tuple(norm.get("mean", ())),
         std=tuple(norm.get("std", ())),
+        device=str(device),
+        last_block=plan.stop,
     )

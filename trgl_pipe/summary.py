@@ -60,7 +60,9 @@ def build_summary(
         "epochs": cfg.train.epochs,
         "laps": cfg.train.laps,
         "trgl": cfg.trgl.enabled and cfg.objective.name == "trgl",
-        "objective": cfg.objective.name if cfg.objective.name != "trgl" or cfg.trgl.enabled else "vangl",
+        # what the objective says of itself (describe()), not what the config's name suggests
+        "objective": modules[0].get("method"),
+        "method_label": modules[0].get("label"),
         "tau_schedule": cfg.trgl.tau_schedule if cfg.trgl.enabled and cfg.objective.name == "trgl" else None,
         "wall_time_s": round(wall_time_s, 3),
         "samples_per_s": round(train_samples / wall_time_s, 2) if wall_time_s > 0 else 0.0,

@@ -1,45 +1,44 @@
-"""Local objectives as plug-ins: ``objective.name`` picks one, :func:`build_objective` builds it for
-module k. Each is an :class:`Objective` (see :mod:`trgl_pipe.objectives.base`)."""
+"""Local objectives as plug-ins, one door for all: ``objective.name`` is an import path
+``pkg.module:Class`` (a subclass of :class:`Objective`) or the short name of a built-in, which is
+nothing but the import path in :data:`BUILT_IN`. Each module's objective is ``Class(spec,
+**kwargs)``: the built-ins are written and built exactly as a user's objective is."""
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+from typing import Any
 
 from trgl_pipe.config import Config
 from trgl_pipe.errors import ConfigError
 from trgl_pipe.objectives.base import LocalInputs, ModuleSpec, Objective
-from trgl_pipe.objectives.infopro import InfoProObjective
-from trgl_pipe.objectives.predsim import PredSimObjective
-from trgl_pipe.objectives.trgl import TrglObjective
 from trgl_pipe.plugins import call_user, load_callable
 
 __all__ = [
-    "OBJECTIVES",
+    "BUILT_IN",
     "LocalInputs",
     "ModuleSpec",
     "Objective",
     "build_objective",
     "needs_image",
     "objective_class",
+    "objective_kwargs",
 ]
 
-# objective.name -> the class that implements it (its declarations: regimes, needs_image, ...)
-OBJECTIVES: dict[str, type[Objective]] = {
-    "trgl": TrglObjective,
-    "vangl": TrglObjective,
-    "infopro": InfoProObjective,
-    "infopro_l": InfoProObjective,
-    "predsim": PredSimObjective,
+# the built-in objectives' short names: import paths like any user's
+BUILT_IN: dict[str, str] = {
+    "trgl": "trgl_pipe.objectives.trgl:TrglObjective",
+    "vangl": "trgl_pipe.objectives.trgl:VanglObjective",
+    "infopro": "trgl_pipe.objectives.infopro:InfoProObjective",
+    "infopro_l": "trgl_pipe.objectives.infopro:InfoProLObjective",
+    "predsim": "trgl_pipe.objectives.predsim:PredSimObjective",
 }
 
 
 def objective_class(cfg: Config) -> type[Objective]:
-    """The class ``objective.name`` names: a built-in's, or the user's ``pkg.module:Class`` (a
-    subclass of :class:`Objective`, whose class attributes declare what it needs and supports)."""
+    """The class ``objective.name`` names, whose class attributes declare what it needs and
+    supports (read before any module is built)."""
     name = cfg.objective.name
-    if name in OBJECTIVES:
-        return OBJECTIVES[name]
-    found = load_callable("objective.name", name)
+    found = load_callable("objective.name", BUILT_IN.get(name, name))
     if not (isinstance(found, type) and issubclass(found, Objective)):
         what = found.__name__ if isinstance(found, type) else f"a {type(found).__name__}"
         raise ConfigError(
@@ -54,29 +53,26 @@ def objective_class(cfg: Config) -> type[Objective]:
     return found
 
 
-def build_objective(cfg: Config, spec: ModuleSpec, device: torch.device) -> Objective:
-    """The objective ``cfg.objective.name`` for the module ``spec`` describes."""
+def objective_kwargs(cfg: Config) -> dict[str, Any]:
+    """What each module's objective is built with: ``objective.kwargs``; TRGL's are the ``trgl``
+    section (a section of its own because the module bodies read ``trgl.reduction`` too)."""
+    if cfg.objective.name == "trgl":
+        return dataclasses.asdict(cfg.trgl)
+    return dict(cfg.objective.kwargs)
+
+
+def build_objective(cfg: Config, spec: ModuleSpec) -> Objective:
+    """The objective ``cfg.objective.name`` for the module ``spec`` describes: ``Class(spec, **kwargs)``."""
     name = cfg.objective.name
-    if name not in OBJECTIVES:  # the user's class: Class(spec, **objective.kwargs)
-        cls = objective_class(cfg)
-        built = call_user("objective.name", name, cls, spec=spec, **cfg.objective.kwargs)
-        if not isinstance(built, Objective):
-            raise ConfigError(f"objective.name={name} built a {type(built).__name__}, not an Objective")
-        return built
-    if name == "trgl":
-        return TrglObjective(cfg.trgl, spec, device)
-    if name == "vangl":
-        return TrglObjective(cfg.trgl.__class__(enabled=False), spec, device)
-    if name in ("infopro", "infopro_l"):
-        return InfoProObjective(cfg.objective, spec, "image" if name == "infopro" else "input")
-    return PredSimObjective(cfg.objective, spec)
+    built = call_user("objective.name", name, objective_class(cfg), spec=spec, **objective_kwargs(cfg))
+    if not isinstance(built, Objective):
+        raise ConfigError(f"objective.name={name} built a {type(built).__name__}, not an Objective")
+    return built
 
 
 def needs_image(cfg: Config, index: int, num_modules: int) -> bool:
-    """Whether module ``index`` reads the batch's image: InfoPro's modules before the last, every
-    module of a user's objective that declares ``needs_image`` (not in end-to-end training)."""
+    """Whether module ``index`` reads the batch's image, as its objective's class declares (not in
+    end-to-end training, where the network is one module)."""
     if cfg.train.regime == "e2e":
         return False
-    if cfg.objective.name in OBJECTIVES:
-        return cfg.objective.name == "infopro" and index < num_modules - 1
-    return objective_class(cfg).needs_image
+    return objective_class(cfg).reads_image(index, num_modules)

@@ -29,6 +29,8 @@ class ModuleSpec:
     tokens: bool = False  # outputs are [N, H, W, C] token maps (Swin)
     mean: tuple[float, ...] = ()  # per-channel normalisation of the images (empty: none)
     std: tuple[float, ...] = ()
+    device: str = "cpu"  # where the module trains: state an objective keeps (λ) can live there
+    last_block: int = 0  # the network's block the module ends before (seeds its networks)
 
     @property
     def is_last(self) -> bool:
@@ -56,20 +58,37 @@ def _identity(t: Tensor) -> Tensor:
 class Objective:
     """A local objective: by default plain cross-entropy through F_k (VanGL).
 
-    Class attributes say what the stage must provide: ``needs_image`` (the batch's image must
-    reach this module), ``uses_kinetic`` (C_k enters the loss: keep the residuals for autograd),
-    ``probe_head`` (F_k trains on the detached output, so it only measures accuracy), and where
-    it can train, ``regimes``: a local objective trains each module on its own loss (parallel,
-    sequential, multi-lap, the pipeline) and, as one module, end to end; the delayed-gradient
-    regimes (ddg, fr) need the end-to-end loss itself, which only TRGL's objective (with the
-    term off) computes. :func:`trgl_pipe.compatibility.check` reads these declarations.
+    It is built for each module as ``Class(spec, **objective.kwargs)`` (the built-ins too: see
+    :data:`trgl_pipe.objectives.BUILT_IN`). Class attributes say what the stage must provide:
+    ``needs_image`` (the batch's image must reach this module; :meth:`reads_image` refines it per
+    module), ``uses_kinetic`` (C_k enters the loss: keep the residuals for autograd),
+    ``probe_head`` (F_k trains on the detached output, so it only measures accuracy), where it
+    can train, ``regimes`` (a local objective trains each module on its own loss: parallel,
+    sequential, multi-lap, the pipeline, and, as one module, end to end; the delayed-gradient
+    regimes ddg and fr need the end-to-end loss itself, which only TRGL's objective with the term
+    off computes), and ``needs_from_next``: what it needs from module k+1 (``"weights"``,
+    ``"gradient"``), a declaration no runtime path serves yet, so a run refuses it.
+    :func:`trgl_pipe.compatibility.check` reads these declarations before anything is built.
     """
 
     name = "vangl"
+    label = "VanGL"  # for tables; describe() may refine it with the method's settings
     needs_image: bool = False
     uses_kinetic: bool = False
     probe_head: bool = False
     regimes: ClassVar[tuple[str, ...]] = ("e2e", "parallel", "sequential", "multilap")
+    needs_from_next: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def reads_image(cls, index: int, num_modules: int) -> bool:
+        """Whether module ``index`` of ``num_modules`` reads the batch's image (read before any
+        module is built, so the ranks before it know to pass the image on)."""
+        return cls.needs_image
+
+    @classmethod
+    def check_kwargs(cls, kwargs: dict[str, Any]) -> None:
+        """Raise :class:`trgl_pipe.ConfigError` for a bad value in ``objective.kwargs``: called
+        with the config, before anything is built or written. Unknown names are refused already."""
 
     def __init__(self) -> None:
         # data-parallel replicas average what must stay equal on all of them (λ's CE)
@@ -92,8 +111,9 @@ class Objective:
         return inputs.ce
 
     def describe(self) -> dict[str, Any]:
-        """τ / λ (None when the method has none) and the method's name, for logs and the summary."""
-        return {"tau": None, "lambda": None, "method": self.name}
+        """τ / λ (None when the method has none), the method's name and its label (for tables),
+        for logs, the summary and the report."""
+        return {"tau": None, "lambda": None, "method": self.name, "label": self.label}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

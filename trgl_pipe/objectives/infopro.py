@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trgl_pipe.config import ObjectiveConfig
 from trgl_pipe.errors import ConfigError
 from trgl_pipe.objectives.base import LocalInputs, ModuleSpec, Objective
 
@@ -130,26 +129,44 @@ def supervised_contrastive(embedding: Tensor, y: Tensor, temperature: float) -> 
 
 
 class InfoProObjective(Objective):
-    """InfoPro (``reconstruct="image"``) or InfoProL (``reconstruct="input"``) for one module."""
+    """InfoPro for one module; :class:`InfoProLObjective` reconstructs the module's input instead.
 
-    def __init__(self, cfg: ObjectiveConfig, spec: ModuleSpec, reconstruct: str) -> None:
+    ``objective.kwargs``: ``loss`` (the task term, softmax or contrast), ``weights``
+    ([λ1, λ2] of the first module, then of module K-2; None: the authors' ResNet-110 CIFAR-10
+    values for K = 2, 4, 8, 16), ``widen`` (width factor of the decoder and the projection head),
+    ``feature_dim`` (the projection head's hidden width, contrast's embedding), ``temperature``.
+    """
+
+    name = "infopro"
+    label = "InfoPro"
+    reconstruct = "image"
+    needs_image = True
+
+    def __init__(
+        self,
+        spec: ModuleSpec,
+        loss: str = "softmax",
+        weights: list[float] | None = None,
+        widen: float = 1.0,
+        feature_dim: int = 128,
+        temperature: float = 0.07,
+    ) -> None:
         super().__init__()
-        self.cfg = cfg
         self.spec = spec
-        self.reconstruct = reconstruct
-        self.name = "infopro" if reconstruct == "image" else "infopro_l"
-        self.task = cfg.infopro_loss
+        self.task = loss
+        self.widen = widen
+        self.feature_dim = feature_dim
+        self.temperature = temperature
         self.active = not spec.is_last  # the last module: plain CE through the network's head
-        weights = cfg.infopro_weights
         if weights is None and self.active:
             if spec.num_modules not in AUTHORS_WEIGHTS:
                 raise ConfigError(
-                    f"objective.infopro_weights: the authors give weights for K in {sorted(AUTHORS_WEIGHTS)} "
-                    f"only, not K={spec.num_modules}; set objective.infopro_weights=[λ1, λ2, λ1', λ2']"
+                    f"objective.kwargs.weights: the authors give weights for K in {sorted(AUTHORS_WEIGHTS)} "
+                    f"only, not K={spec.num_modules}; set objective.kwargs.weights=[λ1, λ2, λ1', λ2']"
                 )
             weights = AUTHORS_WEIGHTS[spec.num_modules]
         self.weights = module_weights(weights, spec.index, spec.num_modules) if self.active else (0.0, 1.0)
-        self.needs_image = self.active and reconstruct == "image"
+        self.needs_image = self.reads_image(spec.index, spec.num_modules)
         self.probe_head = self.active and self.task == "contrast"
         channels, _ = channels_and_side(spec.image_shape, False)
         self.image_channels = channels
@@ -157,12 +174,37 @@ class InfoProObjective(Objective):
         self.mean = torch.tensor(spec.mean or [0.0] * channels).view(view)
         self.std = torch.tensor(spec.std or [1.0] * channels).view(view)
 
+    @classmethod
+    def reads_image(cls, index: int, num_modules: int) -> bool:
+        return cls.reconstruct == "image" and index < num_modules - 1
+
+    @classmethod
+    def check_kwargs(cls, kwargs: dict[str, Any]) -> None:
+        loss = kwargs.get("loss", "softmax")
+        if loss not in ("softmax", "contrast"):
+            raise ConfigError(f"objective.kwargs.loss={loss} is not InfoPro's; choose softmax or contrast")
+        weights = kwargs.get("weights")
+        if weights is not None and (
+            not isinstance(weights, list) or len(weights) != 4 or not all(_is_number(w) for w in weights)
+        ):
+            raise ConfigError(
+                f"objective.kwargs.weights={weights}: give 4 numbers, [reconstruction, task] at the "
+                "first module, then at module K-2 (or null for the authors' values)"
+            )
+        if weights is not None and any(w < 0 for w in weights):
+            raise ConfigError(f"objective.kwargs.weights must be 0 or more, got {weights}")
+        for key in ("widen", "feature_dim", "temperature"):
+            value = kwargs.get(key, 1)
+            if not _is_number(value) or value <= 0:
+                raise ConfigError(f"objective.kwargs.{key} must be a number above 0, got {value!r}")
+        if not isinstance(kwargs.get("feature_dim", 1), int):
+            raise ConfigError(
+                f"objective.kwargs.feature_dim must be a whole number, got {kwargs['feature_dim']!r}"
+            )
+
     def _projection(self, out_features: int) -> ProjectionHead:
         channels, side = channels_and_side(self.spec.out_shape, self.spec.tokens)
-        cfg = self.cfg
-        return ProjectionHead(
-            channels, side, out_features, cfg.infopro_feature_dim, cfg.infopro_widen, self.spec.tokens
-        )
+        return ProjectionHead(channels, side, out_features, self.feature_dim, self.widen, self.spec.tokens)
 
     def head(self) -> nn.Module | None:
         """F_k of the softmax task: the projection head, to the classes."""
@@ -181,14 +223,10 @@ class InfoProObjective(Objective):
                 self.spec.in_shape, self.spec.tokens and self.spec.index > 0
             )
         nets = nn.ModuleDict(
-            {
-                "decoder": Decoder(
-                    channels, target_channels, size, self.cfg.infopro_widen, self.reconstruct == "image"
-                )
-            }
+            {"decoder": Decoder(channels, target_channels, size, self.widen, self.reconstruct == "image")}
         )
         if self.task == "contrast":
-            nets["projection"] = self._projection(self.cfg.infopro_feature_dim)
+            nets["projection"] = self._projection(self.feature_dim)
         return nets
 
     def forward(self, nets: nn.ModuleDict, x: Tensor, out: Tensor, image: Tensor | None) -> dict[str, Tensor]:
@@ -220,10 +258,22 @@ class InfoProObjective(Objective):
             recon = F.mse_loss(reconstruction, target)
         if self.task == "softmax":
             return recon_weight * recon + task_weight * inputs.ce
-        contrast = supervised_contrastive(
-            inputs.extras["embedding"].float(), inputs.y, self.cfg.infopro_temperature
-        )
+        contrast = supervised_contrastive(inputs.extras["embedding"].float(), inputs.y, self.temperature)
         return recon_weight * recon + task_weight * contrast + inputs.ce  # + the probe's CE
 
     def describe(self) -> dict[str, Any]:
-        return {"tau": None, "lambda": None, "method": self.name}
+        label = f"{self.label} ({self.task})" if self.reconstruct == "image" else self.label
+        return {"tau": None, "lambda": None, "method": self.name, "label": label}
+
+
+class InfoProLObjective(InfoProObjective):
+    """InfoProL: the decoder reconstructs the module's input, so the image need not travel."""
+
+    name = "infopro_l"
+    label = "InfoProL"
+    reconstruct = "input"
+    needs_image = False
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

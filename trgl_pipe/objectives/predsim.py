@@ -1,7 +1,7 @@
 """PredSim (Nøkland & Eidnes, ICML 2019): a prediction loss plus a similarity matching loss.
 
 Module k < K-1:  L_k = (1 - β) · CE(F_k(h), y) + β · MSE(S(conv(h)), S(onehot(y)))
-    F_k: h average-pooled until it has at most ``predsim_dim_in_decoder`` features → linear
+    F_k: h average-pooled until it has at most ``dim_in_decoder`` features → linear
     (weights start at zero); conv: a 3×3 convolution without bias; S: the cosine similarity matrix
     of the batch's centred rows, a feature map first reduced to each channel's standard deviation
     over its positions.
@@ -11,12 +11,13 @@ The last module: (1 - β) · CE through the network's own head, as the authors' 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trgl_pipe.config import ObjectiveConfig
+from trgl_pipe.errors import ConfigError
 from trgl_pipe.objectives.base import LocalInputs, ModuleSpec, Objective
 from trgl_pipe.objectives.infopro import channels_and_side, to_map
 
@@ -64,14 +65,29 @@ class PredictionHead(nn.Module):
 
 
 class PredSimObjective(Objective):
-    name = "predsim"
+    """PredSim for one module. ``objective.kwargs``: ``beta`` (the similarity term's weight) and
+    ``dim_in_decoder`` (the prediction head pools its input to at most this many features)."""
 
-    def __init__(self, cfg: ObjectiveConfig, spec: ModuleSpec) -> None:
+    name = "predsim"
+    label = "PredSim"
+
+    def __init__(self, spec: ModuleSpec, beta: float = 0.99, dim_in_decoder: int = 4096) -> None:
         super().__init__()
-        self.beta = cfg.predsim_beta
-        self.limit = cfg.predsim_dim_in_decoder
+        self.beta = beta
+        self.limit = dim_in_decoder
         self.spec = spec
         self.active = not spec.is_last
+
+    @classmethod
+    def check_kwargs(cls, kwargs: dict[str, Any]) -> None:
+        beta = kwargs.get("beta", 0.99)
+        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta <= 1:
+            raise ConfigError(f"objective.kwargs.beta must be a number in [0, 1], got {beta!r}")
+        limit = kwargs.get("dim_in_decoder", 4096)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise ConfigError(
+                f"objective.kwargs.dim_in_decoder must be a whole number above 0, got {limit!r}"
+            )
 
     def head(self) -> nn.Module | None:
         if not self.active:

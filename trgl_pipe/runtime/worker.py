@@ -134,7 +134,9 @@ class StageWorker:
             step=self.stage.num_steps,
             lr=self.stage.lr,
             **stats,
-            **self.stage.objective.describe(),
+            **{
+                k: v for k, v in self.stage.objective.describe().items() if k != "label"
+            },  # per line: no label
         )
 
     def _finish_eval(self, epoch: int) -> None:
@@ -183,8 +185,7 @@ class StageWorker:
         elif weight["lambda"] is not None:
             shown = f"λ={weight['lambda']:.4g}"
         else:
-            method = weight.get("method", "vangl")
-            shown = "VanGL" if method == "vangl" else method
+            shown = weight.get("label", weight.get("method", "VanGL"))
         elapsed = self.elapsed_s
         val = self.last_eval.get("val", {}).get("accuracy")
         return {
