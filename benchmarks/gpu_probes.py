@@ -142,7 +142,7 @@ def syncs(steps: int = 30, log_every: int = 10) -> dict[str, Any]:
     from trgl_pipe.context import build_context
     from trgl_pipe.runtime.clock import CudaEventClock
     from trgl_pipe.runtime.messages import Kind, Message
-    from trgl_pipe.runtime.worker import StageWorker
+    from trgl_pipe.training.worker import StageWorker
 
     class Quiet:
         def log(self, *args: Any, **kwargs: Any) -> None:

@@ -60,8 +60,8 @@ sys.path.insert(0, str(ROOT))
 
 from trgl_pipe.config import load_config  # noqa: E402
 from trgl_pipe.context import build_context  # noqa: E402
-from trgl_pipe.initial_state import save_initial_state  # noqa: E402
-from trgl_pipe.summary import best_module  # noqa: E402
+from trgl_pipe.models.initial_state import save_initial_state  # noqa: E402
+from trgl_pipe.watch.summary import best_module  # noqa: E402
 
 # packages their utils7.py and scripts import for plots and analyses only
 OPTIONAL = [

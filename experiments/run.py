@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from trgl_pipe.run_folder import held_by
+from trgl_pipe.folder.run_folder import held_by
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "experiments" / "runs"

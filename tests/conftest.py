@@ -70,7 +70,7 @@ def tiny(tmp_path: Path):
 
 def final_stage_states(out_dir: str | Path) -> dict[int, dict]:
     """Each module's stage state in a finished run's final checkpoint (the run must have ended)."""
-    from trgl_pipe.checkpoint import latest_complete
+    from trgl_pipe.folder.checkpoint import latest_complete
 
     folder = latest_complete(out_dir)
     meta = json.loads((folder / "meta.json").read_text())

@@ -12,8 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import make_tiny_imagenet, run_cli, run_torchrun
 
-from trgl_pipe.metrics import read_metrics
-from trgl_pipe.single import run_single
+from trgl_pipe.training.single import run_single
+from trgl_pipe.watch.metrics import read_metrics
 
 # small images, small batches; VGG's own torchvision classifier has 120M weights for a 7x7 map,
 # so its last module takes an auxiliary head here

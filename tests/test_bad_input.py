@@ -16,9 +16,9 @@ import torch
 from conftest import ROOT, TINY, snapshot
 
 from trgl_pipe import evaluate, export, plan, report, run
-from trgl_pipe.checkpoint import latest_complete
 from trgl_pipe.config import load_config
-from trgl_pipe.single import run_single
+from trgl_pipe.folder.checkpoint import latest_complete
+from trgl_pipe.training.single import run_single
 
 
 @pytest.fixture(scope="module")

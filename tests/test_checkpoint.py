@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import final_stage_states
 
-from trgl_pipe.checkpoint import latest_complete
 from trgl_pipe.errors import CheckpointError, NonFiniteLossError
-from trgl_pipe.single import run_single
+from trgl_pipe.folder.checkpoint import latest_complete
+from trgl_pipe.training.single import run_single
 
 
 def _assert_same_states(a: dict, b: dict) -> None:
@@ -101,7 +101,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny) -> None:
 
 
 def test_disk_full_mid_write_keeps_the_previous_checkpoint(tiny, monkeypatch) -> None:
-    import trgl_pipe.checkpoint as ckpt
+    import trgl_pipe.folder.checkpoint as ckpt
 
     cfg = tiny("checkpoint.every_steps=2", "checkpoint.keep=5")
     real = ckpt.atomic_write
@@ -133,7 +133,7 @@ class _Worker:
 def test_a_complete_checkpoint_is_replaced_only_by_a_complete_one(tiny, monkeypatch) -> None:
     # A run resumed from an earlier checkpoint reaches a counter that already holds a complete
     # checkpoint: the new one is written beside it and swapped in once complete.
-    import trgl_pipe.checkpoint as ckpt
+    import trgl_pipe.folder.checkpoint as ckpt
 
     cfg = tiny("checkpoint.keep=5")
     writer = ckpt.CheckpointWriter(cfg, [(0, 3), (3, 6)], "parallel")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY, cli_args, run_cli, snapshot
 
-from trgl_pipe.checkpoint import latest_complete
+from trgl_pipe.folder.checkpoint import latest_complete
 
 
 def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

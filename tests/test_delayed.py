@@ -12,16 +12,16 @@ import torch
 from conftest import final_stage_states
 from torch.func import functional_call
 
-from trgl_pipe.checkpoint import CheckpointWriter, latest_complete
 from trgl_pipe.config import Config
 from trgl_pipe.context import build_context, configure_torch
-from trgl_pipe.delayed import DelayedModule, attach, delays_for, run_delayed
 from trgl_pipe.errors import ConfigError
-from trgl_pipe.metrics import MetricsLogger
-from trgl_pipe.run_folder import claim
+from trgl_pipe.folder.checkpoint import CheckpointWriter, latest_complete
+from trgl_pipe.folder.run_folder import claim
 from trgl_pipe.runtime.mesh import LaunchEnv, check_launch
-from trgl_pipe.runtime.worker import make_worker
-from trgl_pipe.single import run_single
+from trgl_pipe.training.delayed import DelayedModule, attach, delays_for, run_delayed
+from trgl_pipe.training.single import run_single
+from trgl_pipe.training.worker import make_worker
+from trgl_pipe.watch.metrics import MetricsLogger
 
 E2E = ["trgl.enabled=false", "optim.lr=0.2"]
 
@@ -164,7 +164,7 @@ def test_sigterm_mid_epoch_checkpoints_the_batches_in_flight_and_resume_finishes
     tiny, monkeypatch
 ) -> None:
     from trgl_pipe.runtime import preemption
-    from trgl_pipe.single import Preempted
+    from trgl_pipe.training.single import Preempted
 
     regime = ["train.regime=ddg", "model.num_modules=3", "checkpoint.every_epochs=0", *E2E]
     full = tiny(*regime)

@@ -24,7 +24,7 @@ from trgl_pipe.runtime.layout import Layout
 from trgl_pipe.runtime.messages import SPLITS, Kind
 from trgl_pipe.runtime.schedule import eval_messages
 from trgl_pipe.runtime.transport import _decode_header, _encode_header
-from trgl_pipe.runtime.worker import StageWorker
+from trgl_pipe.training.worker import StageWorker
 
 LAYOUTS = [(2, 1, 2), (2, 1, 3), (4, 2, 2), (3, 1, 4), (2, 2, 1)]  # (K, modules per rank, R)
 SPLIT_SIZES = [(1, 0), (0, 3), (2, 5), (7, 1)]  # (val, test)

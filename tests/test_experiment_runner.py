@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from trgl_pipe.config import load_config
-from trgl_pipe.run_folder import LOCK, claim, held_by
+from trgl_pipe.folder.run_folder import LOCK, claim, held_by
 
 ROOT = Path(__file__).resolve().parents[1]
 

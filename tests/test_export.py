@@ -14,7 +14,7 @@ from conftest import ROOT
 from trgl_pipe.errors import UserError
 from trgl_pipe.evaluate import evaluate
 from trgl_pipe.export import export, load_exported
-from trgl_pipe.single import run_single
+from trgl_pipe.training.single import run_single
 
 
 @pytest.fixture(scope="module")

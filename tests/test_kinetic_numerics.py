@@ -10,8 +10,8 @@ import torch
 
 from trgl_pipe.config import ConfigError, TrglConfig
 from trgl_pipe.context import build_context
-from trgl_pipe.initial_state import save_initial_state
 from trgl_pipe.models.blocks import add_with_energy, kinetic_energy, sum_of_squares
+from trgl_pipe.models.initial_state import save_initial_state
 from trgl_pipe.objectives.trgl import LocalObjective
 
 

@@ -6,7 +6,7 @@ import time
 
 from rich.console import Console
 
-from trgl_pipe.live import LiveView, LocalBoard, Publisher, progress_line
+from trgl_pipe.watch.live import LiveView, LocalBoard, Publisher, progress_line
 
 SNAPSHOT = {
     "module": 1,

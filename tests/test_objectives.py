@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from trgl_pipe.config import Config, ObjectiveConfig, from_dict
 from trgl_pipe.errors import ConfigError
-from trgl_pipe.metrics import read_metrics
 from trgl_pipe.models.dgl_heads import DglHead
 from trgl_pipe.objectives import LocalInputs, ModuleSpec, build_objective, needs_image
 from trgl_pipe.objectives.infopro import (
@@ -22,7 +21,8 @@ from trgl_pipe.objectives.infopro import (
     supervised_contrastive,
 )
 from trgl_pipe.objectives.predsim import PredSimObjective, pooling_for, similarity_matrix
-from trgl_pipe.single import run_single
+from trgl_pipe.training.single import run_single
+from trgl_pipe.watch.metrics import read_metrics
 
 CPU = torch.device("cpu")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trgl_pipe.metrics import read_metrics
-from trgl_pipe.single import run_single
+from trgl_pipe.training.single import run_single
+from trgl_pipe.watch.metrics import read_metrics
 
 
 def _train_losses(out_dir: str) -> dict[int, list[float]]:

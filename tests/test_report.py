@@ -10,7 +10,7 @@ import pytest
 
 from trgl_pipe.errors import UserError
 from trgl_pipe.report import build_report, fmt, load_run, main, mean_std, rank_table
-from trgl_pipe.single import run_single
+from trgl_pipe.training.single import run_single
 
 
 def test_report_pools_seeds_and_draws_figures(tiny, tmp_path: Path) -> None:

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from conftest import cli_args, run_cli, snapshot
 
-from trgl_pipe.checkpoint import latest_complete
 from trgl_pipe.config import load_config
 from trgl_pipe.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, OutputError
-from trgl_pipe.metrics import MetricsLogger, read_metrics
-from trgl_pipe.run_folder import LOCK, REPLACED, claim
-from trgl_pipe.single import run_single
+from trgl_pipe.folder.checkpoint import latest_complete
+from trgl_pipe.folder.run_folder import LOCK, REPLACED, claim
+from trgl_pipe.training.single import run_single
+from trgl_pipe.watch.metrics import MetricsLogger, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +260,7 @@ def test_a_torchrun_restart_before_the_first_checkpoint_starts_again(tmp_path, m
 
 
 @pytest.mark.parametrize(
-    ("module", "name"), [("trgl_pipe.summary", "summary.json"), ("trgl_pipe.io", "config.yaml")]
+    ("module", "name"), [("trgl_pipe.watch.summary", "summary.json"), ("trgl_pipe.io", "config.yaml")]
 )
 def test_a_full_disk_writing_summary_or_config_is_one_line(tmp_path, monkeypatch, module, name) -> None:
     import importlib

@@ -96,9 +96,9 @@ def test_the_kinetic_gradient_reaches_every_block_through_a_training_step(
 def test_e2e_and_parallel_with_one_module_are_the_same_computation(tiny) -> None:
     from pathlib import Path
 
-    from trgl_pipe.checkpoint import latest_complete
-    from trgl_pipe.metrics import read_metrics
-    from trgl_pipe.single import run_single
+    from trgl_pipe.folder.checkpoint import latest_complete
+    from trgl_pipe.training.single import run_single
+    from trgl_pipe.watch.metrics import read_metrics
 
     runs = [tiny("train.regime=e2e", "trgl.enabled=false"), tiny("model.num_modules=1", "trgl.enabled=false")]
     summaries = [run_single(cfg, console_summary=False) for cfg in runs]

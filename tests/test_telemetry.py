@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from trgl_pipe import telemetry
-from trgl_pipe.single import run_single
-from trgl_pipe.telemetry import Telemetry
+from trgl_pipe.training.single import run_single
+from trgl_pipe.watch import telemetry
+from trgl_pipe.watch.telemetry import Telemetry
 
 
 def test_without_a_gpu_the_gpu_fields_are_none_not_an_error() -> None:

@@ -14,7 +14,7 @@ from tests.user_pkg.objectives import Distill
 from trgl_pipe.config import load_config
 from trgl_pipe.errors import ConfigError
 from trgl_pipe.run import main
-from trgl_pipe.single import run_single
+from trgl_pipe.training.single import run_single
 
 DISTILL = "tests.user_pkg.objectives:Distill"
 SMALL = [

@@ -20,8 +20,8 @@ from trgl_pipe.errors import ConfigError, DataError
 from trgl_pipe.models import AuxHead, TokenHead, VectorHead, build_backbone
 from trgl_pipe.models.user import PlainBlock, ProtocolBlock
 from trgl_pipe.run import main
-from trgl_pipe.single import run_single
 from trgl_pipe.stage import ModuleBody, build_head
+from trgl_pipe.training.single import run_single
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import run_cli

@@ -60,7 +60,7 @@ def test_every_replica_makes_as_many_training_warm_up_passes(tiny, eager_compile
     # a training pass through SyncBatchNorm is a collective per layer over the replicas: batches
     # of 64 and a last one of 63 split into shards of 32, 32 (replica 0) and 32, 31 (replica 1);
     # one pass per distinct size would give replica 0 one pass and replica 1 two (a hang)
-    from trgl_pipe.runtime.rank import warm_up_sizes
+    from trgl_pipe.training.rank import warm_up_sizes
 
     assert warm_up_sizes([[32, 32], [32, 31]]) == [[32, 32], [32, 31]]
     assert warm_up_sizes([[64], [64, 44], [22, 22]]) == [[64, 64], [64, 44], [22, 22]]

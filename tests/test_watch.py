@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from trgl_pipe.metrics import read_metrics
-from trgl_pipe.single import run_single
+from trgl_pipe.training.single import run_single
+from trgl_pipe.watch.metrics import read_metrics
 from trgl_pipe.watch.series import SeriesBuilder, rank_points
 
 pytest.importorskip("tensorboard")

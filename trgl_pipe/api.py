@@ -129,10 +129,10 @@ def train(
     """
     cfg = build_config(config, model=model, data=data, head=head, objective=objective, **overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.pipeline.transport == "dist":
-        from trgl_pipe.runtime.rank import run_rank
+        from trgl_pipe.training.rank import run_rank
 
         return run_rank(cfg, exit_process=False)
-    from trgl_pipe.single import run_single
+    from trgl_pipe.training.single import run_single
 
     return run_single(cfg)
 

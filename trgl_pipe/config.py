@@ -131,7 +131,7 @@ class ModelConfig:
     init: Literal["default", "kaiming", "orthogonal"] = "default"
     init_gain: float = 0.05  # orthogonal
     init_from: str | None = None  # torchvision backbones: a torchvision state_dict to start from
-    # every module's initial weights from a file (trgl_pipe.initial_state), after the init above
+    # every module's initial weights from a file (trgl_pipe.models.initial_state), after the init above
     init_state: str | None = None
     small_input: bool = False  # torchvision ResNets: no max-pool in the stem (64x64 images)
     patch_size: int = 4  # Swin

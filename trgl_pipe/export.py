@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trgl_pipe.checkpoint import latest_complete, load_shard, read_meta
 from trgl_pipe.config import Config, from_dict
 from trgl_pipe.errors import CheckpointError, OutputError, UserError
+from trgl_pipe.folder.checkpoint import latest_complete, load_shard, read_meta
 from trgl_pipe.io import atomic_write, atomic_write_json
 from trgl_pipe.stage import ModuleBody, StagePlan, build_parts, module_head
 

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from trgl_pipe.errors import UserError
-from trgl_pipe.metrics import read_metrics
+from trgl_pipe.watch.metrics import read_metrics
 
 IGNORED_KEYS = {"seed", "out_dir", "resume", "overwrite", "log", "checkpoint", "debug"}
 

@@ -23,8 +23,8 @@ import warnings
 
 from trgl_pipe.config import load_config
 from trgl_pipe.errors import UserCodeError, UserError
+from trgl_pipe.folder.run_folder import finished_already
 from trgl_pipe.launch import record_failure
-from trgl_pipe.run_folder import finished_already
 from trgl_pipe.runtime import preemption
 from trgl_pipe.watch.sinks import check_packages
 
@@ -77,11 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         check_packages(cfg)  # TensorBoard / W&B asked for but not installed: say so before any work
         if _launched_world_size() > 1 or cfg.pipeline.transport == "dist":
-            from trgl_pipe.runtime.rank import run_rank
+            from trgl_pipe.training.rank import run_rank
 
             run_rank(cfg)
         else:
-            from trgl_pipe.single import run_single
+            from trgl_pipe.training.single import run_single
 
             run_single(cfg)
     except UserError as error:

@@ -20,11 +20,11 @@ from torch import Tensor, nn
 
 from trgl_pipe.config import Config
 from trgl_pipe.errors import ConfigError, NonFiniteLossError
-from trgl_pipe.initial_state import load_initial_state
 from trgl_pipe.models import AuxHead, Backbone, TokenHead, VectorHead, build_backbone, kinetic_energy
 from trgl_pipe.models.determinism import Finding, audit
 from trgl_pipe.models.dgl_heads import DglHead
 from trgl_pipe.models.init import fork_seeded, init_scheme
+from trgl_pipe.models.initial_state import load_initial_state
 from trgl_pipe.models.random_stream import RandomStream, is_stochastic
 from trgl_pipe.objectives import LocalInputs, ModuleSpec, Objective, build_objective
 from trgl_pipe.optim import build_optimizer, build_scheduler
@@ -175,7 +175,7 @@ def _identity(t: Tensor) -> Tensor:
 class Stage:
     """Module k, its head, optimizer, schedule and objective; one per rank in the pipeline.
 
-    Data parallelism is applied from outside (:mod:`trgl_pipe.runtime.replicas`): it wraps
+    Data parallelism is applied from outside (:mod:`trgl_pipe.training.replicas`): it wraps
     ``net`` and sets ``reduce_sum`` (evaluation counts summed over the replicas) and
     ``sync_buffers`` (BatchNorm statistics from replica 0 before an evaluation). Alone, both are
     no-ops.

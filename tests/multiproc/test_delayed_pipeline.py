@@ -22,13 +22,13 @@ from torch.func import functional_call
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY, run_torchrun
 
-from trgl_pipe.checkpoint import latest_complete
 from trgl_pipe.config import load_config
 from trgl_pipe.context import build_context
 from trgl_pipe.data import Batches
-from trgl_pipe.metrics import read_metrics
-from trgl_pipe.single import run_single
+from trgl_pipe.folder.checkpoint import latest_complete
 from trgl_pipe.stage import Stage
+from trgl_pipe.training.single import run_single
+from trgl_pipe.watch.metrics import read_metrics
 
 pytestmark = pytest.mark.multiproc
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, TINY, torchrun_cmd
 
 from trgl_pipe.config import load_config
-from trgl_pipe.run_folder import claim
+from trgl_pipe.folder.run_folder import claim
 
 pytestmark = pytest.mark.multiproc
 

@@ -22,9 +22,9 @@ from conftest import ROOT, TINY, free_port, run_cli, run_torchrun, torchrun_cmd
 from trgl_pipe.config import load_config
 from trgl_pipe.context import build_context
 from trgl_pipe.data import Batches
-from trgl_pipe.metrics import read_metrics
 from trgl_pipe.runtime.schedule import eval_due, total_steps
-from trgl_pipe.single import run_single
+from trgl_pipe.training.single import run_single
+from trgl_pipe.watch.metrics import read_metrics
 
 pytestmark = pytest.mark.multiproc
 

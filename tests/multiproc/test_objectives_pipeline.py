@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY, run_cli, run_torchrun
 
-from trgl_pipe.metrics import read_metrics
+from trgl_pipe.watch.metrics import read_metrics
 
 pytestmark = pytest.mark.multiproc
 

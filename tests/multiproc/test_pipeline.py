@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import ROOT, TINY, run_cli, run_torchrun, torchrun_cmd
 
 from trgl_pipe.config import load_config
-from trgl_pipe.metrics import read_metrics
-from trgl_pipe.single import run_single
+from trgl_pipe.training.single import run_single
+from trgl_pipe.watch.metrics import read_metrics
 
 pytestmark = pytest.mark.multiproc
 

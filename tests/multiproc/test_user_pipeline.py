@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import ROOT, run_cli, run_torchrun, torchrun_cmd
 
-from trgl_pipe.metrics import read_metrics
+from trgl_pipe.watch.metrics import read_metrics
 
 pytestmark = pytest.mark.multiproc
 

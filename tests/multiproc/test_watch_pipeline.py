@@ -14,7 +14,7 @@ import itertools
 from conftest import TINY, run_cli, run_torchrun
 from test_watch import assert_same, profiler_traces, read_tensorboard
 
-from trgl_pipe.metrics import read_metrics
+from trgl_pipe.watch.metrics import read_metrics
 
 pytestmark = pytest.mark.multiproc
 

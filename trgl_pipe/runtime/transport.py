@@ -716,7 +716,7 @@ class BackwardLinks:
         return cls(outbox, inbox)
 
     def serve(self, carries: list[Any], waiter: Waiter, clock: Any) -> None:
-        """Let this rank's modules (:class:`trgl_pipe.delayed.DelayedModule`, in order) receive and
+        """Let this rank's modules (:class:`trgl_pipe.training.delayed.DelayedModule`, in order) receive and
         send gradients: the last from the rank after, the first to the rank before, and each to
         the one before it in this process directly (it runs first in the next step)."""
         self._clock = clock

@@ -28,7 +28,7 @@ BatchNorm buffers its forward used, from which the graph is rebuilt exactly on r
 With data-parallel replicas (a torchrun pipeline with ``pipeline.replicas`` R > 1), replica r of
 every module trains on shard r of each batch and exchanges gradients with replica r of its
 neighbours only; before each update the module's gradients are averaged over its replicas by an
-explicit all-reduce (:func:`trgl_pipe.runtime.replicas.average_gradients`: DDP's hooks do not see
+explicit all-reduce (:func:`trgl_pipe.training.replicas.average_gradients`: DDP's hooks do not see
 a backward that runs steps later on a stored graph), and before each training forward replica
 0's BatchNorm buffers are copied to the others (DDP's rule). A checkpoint holds every replica's
 batches in flight (replica 0 gathers them), so it resumes with the same R only.
@@ -48,14 +48,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from trgl_pipe.checkpoint import Progress
+from trgl_pipe.context import RunContext
 from trgl_pipe.errors import CheckpointError
+from trgl_pipe.folder.checkpoint import Progress
 from trgl_pipe.objectives import LocalInputs
 from trgl_pipe.runtime.messages import Kind, Message
-from trgl_pipe.runtime.replicas import average_gradients, gather_to_first
 from trgl_pipe.runtime.schedule import Position, parallel_stream
-from trgl_pipe.runtime.worker import StageWorker
 from trgl_pipe.stage import Stage
+from trgl_pipe.training.replicas import average_gradients, gather_to_first
+from trgl_pipe.training.worker import StageWorker
 
 
 def paper_delays(num_modules: int) -> list[int]:
@@ -457,7 +458,7 @@ class DelayedTrainer:
 
 
 def run_delayed(
-    ctx: Any,
+    ctx: RunContext,
     workers: Sequence[StageWorker],
     progress: Progress | None = None,
     should_stop: Callable[[], bool] = lambda: False,

@@ -10,10 +10,10 @@ from typing import Any
 
 import psutil
 
-from trgl_pipe.metrics import MetricsLogger, peak_memory_bytes
 from trgl_pipe.runtime.clock import Clock, HostClock
 from trgl_pipe.runtime.messages import SPLITS, Kind, Message
 from trgl_pipe.stage import Stage
+from trgl_pipe.watch.metrics import MetricsLogger, peak_memory_bytes
 
 CheckpointHook = Callable[["StageWorker", Message], None]
 

@@ -14,15 +14,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from trgl_pipe.live import Publisher
-from trgl_pipe.metrics import peak_memory_bytes
 from trgl_pipe.runtime.buffer import Waiter
 from trgl_pipe.runtime.clock import Clock
 from trgl_pipe.runtime.messages import Kind, Message
 from trgl_pipe.runtime.transport import Inbox, Outbox
-from trgl_pipe.runtime.worker import StageWorker
-from trgl_pipe.telemetry import Telemetry
+from trgl_pipe.training.worker import StageWorker
+from trgl_pipe.watch.live import Publisher
+from trgl_pipe.watch.metrics import peak_memory_bytes
 from trgl_pipe.watch.spans import CATEGORY_OF_KIND, SpanRecorder
+from trgl_pipe.watch.telemetry import Telemetry
 
 
 def handle_chain(chain: Sequence[StageWorker], msg: Message) -> Message:

@@ -31,8 +31,8 @@ import torch
 from trgl_pipe.config import Config
 from trgl_pipe.errors import CheckpointError
 from trgl_pipe.io import atomic_write, atomic_write_json
-from trgl_pipe.metrics import versions
 from trgl_pipe.partition import Partition
+from trgl_pipe.watch.metrics import versions
 
 FORMAT = 1
 META = "meta.json"

@@ -23,13 +23,11 @@ import re
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trgl_pipe.checkpoint import CheckpointWriter, find_resume, log_resume, restore_workers
 from trgl_pipe.config import Config
 from trgl_pipe.context import (
     RunContext,
@@ -41,15 +39,13 @@ from trgl_pipe.context import (
 from trgl_pipe.data import load_data, shard_bounds
 from trgl_pipe.errors import ConfigError, OutputError, PipelineError, UserError
 from trgl_pipe.faults import Tracer
+from trgl_pipe.folder.checkpoint import find_resume
+from trgl_pipe.folder.run_folder import RunFolder, claim
 from trgl_pipe.launch import record_failure
-from trgl_pipe.live import LiveView, Publisher, StoreBoard
-from trgl_pipe.metrics import MetricsLogger
-from trgl_pipe.run_folder import RunFolder, claim, discard_replaced
 from trgl_pipe.runtime import preemption
 from trgl_pipe.runtime.buffer import Waiter
 from trgl_pipe.runtime.clock import clock_for
 from trgl_pipe.runtime.layout import Layout, slot_samples
-from trgl_pipe.runtime.loop import rank_stats, run_worker
 from trgl_pipe.runtime.mesh import (
     AbortedError,
     DistSession,
@@ -62,15 +58,15 @@ from trgl_pipe.runtime.mesh import (
     shutdown,
     training_starts,
 )
-from trgl_pipe.runtime.replicas import replicate, sync_batchnorm
 from trgl_pipe.runtime.schedule import Position, parallel_stream
 from trgl_pipe.runtime.transport import BackwardLinks, DistInbox, DistOutbox, LinkSettings, StreamInbox
-from trgl_pipe.runtime.worker import make_worker
-from trgl_pipe.summary import build_summary, print_summary, stage_figures, write_summary
-from trgl_pipe.telemetry import Telemetry
-from trgl_pipe.watch import open_watch
-from trgl_pipe.watch.profile import profiler_for
+from trgl_pipe.training.loop import rank_stats, run_worker
+from trgl_pipe.training.replicas import replicate, sync_batchnorm
+from trgl_pipe.training.skeleton import RunSkeleton, metrics_path
+from trgl_pipe.watch.live import LiveView, Publisher, StoreBoard
 from trgl_pipe.watch.spans import SpanRecorder
+from trgl_pipe.watch.summary import build_summary, stage_figures
+from trgl_pipe.watch.telemetry import Telemetry
 
 STARTUP_TIMEOUT_S = 900.0  # rank 0 may spend minutes reading a large image folder, ranks compiling
 
@@ -140,10 +136,6 @@ def warm_up_sizes(per_replica: list[list[int]]) -> list[list[int]]:
     return [sizes + sizes[-1:] * (passes - len(sizes)) for sizes in distinct]
 
 
-def _metrics_path(out_dir: Path, rank: int) -> Path:
-    return out_dir / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl")
-
-
 def _merge_metrics(out_dir: Path, world_size: int) -> None:
     """Append the other ranks' events to metrics.jsonl (where rank 0 can see their files).
 
@@ -151,7 +143,7 @@ def _merge_metrics(out_dir: Path, world_size: int) -> None:
     """
     target = out_dir / "metrics.jsonl"
     for rank in range(1, world_size):
-        path = _metrics_path(out_dir, rank)
+        path = metrics_path(out_dir, rank)
         if not path.is_file():
             continue
         text = path.read_text()
@@ -183,7 +175,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     env, layout = session.env, session.layout
     rank, stage_index, replica = env.rank, session.stage, session.replica
     out_dir = Path(cfg.out_dir)
-    logger = MetricsLogger(_metrics_path(out_dir, rank), start_time=ctx.start_time)  # opens at first event
+    # the replicas hold the same weights: one of them writes the checkpoints
+    run = RunSkeleton(cfg, ctx, rank=rank, writes_checkpoints=replica == 0, shows=rank == 0)
     if rank == 0:
         print(f"data: {ctx.data.describe()}", flush=True)
         print(
@@ -206,26 +199,15 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     delayed = cfg.train.regime in ("ddg", "fr")
     for stage in stages:  # ddg and fr average their delayed gradients themselves (attach_rank)
         replicate(stage, session.dp_group, ddp=not delayed)
-    writer = None
-    if replica == 0:  # the replicas hold the same weights: one of them writes
-        writer = CheckpointWriter(
-            cfg,
-            ctx.partition,
-            cfg.train.regime,
-            ctx.model_info(),
-            ctx.steps_per_epoch,
-            on_complete=lambda: discard_replaced(out_dir),
-        )
     clock = clock_for(device)
-    fields = {"replica": replica} if layout.replicas > 1 else {}
-    chain = [make_worker(stage, cfg, logger, writer, clock, fields) for stage in stages]
+    chain = run.make_workers(stages, clock, {"replica": replica} if layout.replicas > 1 else {})
     if delayed:  # before a resume: the shards carry the work in flight
-        from trgl_pipe.delayed import attach_rank
+        from trgl_pipe.training.delayed import attach_rank
 
         attach_rank(chain, cfg, layout.num_modules, session.dp_group)
-    start, progress = Position(), None
-    if ctx.resume_from is not None:
-        progress = restore_workers(Path(ctx.resume_from), chain, announce=rank == 0)
+    start = Position()
+    progress = run.restore(None if ctx.resume_from is None else Path(ctx.resume_from), announce=rank == 0)
+    if progress is not None:
         start = Position(progress.epoch, progress.batch, progress.step)
     should_stop = preemption.shared_flag(session.store, rank)
     capacity = cfg.pipeline.buffer_size
@@ -270,19 +252,14 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
         stage.warm_up(shape, dtype, train_sizes, eval_sizes)
     _ready_barrier(session)
     # every rank has checked its part (shards, shapes): from here on the run writes
-    if folder is not None:
-        folder.begin(
-            cfg,
-            logger,
-            ctx,
-            world_size=env.world_size,
-            backend=session.data_backend,
-            layout=layout.describe(),
-        )
-    if progress is not None:
-        log_resume(logger, Path(ctx.resume_from), chain, progress)
-    watch = open_watch(cfg, env.world_size) if rank == 0 else None
-    profiler = profiler_for(cfg, chain[0], f"rank{rank}")
+    run.begin(
+        folder,
+        env.world_size,
+        world_size=env.world_size,
+        backend=session.data_backend,
+        layout=layout.describe(),
+    )
+    watch = run.watch
     training_starts(session)
 
     tracer = Tracer(out_dir / f"trace.rank{rank}.jsonl" if cfg.debug.trace else None, device)
@@ -303,7 +280,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     monitor = (Publisher(board, f"rank/{rank}", interval), telemetry)
     if links is not None:
         links.serve([w.carry for w in chain], waiter, clock)
-    t0 = time.time()
+    run.start()
     view = LiveView(board, cfg.log.live if rank == 0 else "off", interval, f"trgl_pipe · {layout.describe()}")
     with view:
         stop = run_worker(
@@ -324,16 +301,11 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
         agreement.drain()
     tracer.close()
     spans.close()
-    if profiler is not None:
-        profiler.stop()
+    run.stop_profiler()
     if stop.preempted:
-        logger.log("preempted", module=chain[0].index, rank=rank, wall_time_s=time.time() - t0)
-        logger.close()
-        if watch is not None:
-            watch.finish(None)
+        run.preempted(module=chain[0].index, rank=rank, wall_time_s=run.wall_time_s)
         return False
-    logger.log("end", module=chain[0].index, rank=rank, wall_time_s=time.time() - t0)
-    logger.close()
+    run.ended(module=chain[0].index, rank=rank, wall_time_s=run.wall_time_s)
     stats = {
         **rank_stats(chain, outbox, clock, device, rank),
         **({"grad_sent_bytes": links.sent_bytes} if links is not None else {}),
@@ -352,7 +324,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
         modules = [m for r in results if r["rank"]["replica"] == 0 for m in r["modules"]]
         ranks = [r["rank"] for r in results]
         summary = build_summary(
-            cfg, modules, ranks, time.time() - t0, ctx.data, ctx.partition, "dist", env.world_size
+            cfg, modules, ranks, run.wall_time_s, ctx.data, ctx.partition, "dist", env.world_size
         )
         summary["data_backend"] = session.data_backend
         summary["layout"] = {
@@ -361,12 +333,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
             "stages": layout.num_stages,
         }
         summary["stages"] = stage_figures(ranks, layout.num_stages)
-        if watch is not None:
-            watch.finish(summary)
-        _merge_metrics(out_dir, env.world_size)
-        write_summary(out_dir, summary)
-        discard_replaced(out_dir)
-        print_summary(summary)
+        run.finish(summary, before_write=lambda: _merge_metrics(out_dir, env.world_size))
     return True
 
 

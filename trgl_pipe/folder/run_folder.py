@@ -31,10 +31,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from trgl_pipe.checkpoint import checkpoint_root, latest_complete, read_meta
 from trgl_pipe.config import Config, load_config, save_config
 from trgl_pipe.errors import ConfigError
-from trgl_pipe.metrics import MetricsLogger, describe_argv
+from trgl_pipe.folder.checkpoint import checkpoint_root, latest_complete, read_meta
+from trgl_pipe.partition import Partition
+from trgl_pipe.watch.metrics import MetricsLogger, describe_argv
 
 RUN_FILES = ("summary.json", "metrics.jsonl", "config.yaml")
 LOCK = ".lock"
@@ -103,7 +104,9 @@ class RunFolder:
             )
         self.committed = True
 
-    def begin(self, cfg: Config, logger: MetricsLogger, ctx: Any, **fields: Any) -> None:
+    def begin(
+        self, cfg: Config, logger: MetricsLogger, partition: Partition, data: str, **fields: Any
+    ) -> None:
         """Commit, then write the run's first files: config.yaml and the "start" event that
         every entry point logs (its own ``fields`` added)."""
         self.commit()
@@ -112,8 +115,8 @@ class RunFolder:
             "start",
             argv=describe_argv(),
             regime=cfg.train.regime,
-            partition=ctx.partition,
-            data=ctx.data.describe(),
+            partition=partition,
+            data=data,
             **fields,
         )
 

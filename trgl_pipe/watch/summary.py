@@ -22,8 +22,8 @@ from trgl_pipe.config import Config
 from trgl_pipe.data import DataSplits
 from trgl_pipe.errors import OutputError
 from trgl_pipe.io import atomic_write_json
-from trgl_pipe.metrics import versions
 from trgl_pipe.partition import Partition
+from trgl_pipe.watch.metrics import versions
 
 
 def best_module(modules: list[dict[str, Any]]) -> int:

@@ -40,7 +40,7 @@ def read_initial_state(path: str) -> list[dict[str, Any]]:
     ):
         raise ConfigError(
             f"{key}: expected {{'modules': [{{'body': ..., 'head': ...}}, ...]}}, one entry per module "
-            "(trgl_pipe.initial_state.save_initial_state writes it)"
+            "(trgl_pipe.models.initial_state.save_initial_state writes it)"
         )
     return modules
 

@@ -1,6 +1,6 @@
 """The pipeline inside one process (``pipeline.transport=sim``): one thread per module.
 
-The threads run the same loop as the ranks (:func:`trgl_pipe.runtime.loop.run_worker`) with
+The threads run the same loop as the ranks (:func:`trgl_pipe.training.loop.run_worker`) with
 in-process bounded buffers; a test checks that this computes exactly what the synchronous
 parallel regime computes.
 """
@@ -11,20 +11,21 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from trgl_pipe.context import RunContext
 from trgl_pipe.errors import PipelineError
 from trgl_pipe.faults import Tracer
-from trgl_pipe.live import LiveView, LocalBoard, Publisher
 from trgl_pipe.runtime.buffer import LocalControl, Waiter
-from trgl_pipe.runtime.loop import rank_stats, run_worker
 from trgl_pipe.runtime.schedule import Position, parallel_stream
 from trgl_pipe.runtime.transport import StreamInbox, local_link
-from trgl_pipe.runtime.worker import StageWorker
-from trgl_pipe.telemetry import Telemetry
+from trgl_pipe.training.loop import rank_stats, run_worker
+from trgl_pipe.training.worker import StageWorker
+from trgl_pipe.watch.live import LiveView, LocalBoard, Publisher
 from trgl_pipe.watch.spans import SpanRecorder
+from trgl_pipe.watch.telemetry import Telemetry
 
 
 def run_simulated(
-    ctx: Any,
+    ctx: RunContext,
     workers: list[StageWorker],
     progress: Any = None,
     should_stop: Any = None,

@@ -8,13 +8,13 @@ with FIFO buffers, one worker per rank.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
-from trgl_pipe.checkpoint import CheckpointWriter, Progress
-from trgl_pipe.live import Publisher
+from trgl_pipe.context import RunContext
+from trgl_pipe.folder.checkpoint import CheckpointWriter, Progress
 from trgl_pipe.runtime.messages import Kind, Message
 from trgl_pipe.runtime.schedule import Position, eval_due, eval_messages, parallel_stream, total_steps
-from trgl_pipe.runtime.worker import StageWorker
+from trgl_pipe.training.worker import StageWorker
+from trgl_pipe.watch.live import Publisher
 
 
 def drive(
@@ -29,7 +29,7 @@ def drive(
 
 
 def run_parallel(
-    ctx: Any,
+    ctx: RunContext,
     workers: Sequence[StageWorker],
     publishers: Sequence[Publisher] = (),
     progress: Progress | None = None,
@@ -53,7 +53,7 @@ def sequential_phases(epochs: int, laps: int, num_modules: int) -> list[tuple[in
 
 
 def run_sequential(
-    ctx: Any,
+    ctx: RunContext,
     workers: Sequence[StageWorker],
     publishers: Sequence[Publisher] = (),
     progress: Progress | None = None,
@@ -111,7 +111,7 @@ def run_sequential(
 
 
 def run_regime(
-    ctx: Any,
+    ctx: RunContext,
     workers: Sequence[StageWorker],
     publishers: Sequence[Publisher] = (),
     progress: Progress | None = None,
@@ -123,7 +123,7 @@ def run_regime(
     if ctx.cfg.train.regime in ("sequential", "multilap"):
         run_sequential(ctx, workers, publishers, progress, should_stop, writer)
     elif ctx.cfg.train.regime in ("ddg", "fr"):
-        from trgl_pipe.delayed import run_delayed
+        from trgl_pipe.training.delayed import run_delayed
 
         run_delayed(ctx, workers, progress, should_stop)
     else:
