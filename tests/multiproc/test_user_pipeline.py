@@ -125,3 +125,131 @@ def test_ranks_that_build_different_networks_stop_with_one_line(tmp_path: Path) 
     assert "exitcode  : 2" in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "rank 1 built another network than rank 0" in errors[0], result.stderr[-3000:]
+
+
+def _user_data_parallel_reference(overrides: list[str], replicas: int) -> tuple[dict, list[dict]]:
+    """A K-module pipeline with ``replicas`` replicas per stage and a user's objective, in one
+    process: each shard's forward in turn (replica 0's BatchNorm statistics survive, as DDP
+    broadcasts them), then each replica's loss in its own thread, whose ``objective.average`` is
+    an all-reduce over the threads (sum, then / R, as the pipeline's), then the gradients
+    averaged as DDP averages them and one optimizer step. Returns per-step (loss, CE, kinetic) per
+    (module, step, replica) and the final states with the objective's."""
+    import copy
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch.nn.functional as F
+
+    from trgl_pipe.config import load_config
+    from trgl_pipe.context import build_context
+    from trgl_pipe.data import Batches
+    from trgl_pipe.objectives import LocalInputs
+    from trgl_pipe.runtime.schedule import total_steps
+
+    cfg = load_config(None, overrides)
+    torch.set_num_threads(1)
+    ctx = build_context(cfg, torch.device("cpu"))
+    stages = [ctx.build_stage(i) for i in range(ctx.num_modules)]
+    objectives = [[s.objective] + [copy.deepcopy(s.objective) for _ in range(replicas - 1)] for s in stages]
+    barrier = threading.Barrier(replicas)
+    slots: list = [None] * replicas
+
+    def all_reduce_average(r: int):
+        def average(t: torch.Tensor) -> torch.Tensor:
+            slots[r] = t.detach().clone()
+            barrier.wait()
+            total = slots[0].clone()
+            for other in slots[1:]:
+                total = total + other
+            barrier.wait()  # every thread has read the slots before the next call fills them
+            return total / replicas
+
+        return average
+
+    for per_stage in objectives:
+        for r, objective in enumerate(per_stage):
+            objective.average = all_reduce_average(r)
+    shards = [Batches(ctx.data, cfg.data, cfg.seed, shard=(r, replicas)) for r in range(replicas)]
+    steps = min(shards[0].steps_per_epoch, total_steps(cfg, shards[0].steps_per_epoch))
+    losses: dict = {}
+    for epoch in range(cfg.train.epochs):
+        streams = [s.train_batches(epoch) for s in shards]
+        for _ in range(steps):
+            xs = [next(stream) for stream in streams]
+            for stage, per_replica in zip(stages, objectives, strict=True):
+                net = stage.local_net
+                net.train()
+                forwards, replica_0_buffers = [], {}
+                for r, (x, y) in enumerate(xs):
+                    if r >= 1:  # the other replicas update copies: replica 0's statistics survive
+                        for m in net.modules():
+                            for name, b in m._buffers.items():
+                                if b is not None:
+                                    replica_0_buffers.setdefault((m, name), b)
+                                    m._buffers[name] = b.clone()
+                    out, kinetic, logits, extras = net(x, kinetic_grad=False, extras=True)
+                    ce = F.cross_entropy(logits.float(), y)
+                    forwards.append(LocalInputs(x, out, kinetic, logits, ce, y, None, extras))
+                for (m, name), b in replica_0_buffers.items():
+                    m._buffers[name] = b
+                with ThreadPoolExecutor(replicas) as pool:  # the replicas' losses at once: they all-reduce
+                    results = list(pool.map(lambda o, i: o.loss(i), per_replica, forwards))
+                params = stage.parameters()
+                grads = []
+                for r, inputs in enumerate(forwards):
+                    n = len(inputs.y)
+                    logged = [
+                        ((t.detach() * n).double() / n).item()
+                        for t in (results[r], inputs.ce, inputs.kinetic)
+                    ]
+                    losses[(stage.index, stage.num_steps + 1, r)] = tuple(logged)
+                    grads.append(torch.autograd.grad(results[r], params))
+                for p, *per_shard in zip(params, *grads, strict=True):
+                    total = per_shard[0] * (1.0 / replicas)
+                    for g in per_shard[1:]:
+                        total = total + g * (1.0 / replicas)
+                    p.grad = total
+                stage.optimizer.step()
+                stage.scheduler.step()
+                stage.num_steps += 1
+                xs = [(inputs.out.detach(), inputs.y) for inputs in forwards]
+    for per_replica in objectives:  # what must stay equal stayed equal
+        assert all(torch.equal(o.centres, per_replica[0].centres) for o in per_replica)
+    states = [
+        {
+            "body": s.body.state_dict(),
+            "head": s.head.state_dict(),
+            "aux": s.aux.state_dict(),
+            "objective": s.objective.state_dict(),
+        }
+        for s in stages
+    ]
+    return losses, states
+
+
+def test_a_user_objective_with_two_replicas_computes_the_data_parallel_reference(tmp_path: Path) -> None:
+    # K=2 stages x R=2 replicas on 4 ranks; 180 images in batches of 32 (a last batch of 20:
+    # shards of 16 and 10); Distill's class centres move with the whole batch's projections,
+    # which its averaging hook (self.average, an all-reduce over the replicas) gives each replica
+    user = [
+        *[o for o in USER if not o.startswith("model.num_modules")],
+        "model.num_modules=2",
+        "objective.name=tests.user_pkg.objectives:Distill",
+        "objective.kwargs={weight: 0.5}",
+        "train.epochs=1",
+    ]
+    piped = run_torchrun(4, [*user, "pipeline.replicas=2", f"out_dir={tmp_path / 'pipe'}"])
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    losses, states = _user_data_parallel_reference([*user, f"out_dir={tmp_path / 'ref'}"], 2)
+    got = {
+        (e["module"], e["step"], e.get("replica", 0)): (e["loss"], e["ce"], e["kinetic"])
+        for e in read_metrics(tmp_path / "pipe" / "metrics.jsonl")
+        if e["event"] == "train"
+    }
+    assert len(got) == len(losses) == 2 * 6 * 2 and got == losses  # bitwise, every replica
+    for sa, sb in zip(states, _final_shards(tmp_path / "pipe", 2), strict=True):
+        for part in ("body", "head", "aux"):
+            for name, tensor in sa[part].items():
+                assert torch.equal(tensor, sb[part][name]), (part, name)
+        assert torch.equal(sa["objective"]["centres"], sb["objective"]["centres"])
+        assert sa["objective"]["steps"] == sb["objective"]["steps"] == 6

@@ -42,9 +42,13 @@ class Distill(trgl_pipe.Objective):
         z = inputs.extras["projection"]
         centres = self.centres.to(z.device)
         pull = F.mse_loss(z, centres[inputs.y])
-        with torch.no_grad():  # the centres follow the projections of their class
-            for c in inputs.y.unique():
-                centres[c] = 0.9 * centres[c] + 0.1 * z[inputs.y == c].mean(0).float()
+        with torch.no_grad():  # the centres follow the mean projection of their class in the batch
+            onehot = F.one_hot(inputs.y, self.spec.num_classes).float()
+            # data-parallel replicas each hold a shard: self.average makes the sums the whole batch's
+            sums = self.average(onehot.T @ z.detach().float())
+            counts = self.average(onehot.sum(0))[:, None]
+            moved = 0.9 * centres + 0.1 * sums / counts.clamp(min=1e-12)
+            centres = torch.where(counts > 0, moved, centres)
         self.centres = centres
         self.steps += 1
         return inputs.ce + self.weight * pull
