@@ -30,24 +30,31 @@ def variants(root: Path) -> dict[str, dict[int, Run]]:
     return dict(sorted(found.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else 99))
 
 
-def paired(runs: dict[int, Run], base: dict[int, Run]) -> str:
+def paired(runs: dict[int, Run], base: dict[int, Run], comparisons: int = 1) -> str:
     """Mean difference of the best module's test accuracy to ``base``, paired by seed."""
     diffs = [
         100 * (runs[s].summary["best_test_accuracy"] - base[s].summary["best_test_accuracy"])
         for s in sorted(runs)
         if s in base
     ]
-    return interval(diffs) if diffs else "-"
+    return interval(diffs, comparisons) if diffs else "-"
 
 
-def interval(diffs: list[float]) -> str:
-    """Mean of paired differences with its 95% t interval and the page's reading of it."""
+def interval(diffs: list[float], comparisons: int = 1) -> str:
+    """Mean of paired differences with its 95% t interval and the page's reading of it; with
+    ``comparisons`` > 1 also the Bonferroni interval for that many read together, which the
+    reading then uses."""
     mean = statistics.fmean(diffs)
     half = t_half_width(diffs)
     if half is None:
         return f"{mean:+.2f} (one seed)"
+    text = f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+    if comparisons > 1:
+        half = t_half_width(diffs, comparisons)
+        assert half is not None
+        text += f"; Bonferroni [{mean - half:+.2f}, {mean + half:+.2f}]"
     reading = "noise" if mean - half <= 0 <= mean + half else "beyond noise"
-    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] {reading}"
+    return f"{text} {reading}"
 
 
 def table(found: dict[str, dict[int, Run]]) -> str:

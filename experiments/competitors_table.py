@@ -3,7 +3,8 @@
     python experiments/competitors_table.py [experiments/runs/competitors] [experiments/runs/scarce]
 
 Per method and K: the best module's test accuracy (mean ± sd over the seeds that ran), the method
-− VanGL and TRGL − the method, paired by seed with the 95% t interval (VanGL and TRGL-halves are
+− VanGL and TRGL − the method, paired by seed with the 95% t interval and the Bonferroni interval
+over the table's m intervals, which the reading uses (VanGL and TRGL-halves are
 experiment 5's runs: same data subset and initial weights per seed). A method whose runs are
 not all finished is shown with the seeds it has.
 """
@@ -34,8 +35,11 @@ def accuracy(runs: dict) -> str:
 
 
 def table(competitors: dict, scarce: dict) -> str:
+    """The table; its reading uses Bonferroni intervals over every paired interval it shows."""
+    m = 2 * sum(1 for k in KS for method in METHODS if competitors.get(f"{method}-k{k}"))
     lines = [
-        "| method | K | seeds | best test % | − VanGL, paired [95% CI] | TRGL − method, paired [95% CI] |",
+        f"| method | K | seeds | best test % | − VanGL, paired [95% CI; Bonferroni, m = {m}] "
+        f"| TRGL − method, paired [95% CI; Bonferroni, m = {m}] |",
         "|---|---|---|---|---|---|",
     ]
     for k in KS:
@@ -50,8 +54,8 @@ def table(competitors: dict, scarce: dict) -> str:
                 continue
             seeds = ", ".join(map(str, sorted(runs)))
             lines.append(
-                f"| {label} | {k} | {seeds} | {accuracy(runs)} | {paired(runs, vangl)} | "
-                f"{paired(trgl, runs)} |"
+                f"| {label} | {k} | {seeds} | {accuracy(runs)} | {paired(runs, vangl, m)} | "
+                f"{paired(trgl, runs, m)} |"
             )
     return "\n".join(lines)
 

@@ -82,9 +82,23 @@ def test_trgl_and_vangl_are_paired_by_seed_with_a_t_interval() -> None:
     assert row["pairs"] == "3" and row["per seed"] == ", ".join(f"{d:+.2f}" for d in diffs)
     mean = sum(diffs) / 3
     sd = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
-    low, high = mean - 4.303 * sd / 3**0.5, mean + 4.303 * sd / 3**0.5  # t(0.975, 2 df) = 4.303
+    t = 4.302652729749462  # t(0.975, 2 df), exact (a rounded table moved endpoints by 0.01)
+    low, high = mean - t * sd / 3**0.5, mean + t * sd / 3**0.5
     assert row["95% interval"] == f"{low:+.2f} to {high:+.2f}"
+    assert row["Bonferroni interval (m=1)"] == row["95% interval"]  # one comparison: nothing to adjust
     assert row["reading"] == ("noise (contains 0)" if low <= 0 <= high else "beyond noise")
+
+
+def test_t_quantiles_are_exact_and_bonferroni_widens_them_for_a_tables_comparisons() -> None:
+    from trgl_pipe.report import t_half_width, t_quantile
+
+    # Student's t: 0.975 quantiles at 2 and 11 degrees of freedom; 1 - 0.05/32 at 2 (m = 16)
+    assert abs(t_quantile(2) - 4.302652729749) < 1e-9 and abs(t_quantile(11) - 2.200985160082) < 1e-9
+    assert abs(t_quantile(2, comparisons=16) - 17.846590219776) < 1e-6
+    diffs = [-1.16, -0.86, -1.33]  # §5, K = 2: excludes 0 alone, not among 4 comparisons
+    one, four = t_half_width(diffs), t_half_width(diffs, 4)
+    mean = sum(diffs) / 3
+    assert mean + one < 0 < mean + four and t_half_width([0.5]) is None
 
 
 def test_the_authors_protocol_is_an_option_that_keeps_the_highest_test_accuracy(tmp_path: Path) -> None:

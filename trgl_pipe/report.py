@@ -269,15 +269,25 @@ def module_table(groups: dict[str, list[Run]]) -> str:
     return "\n".join(lines)
 
 
-# two-sided 95% quantiles of Student's t by degrees of freedom (pairs - 1)
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+def t_quantile(df: int, comparisons: int = 1, coverage: float = 0.95) -> float:
+    """The two-sided Student's t quantile of a ``coverage`` interval with ``df`` degrees of
+    freedom; with ``comparisons`` > 1, Bonferroni's: each interval at 1 − (1 − coverage)/m, so the
+    m intervals of a table cover together with probability ``coverage`` at least."""
+    from scipy.stats import t
+
+    return float(t.ppf(1 - (1 - coverage) / (2 * comparisons), df))
 
 
-def t_half_width(diffs: list[float]) -> float | None:
-    """Half-width of the 95% t interval of the mean of paired differences (None for one pair)."""
+def t_half_width(diffs: list[float], comparisons: int = 1) -> float | None:
+    """Half-width of the 95% t interval of the mean of paired differences (None for one pair);
+    Bonferroni-adjusted for ``comparisons`` intervals read together."""
     if len(diffs) < 2:
         return None
-    return T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return t_quantile(len(diffs) - 1, comparisons) * statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
+def contains_zero(mean: float, half: float) -> bool:
+    return mean - half <= 0 <= mean + half
 
 
 # What makes a local method: the sections and keys a method's runs may differ in from VanGL's
@@ -324,14 +334,15 @@ def paired_rows(groups: dict[str, list[Run]]) -> list[dict[str, str]]:
     subset and initial weights), for every group whose VanGL twin differs only in method keys
     (the trgl and objective sections, ``aux.type``): TRGL, InfoPro, PredSim, DGL's heads.
 
-    The interval is mean ± t(0.975, n−1)·sd/√n over the seeds' differences (a paired t interval);
-    with n pairs it needs n ≥ 2, and reads "noise" when it contains 0.
+    The interval is mean ± t·sd/√n over the seeds' differences (a paired t interval, exact
+    quantile, n ≥ 2 pairs), once at 95% and once Bonferroni-adjusted for the m intervals the
+    table shows together; the row reads "noise" when the adjusted one contains 0.
     """
     vangl: dict[str, list[Run]] = {}
     for runs in groups.values():
         if is_vangl(runs[0]):
             vangl.setdefault(_without_method(runs[0].config), []).extend(runs)
-    rows = []
+    found: list[tuple[str, list[float]]] = []
     for runs in groups.values():
         if is_vangl(runs[0]) or runs[0].summary["regime"] not in ("parallel", "sequential", "multilap"):
             continue
@@ -344,21 +355,28 @@ def paired_rows(groups: dict[str, list[Run]]) -> list[dict[str, str]]:
             for r in runs
             if r.config["seed"] in by_seed
         ]
-        if not diffs:
-            continue
+        if diffs:
+            found.append((f"{runs[0].label} − VanGL", diffs))
+    m = sum(1 for _, diffs in found if len(diffs) > 1)  # the intervals the table shows together
+    rows = []
+    for comparison, diffs in found:
         mean = statistics.fmean(diffs)
         row = {
-            "comparison": f"{runs[0].label} − VanGL",
+            "comparison": comparison,
             "pairs": str(len(diffs)),
             "per seed": ", ".join(f"{d:+.2f}" for d in diffs),
             "mean": f"{mean:+.2f}",
             "95% interval": "-",
+            f"Bonferroni interval (m={m})": "-",
             "reading": "one seed: no interval",
         }
-        half = t_half_width(diffs)
-        if half is not None:
+        half, adjusted = t_half_width(diffs), t_half_width(diffs, m)
+        if half is not None and adjusted is not None:
             row["95% interval"] = f"{mean - half:+.2f} to {mean + half:+.2f}"
-            row["reading"] = "noise (contains 0)" if mean - half <= 0 <= mean + half else "beyond noise"
+            row[f"Bonferroni interval (m={m})"] = f"{mean - adjusted:+.2f} to {mean + adjusted:+.2f}"
+            row["reading"] = "noise (contains 0)" if contains_zero(mean, adjusted) else "beyond noise"
+            if not contains_zero(mean, half) and contains_zero(mean, adjusted):
+                row["reading"] += "; excludes 0 unadjusted"
         rows.append(row)
     return rows
 
@@ -602,8 +620,9 @@ def build_report(paths: list[Path], out: Path, title: str, protocol: str = "trgl
             "## Each method − VanGL, paired by seed",
             "",
             "Best module's test accuracy, points. The seed fixes the data subset and the initial "
-            "weights, so the two runs of a seed differ only in the local objective (and head); the "
-            "interval is a paired t interval.",
+            "weights, so the two runs of a seed differ only in the local objective (and head). "
+            "Intervals: paired t (exact quantiles); the reading uses the Bonferroni interval, which "
+            "holds for the table's m comparisons together (each at 1 − 0.05/m).",
             "",
             markdown_table(paired),
             "",
