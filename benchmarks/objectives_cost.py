@@ -45,6 +45,7 @@ METHODS = {
     "infopro_contrast": ["objective.name=infopro", "objective.kwargs.loss=contrast"],
     "infopro_l": ["objective.name=infopro_l"],
     "predsim": ["objective.name=predsim"],
+    "auglocal": ["objective.name=auglocal"],  # d = 3, pyramid c = 0.5
     "dgl_mlp_sr": ["objective.name=vangl", "aux.type=dgl_mlp_sr"],
 }
 # the TRGL paper's savings against end-to-end, STL-10 ResNet-110, equal-depth modules

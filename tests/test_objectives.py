@@ -188,6 +188,7 @@ METHODS = {
     # the authors' InfoPro weights (λ1 = 5 on a squared error of features) diverge here at lr 0.1
     "infopro_l": ["objective.name=infopro_l", "objective.kwargs.weights=[0.5, 1, 0, 0]"],
     "predsim": ["objective.name=predsim"],
+    "auglocal": ["objective.name=auglocal"],
     "dgl-cnn": ["objective.name=vangl", "aux.type=dgl_cnn"],
     "dgl-mlp-sr": ["objective.name=vangl", "aux.type=dgl_mlp_sr"],
 }
@@ -353,3 +354,25 @@ def test_objectives_run_on_swin_token_maps(tiny) -> None:
             h = stage.train_step(h, y, x if stage.objective.needs_image else None)
         assert all(math.isfinite(float(s.last_loss)) for s in stages)
         assert stages[1].num_aux_params > 0  # the decoder / similarity conv on [N, H, W, C] tokens
+
+
+def test_auglocal_samples_later_layers_evenly_and_shrinks_its_depth_like_a_pyramid() -> None:
+    from trgl_pipe.objectives.auglocal import AugLocalObjective, SampledBlock, pyramid_depth, sampled_layers
+
+    # ResNet-32 counted as the authors count it: 16 layers (the stem is layer 0)
+    assert sampled_layers(1, 16, 3) == [6, 10, 15] and sampled_layers(13, 16, 3) == [14, 15]
+    assert sampled_layers(0, 16, 1) == [15]
+    # d = 5, c = 0.5 over 11 local modules (their ResNet-32 at d = 5): 5 at module 0 → 3 at module 9
+    assert [pyramid_depth(5, k, 11, 0.5) for k in (0, 5, 9)] == [5, 4, 3] and pyramid_depth(5, 3, 11, 0) == 5
+    # a module ending at a 16-channel 8x8 map, before three blocks: one at 8x8, two at 4x4 with 32
+    later = ((16, 8, 8), (32, 4, 4), (32, 4, 4))
+    spec = _spec(0, 3, out_shape=(16, 8, 8), num_classes=10, later_shapes=later, last_block=1)
+    objective = AugLocalObjective(spec, depth=2, pyramid=0.0)
+    head = objective.head()
+    blocks = [m for m in head if isinstance(m, SampledBlock)]
+    assert [b.branch[0].stride for b in blocks] == [(1, 1), (2, 2)]  # layers 2 and 4 sampled
+    assert [b.branch[0].out_channels for b in blocks] == [16, 32]
+    assert head(torch.randn(4, 16, 8, 8)).shape == (4, 10) and objective.loss(_inputs()) == _inputs().ce
+    assert AugLocalObjective(_spec(2, 3, later_shapes=())).head() is None  # the last: the network's head
+    with pytest.raises(ConfigError, match="token maps"):
+        AugLocalObjective(_spec(0, 3, out_shape=(4, 4, 8), tokens=True, later_shapes=later))

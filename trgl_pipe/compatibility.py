@@ -72,6 +72,11 @@ def refusal_of(cfg: Config) -> str | None:
             f"pipeline.transport={cfg.pipeline.transport} runs the parallel regime only "
             f"(train.regime is {regime}); set train.regime=parallel or pipeline.transport=auto"
         )
+    if objective.needs_feature_maps and cfg.model.arch.startswith("swin"):
+        return (
+            f"objective.name={cfg.objective.name} needs feature maps; {cfg.model.arch}'s modules output "
+            "token maps: use a CNN backbone, or another objective"
+        )
     if cfg.aux.type != "conv" and cfg.model.arch.startswith("swin"):
         return (
             f"aux.type={cfg.aux.type} is a head for CNN feature maps; {cfg.model.arch}'s modules "

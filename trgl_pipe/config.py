@@ -80,7 +80,7 @@ class DataConfig:
             raise ConfigError("data.source=root needs data.root (the folder that holds the dataset)")
 
 
-ObjectiveName = Literal["trgl", "vangl", "infopro", "infopro_l", "predsim"]
+ObjectiveName = Literal["trgl", "vangl", "infopro", "infopro_l", "predsim", "auglocal"]
 Arch = Literal[
     "cifar_resnet",
     "resnet18",

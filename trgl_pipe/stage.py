@@ -670,4 +670,5 @@ def module_spec(
         std=tuple(norm.get("std", ())),
         device=str(device),
         last_block=plan.stop,
+        later_shapes=tuple(tuple(s) for s in parts.shapes[plan.stop :]),
     )

@@ -55,3 +55,25 @@ def test_infopro_pipeline_computes_exactly_what_one_process_computes(tmp_path: P
     assert first["image_sent_bytes"] == 600 * 28 * 28 * 4
     assert last["image_sent_bytes"] is None  # the last rank sends nothing
     assert first["sent_bytes"] > 0
+
+
+def test_auglocal_pipeline_computes_exactly_what_one_process_computes(tmp_path: Path) -> None:
+    # K=2 on 2 ranks: module 0's classifier is built from the architecture of the later layers,
+    # which rank 0 knows from the network's shapes, not from rank 1's blocks
+    common = [*TINY, "model.num_modules=2", "objective.name=auglocal", "objective.kwargs={depth: 2}"]
+    single = run_cli([*common, f"out_dir={tmp_path / 'single'}"])
+    assert single.returncode == 0, single.stderr
+    piped = run_torchrun(2, [*common, f"out_dir={tmp_path / 'pipe'}"])
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "pipe")
+    assert len(a) == 2 * 10 and a == b  # every module, every step, bitwise
+    for sa, sb in zip(
+        _final_shards(tmp_path / "single", 2), _final_shards(tmp_path / "pipe", 2), strict=True
+    ):
+        for part in ("body", "head"):
+            for name, tensor in sa[part].items():
+                assert torch.equal(tensor, sb[part][name]), (part, name)
+    head = _final_shards(tmp_path / "pipe", 2)[0]["head"]
+    assert "0.branch.0.weight" in head and "1.branch.0.weight" in head  # two sampled blocks
+    summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
+    assert summary["objective"] == "auglocal" and summary["method_label"] == "AugLocal (d=2, c=0.5)"

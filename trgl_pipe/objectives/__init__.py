@@ -31,6 +31,7 @@ BUILT_IN: dict[str, str] = {
     "infopro": "trgl_pipe.objectives.infopro:InfoProObjective",
     "infopro_l": "trgl_pipe.objectives.infopro:InfoProLObjective",
     "predsim": "trgl_pipe.objectives.predsim:PredSimObjective",
+    "auglocal": "trgl_pipe.objectives.auglocal:AugLocalObjective",
 }
 
 

@@ -31,6 +31,7 @@ class ModuleSpec:
     std: tuple[float, ...] = ()
     device: str = "cpu"  # where the module trains: state an objective keeps (λ) can live there
     last_block: int = 0  # the network's block the module ends before (seeds its networks)
+    later_shapes: tuple[tuple[int, ...], ...] = ()  # the output of every block after the module
 
     @property
     def is_last(self) -> bool:
@@ -78,6 +79,7 @@ class Objective:
     probe_head: bool = False
     regimes: ClassVar[tuple[str, ...]] = ("e2e", "parallel", "sequential", "multilap")
     needs_from_next: ClassVar[tuple[str, ...]] = ()
+    needs_feature_maps: ClassVar[bool] = False  # [C, H, W] outputs: token maps (Swin) are refused
 
     @classmethod
     def reads_image(cls, index: int, num_modules: int) -> bool:
