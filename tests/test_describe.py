@@ -42,6 +42,10 @@ def test_help_lists_every_key_with_its_default_and_meaning(capsys: pytest.Captur
     assert docs["optim.milestones"].default == [0.5, 0.75]
     assert docs["trgl.tau"].meaning.startswith("L = CE + C / (2 tau)")  # comment lines above the field
     assert keys_help().count("\n    ") == len(keys)
+    # a comment wrapped over lines reads as one sentence, not as items joined by "; "
+    assert "the authors' split for this backbone and K" in docs["model.split"].meaning
+    assert "forwarded K-1-k steps ago" in docs["train.delays"].meaning
+    assert "(one of depth | balanced | preset or a list of integers)" in keys_help()
 
 
 def test_print_config_prints_the_layout_and_trains_nothing(tmp_path: Path, capsys) -> None:

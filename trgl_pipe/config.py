@@ -768,7 +768,9 @@ def _describe_hint(hint: Any) -> str:
     if origin is Literal:
         return "one of " + " | ".join(map(str, get_args(hint)))
     if origin is list:
-        return f"a list of {_describe_hint(get_args(hint)[0])}"
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "true or false values"}
+        item = get_args(hint)[0]
+        return f"a list of {plural.get(item, _describe_hint(item))}"
     if origin is dict:
         return "a mapping"
     if hint is type(None):

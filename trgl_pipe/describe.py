@@ -52,7 +52,10 @@ def _field_comments(cls: type) -> dict[str, str]:
         while row >= 1 and lines[row - 1].strip().startswith("#"):
             above.insert(0, comments.get(row, ""))
             row -= 1
-        text = "; ".join(part for part in (*above, comments.get(number, "")) if part)
+        # the lines above are one comment wrapped over lines: joined by spaces; the comment beside
+        # the field is another, after "; "
+        wrapped = " ".join(part for part in above if part)
+        text = "; ".join(part for part in (wrapped, comments.get(number, "")) if part)
         found[name] = text.replace("noqa: E501", "").strip()
     return found
 
