@@ -523,6 +523,7 @@ class DebugConfig:
     trace: bool = False  # write each send and each consumed message, with times, to trace.jsonl
     # [a, b]: torch.profiler on every rank for training steps a..b of its first module
     profile_steps: list[int] | None = None
+    hide_out_dir_from_rank: int | None = None  # this rank reads out_dir as another node's folder would
 
     def __post_init__(self) -> None:
         _non_negative("debug.raise_on_module", self.raise_on_module)

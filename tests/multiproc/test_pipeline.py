@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -332,6 +333,22 @@ def test_a_bad_shard_on_a_later_rank_is_named_by_that_rank(tmp_path: Path) -> No
     ]
     assert "lost rank" not in result.stderr
     assert "exitcode  : 2" in result.stderr  # as the same error in one process
+
+
+def test_a_rank_that_does_not_see_rank_0s_out_dir_is_named_before_anything_is_written(tmp_path: Path) -> None:
+    # on two nodes without a shared file system, rank 1 would look at a folder of its own: it
+    # reads rank 0's lock token back (here hidden from it, as another node's disk would)
+    out = tmp_path / "run"
+    result = run_torchrun(2, [*TINY, f"out_dir={out}", "debug.hide_out_dir_from_rank=1"])
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    expected = (
+        f"out_dir={out} is not the folder rank 0 holds, as rank 1 on {socket.gethostname()} sees it: "
+        "ranks on several nodes need one shared out_dir"
+    )
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]  # after the reporting rank
+    assert "exitcode  : 2" in result.stderr
+    assert not out.exists()  # rank 0 created it, locked it and removed it again: nothing written
 
 
 def test_sigterm_during_an_evaluation_stops_without_waiting_for_all_of_it(tmp_path: Path) -> None:

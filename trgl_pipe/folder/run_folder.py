@@ -23,6 +23,7 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -85,6 +86,7 @@ class RunFolder:
     def __init__(self, out: Path, fd: int, created: bool, replace: list[str]) -> None:
         self.out = out
         self._fd: int | None = fd
+        self.token = _holder(os.pread(fd, 4096, 0).decode(errors="replace")).get("token", "")
         self._created = created
         self._replace = replace
         self.committed = False
@@ -177,7 +179,13 @@ def _lock(out: Path) -> int:
     previous = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
     if previous and previous.get("pid") != os.getpid():
         print(f"out_dir: taking over the lock left by {_describe(previous)}, which has ended", flush=True)
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), "argv": sys.argv}
+    record = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "time": time.time(),
+        "argv": sys.argv,
+        "token": secrets.token_hex(8),  # other ranks read it back: do they see this very folder?
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     return fd
@@ -313,3 +321,15 @@ def _restart_of_this_job(out: Path) -> bool:
 def discard_replaced(out: str | Path) -> None:
     """The new run has a complete checkpoint or has ended: the run it replaced may go."""
     shutil.rmtree(Path(out) / REPLACED, ignore_errors=True)
+
+
+def lock_token(out: Path) -> str | None:
+    """The token in ``out``'s lock record as this process sees the file (None: no lock there).
+
+    Rank 0 locks out_dir; every other rank reads the token back to check that it sees the same
+    folder, which on several nodes means one shared file system."""
+    try:
+        text = (Path(out) / LOCK).read_text(errors="replace")
+    except OSError:
+        return None
+    return _holder(text).get("token")

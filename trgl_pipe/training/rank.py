@@ -40,7 +40,7 @@ from trgl_pipe.data import load_data, shard_bounds
 from trgl_pipe.errors import ConfigError, OutputError, PipelineError, UserError
 from trgl_pipe.faults import Tracer
 from trgl_pipe.folder.checkpoint import find_resume
-from trgl_pipe.folder.run_folder import RunFolder, claim
+from trgl_pipe.folder.run_folder import RunFolder, claim, lock_token
 from trgl_pipe.launch import record_failure
 from trgl_pipe.runtime import preemption
 from trgl_pipe.runtime.buffer import Waiter
@@ -84,12 +84,15 @@ def _setup(cfg: Config, session: DistSession, device: torch.device, folder: RunF
     rank, layout = session.env.rank, session.layout
     shard = (session.replica, layout.replicas)
     if rank == 0:
+        assert folder is not None
         ctx = build_context(cfg, device, shard=shard)
         resume = find_resume(cfg, ctx.partition, cfg.train.regime, ctx.steps_per_epoch)
         ctx.resume_from = None if resume is None else str(resume)
-        session.publish_json("setup", {**ctx.shape_info(), "resume": ctx.resume_from})
+        session.publish_json("setup", {**ctx.shape_info(), "resume": ctx.resume_from, "token": folder.token})
+        _check_shared_out_dir(cfg, session, folder.token)
         return ctx
     info = session.wait_json("setup", STARTUP_TIMEOUT_S, "rank 0 to read the data")
+    _check_shared_out_dir(cfg, session, info["token"])
     if session.stage == 0:  # another replica of the first stage: it reads its own shards
         data = load_data(cfg.data, cfg.seed)
         partition = [tuple(r) for r in info["partition"]]
@@ -99,6 +102,29 @@ def _setup(cfg: Config, session: DistSession, device: torch.device, folder: RunF
     ctx.check_same_network(info, rank)
     ctx.resume_from = info["resume"]
     return ctx
+
+
+def _check_shared_out_dir(cfg: Config, session: DistSession, token: str) -> None:
+    """Every rank must see the out_dir rank 0 locked (its metrics, checkpoints and the resume all
+    live there): on several nodes, one shared folder. Each rank publishes whether it reads rank
+    0's lock token back, and every rank raises the same one line naming those that do not."""
+    env, out = session.env, Path(cfg.out_dir)
+    hidden = cfg.debug.hide_out_dir_from_rank == env.rank
+    seen = None if hidden else lock_token(out)
+    session.publish_json(
+        f"out_dir/{env.rank}", {"ok": env.rank == 0 or seen == token, "host": socket.gethostname()}
+    )
+    verdicts = [
+        session.wait_json(f"out_dir/{r}", STARTUP_TIMEOUT_S, f"rank {r} to look at out_dir")
+        for r in range(env.world_size)
+    ]
+    blind = [f"{r} on {v['host']}" for r, v in enumerate(verdicts) if not v["ok"]]
+    if blind:
+        raise ConfigError(
+            f"out_dir={out} is not the folder rank 0 holds, as rank {', '.join(blind)} sees it: ranks on "
+            "several nodes need one shared out_dir (a network file system mounted at the same path on "
+            "every node)"
+        )
 
 
 def batch_sizes(cfg: Config, ctx: RunContext, replica: int, replicas: int) -> tuple[list[int], list[int]]:
