@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 from trgl_pipe.config import load_config
@@ -64,3 +65,27 @@ def test_a_local_objective_with_a_delayed_regime_is_one_line_from_the_cli(tmp_pa
         "objective.name=vangl with trgl.enabled=false, or another regime"
     ]
     assert not out.exists()
+
+
+def test_keys_the_run_never_reads_get_one_warning_line_naming_them(tmp_path: Path, capsys) -> None:
+    import warnings
+
+    from trgl_pipe.config import load_config
+    from trgl_pipe.errors import UnusedKeyWarning
+
+    with pytest.warns(UnusedKeyWarning) as caught:
+        load_config(None, ["objective.name=predsim", "trgl.tau=5", "trgl.s=10", "trgl.reduction=mean"])
+    assert [str(w.message) for w in caught] == [
+        "set but not used: trgl.s (objective.name=predsim does not read the trgl section); "
+        "trgl.tau (objective.name=predsim does not read the trgl section)"
+    ]  # trgl.reduction is read: the module bodies reduce C_k with it whatever the objective
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # what the run reads, and the committed configs, warn nothing
+        load_config(None, ["trgl.tau=5", "trgl.enabled=false"])
+        for path in sorted((ROOT / "configs").rglob("*.yaml")):
+            load_config(path)
+    out = tmp_path / "run"
+    with pytest.warns(UnusedKeyWarning, match=r"^set but not used: trgl\.tau \(objective\.name=infopro"):
+        assert main(["objective.name=infopro", "trgl.tau=5", f"out_dir={out}", "--print-config"]) == 0
+    # the command line shows it as one line (pytest records warnings instead of printing them)
+    assert warnings.formatwarning("x", UnusedKeyWarning, "f.py", 1) == "UnusedKeyWarning: x\n"

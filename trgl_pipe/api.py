@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from trgl_pipe.compatibility import warn_unused
 from trgl_pipe.config import Config, from_dict, read_yaml_mapping
 from trgl_pipe.errors import ConfigError
 from trgl_pipe.models.user import Network
@@ -98,7 +99,9 @@ def build_config(
         raw.setdefault("aux", {})["head"] = _plugin(head, "head")
     if objective is not None:
         raw.setdefault("objective", {})["name"] = _plugin(objective, "objective")
-    return from_dict(Config, raw, "")
+    cfg = from_dict(Config, raw, "")
+    warn_unused(cfg, raw)
+    return cfg
 
 
 def train(

@@ -111,3 +111,40 @@ def refusal_of(cfg: Config) -> str | None:
             f"({', '.join(str(d) for d in range(1, k + 1) if k % d == 0)})"
         )
     return None
+
+
+def unused_keys(cfg: Config, given: set[str]) -> list[str]:
+    """The keys in ``given`` (dotted, as the user set them) that this run never reads, each with
+    why: for the one-line warning :func:`warn_unused` gives."""
+    found = []
+    name, regime = cfg.objective.name, cfg.train.regime
+    trgl_reads = name == "trgl" and regime not in DELAYED
+    for key in sorted(given):
+        section, _, field = key.partition(".")
+        if section == "trgl" and field not in ("reduction", "enabled") and not trgl_reads:
+            found.append(f"{key} (objective.name={name} does not read the trgl section)")
+        elif section == "trgl" and field == "enabled" and name not in ("trgl", "vangl"):
+            found.append(f"{key} (objective.name={name} decides the loss itself)")
+        elif key == "train.laps" and regime != "multilap":
+            found.append(f"{key} (train.regime={regime}; laps are multilap's)")
+        elif key == "train.delays" and regime not in DELAYED:
+            found.append(f"{key} (train.regime={regime}; delays are ddg's and fr's)")
+    return found
+
+
+def given_keys(raw: dict) -> set[str]:
+    """The dotted keys a raw config mapping sets (a section's mapping, not a key's value)."""
+    return {
+        f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict) for key in values
+    }
+
+
+def warn_unused(cfg: Config, raw: dict) -> None:
+    """One warning line naming every key ``raw`` sets that the run never reads."""
+    import warnings
+
+    from trgl_pipe.errors import UnusedKeyWarning
+
+    unused = unused_keys(cfg, given_keys(raw))
+    if unused:
+        warnings.warn(f"set but not used: {'; '.join(unused)}", UnusedKeyWarning, stacklevel=3)

@@ -606,7 +606,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raw = read_yaml_mapping(Path(path))
     for item in overrides:
         apply_override(raw, item)
-    return from_dict(Config, raw, "")
+    cfg = from_dict(Config, raw, "")
+    from trgl_pipe.compatibility import warn_unused
+
+    warn_unused(cfg, raw)
+    return cfg
 
 
 class _DuplicateKey(yaml.YAMLError):

@@ -52,3 +52,7 @@ class NonFiniteLossError(Exception):
     """A module's local loss became NaN or infinite; training cannot go on."""
 
     exit_code = 3
+
+
+class UnusedKeyWarning(UserWarning):
+    """A config key the run sets but its method or regime never reads (one line, the run goes on)."""

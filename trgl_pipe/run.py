@@ -22,7 +22,7 @@ import sys
 import warnings
 
 from trgl_pipe.config import load_config
-from trgl_pipe.errors import UserCodeError, UserError
+from trgl_pipe.errors import UnusedKeyWarning, UserCodeError, UserError
 from trgl_pipe.folder.run_folder import finished_already
 from trgl_pipe.launch import record_failure
 from trgl_pipe.runtime import preemption
@@ -38,6 +38,7 @@ def _one_line_warnings(rank: int) -> None:
     warnings.formatwarning = lambda message, category, *_a, **_k: f"{category.__name__}: {message}\n"
     if rank != 0:
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UnusedKeyWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
