@@ -67,6 +67,11 @@ def refusal_of(cfg: Config) -> str | None:
             f"objective.name={cfg.objective.name} needs {' and '.join(objective.needs_from_next)} from "
             "the next module (needs_from_next), which no regime sends back yet; it cannot train here"
         )
+    if cfg.pipeline.wire_dtype is not None and regime != "parallel":
+        return (
+            f"pipeline.wire_dtype={cfg.pipeline.wire_dtype} applies to train.regime=parallel (the pipeline "
+            f"and its one-process reference), not to {regime}; remove it"
+        )
     if cfg.pipeline.transport != "auto" and regime != "parallel":
         return (
             f"pipeline.transport={cfg.pipeline.transport} runs the parallel regime only "

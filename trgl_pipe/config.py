@@ -446,6 +446,9 @@ class PipelineConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     buffer_size: int = 2  # batches a module may run ahead of the next one
     timeout_s: float = 60.0  # a wait this long for a peer means the peer failed
+    # activations between modules cast to this for the wire and back to float32 on arrival (half
+    # the bytes); the one-process parallel run applies the same casts. null: as the module computes
+    wire_dtype: Literal["bf16", "fp16"] | None = None
     # Layout of the ranks (dist only): each rank holds modules_per_rank consecutive modules (a
     # stage), and each stage runs on `replicas` data-parallel ranks; world size = K / M * R.
     modules_per_rank: int = 1

@@ -199,6 +199,7 @@ class Stage:
         self.body = body.to(device)
         self.head = head.to(device)
         self.channels_last = cfg.train.channels_last
+        self.upcast_input = cfg.pipeline.wire_dtype is not None and plan.index > 0
         if self.channels_last:
             self.body.to(memory_format=torch.channels_last)
             self.head.to(memory_format=torch.channels_last)
@@ -277,6 +278,8 @@ class Stage:
 
     def _prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         x = x.to(self.device, non_blocking=True)
+        if x.dtype in (torch.bfloat16, torch.float16) and self.upcast_input:
+            x = x.float()  # an activation cast for the wire (pipeline.wire_dtype): back to float32
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)

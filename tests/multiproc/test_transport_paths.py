@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY, run_cli, run_torchrun
 
+from trgl_pipe.config import load_config
+from trgl_pipe.stage import build_parts
 from trgl_pipe.watch.metrics import read_metrics
 
 pytestmark = pytest.mark.multiproc
@@ -37,9 +41,13 @@ def test_a_validation_split_of_one_image_over_two_replicas_trains_and_counts_exa
     assert {e["count"] for e in evals if e["split"] == "test"} == {3}
 
 
-def test_channels_last_activations_cross_ranks_and_compute_what_one_process_computes(tmp_path: Path) -> None:
-    # they travel as their NHWC view (no copy into NCHW and back): the same bits arrive
-    common = [*TINY, "train.channels_last=true", "train.epochs=1"]
+def test_channels_last_bf16_wire_activations_cross_ranks_and_compute_what_one_process_computes(
+    tmp_path: Path,
+) -> None:
+    # pipeline.wire_dtype=bf16: module 0's output is cast to bf16 for the wire and back to float32
+    # on arrival, and travels as its NHWC view (no copy into NCHW and back); one process applies
+    # the same casts, so the same bits arrive and every loss is equal
+    common = [*TINY, "train.channels_last=true", "train.epochs=1", "pipeline.wire_dtype=bf16"]
     single = run_cli([*common, f"out_dir={tmp_path / 'single'}"])
     assert single.returncode == 0, single.stderr[-3000:]
     piped = run_torchrun(2, [*common, f"out_dir={tmp_path / 'pipe'}"])
@@ -51,3 +59,13 @@ def test_channels_last_activations_cross_ranks_and_compute_what_one_process_comp
 
     a, b = losses(tmp_path / "single"), losses(tmp_path / "pipe")
     assert len(a) == 2 * 5 and a == b
+    # half the bytes: 2 per value of module 0's output, for every sample it passed on
+    summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
+    cfg = load_config(None, [*common, f"out_dir={tmp_path / 'x'}"])
+    parts = build_parts(cfg, (1, 28, 28), 10)
+    values = math.prod(parts.shapes[summary["partition"][0][1] - 1])
+    events = read_metrics(tmp_path / "pipe" / "metrics.jsonl")
+    samples = summary["ranks"][0]["train_samples"] + sum(
+        e["count"] for e in events if e["event"] == "eval" and e["module"] == 0
+    )
+    assert summary["ranks"][0]["sent_bytes"] == samples * values * 2

@@ -266,7 +266,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     outbox = None
     if following is not None:
         outbox = DistOutbox(rank, following, link)
-        outbox.handshake(tuple(probe.shape[1:]), probe.dtype, cfg.train.channels_last and probe.dim() == 4)
+        wire = chain[-1].wire_dtype or probe.dtype  # pipeline.wire_dtype: what the worker casts to
+        outbox.handshake(tuple(probe.shape[1:]), wire, cfg.train.channels_last and probe.dim() == 4)
     links = None
     if delayed:  # the backward link: gradients from the next rank to this one
         backward = dataclasses.replace(link, group=session.backward_group)  # a communicator of its own

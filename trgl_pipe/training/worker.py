@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psutil
+import torch
 
 from trgl_pipe.runtime.clock import Clock, HostClock
 from trgl_pipe.runtime.messages import SPLITS, Kind, Message
@@ -16,6 +17,9 @@ from trgl_pipe.stage import Stage
 from trgl_pipe.watch.metrics import MetricsLogger, peak_memory_bytes
 
 CheckpointHook = Callable[["StageWorker", Message], None]
+
+
+WIRE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class StageWorker:
@@ -47,6 +51,7 @@ class StageWorker:
         self.faults: Callable[[StageWorker, bool], None] | None = None
         self.total_steps = stage.total_steps
         self.epochs = 0  # set by the run: for progress and ETA
+        self.wire_dtype: torch.dtype | None = None  # what the output is cast to for the next module
         self.reads_image = False  # the stage's objective reads the batch's image
         self.passes_image = False  # a later module reads it: it travels on with the output
         # work in flight saved with the module (delayed-gradient regimes): state_dict,
@@ -74,13 +79,13 @@ class StageWorker:
             self.epoch = msg.epoch
             if self.stage.num_steps % self.log_every_steps == 0 and self.stage.train_sums.steps:
                 self._log_train()
-            return msg.forward(out, image if self.passes_image else None)
+            return msg.forward(self._for_wire(out), image if self.passes_image else None)
         if kind is Kind.EVAL:
             if self.faults is not None:
                 self.faults(self, False)
             with self.clock.region(f"eval/{self.index}"):
                 out = self.stage.eval_step(msg.x, msg.y, SPLITS[msg.split])
-            return msg.forward(out)
+            return msg.forward(self._for_wire(out))
         if kind is Kind.EVAL_DONE:
             self._finish_eval(msg.epoch)
         elif kind is Kind.EPOCH_END:
@@ -106,6 +111,13 @@ class StageWorker:
             self.stopped = True
             self.stop_message = msg
         return msg
+
+    def _for_wire(self, out: torch.Tensor) -> torch.Tensor:
+        """The output as the next module receives it: cast to ``pipeline.wire_dtype`` here, in
+        every transport, so the pipeline and one process see the same numbers."""
+        if self.wire_dtype is None or not out.is_floating_point():
+            return out
+        return out.to(self.wire_dtype)
 
     def restart_clock(self) -> None:
         """Count elapsed time from now (training begins), not from when the worker was built."""
@@ -243,5 +255,7 @@ def make_worker(
     worker.epochs = cfg.train.epochs
     num_modules = stage.plan.num_modules
     worker.reads_image = needs_image(cfg, stage.index, num_modules)
+    if cfg.pipeline.wire_dtype is not None and stage.index < num_modules - 1:
+        worker.wire_dtype = WIRE_DTYPES[cfg.pipeline.wire_dtype]
     worker.passes_image = any(needs_image(cfg, k, num_modules) for k in range(stage.index + 1, num_modules))
     return worker
