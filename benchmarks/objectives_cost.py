@@ -61,8 +61,12 @@ def method_config(setting: Setting, method: str, k: int) -> Any:
     cfg = setting.config(k)
     for item in METHODS[method]:
         key, _, value = item.partition("=")
-        section, name = key.split(".")
-        setattr(getattr(cfg, section), name, yaml.safe_load(value))
+        section, name, *inner = key.split(".")
+        if inner:  # objective.kwargs.loss: one key of a mapping
+            owner = getattr(cfg, section)
+            setattr(owner, name, {**getattr(owner, name), inner[0]: yaml.safe_load(value)})
+        else:
+            setattr(getattr(cfg, section), name, yaml.safe_load(value))
     return cfg
 
 
