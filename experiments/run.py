@@ -126,6 +126,25 @@ AUTHORS_ALL = [
 ]
 
 
+# configs/quickstart.yaml as overrides (ResNet-20 width 16, K = 4, 6 epochs, TRGL τ = 1e5), one thread
+QUICKSTART = [
+    "data.name=fashion_mnist",
+    "data.source=embedded",
+    "data.val_size=1000",
+    "data.batch_size=128",
+    "data.eval_batch_size=500",
+    "model.depth=20",
+    "model.width=16",
+    "model.num_modules=4",
+    "train.epochs=6",
+    "optim.lr=0.1",
+    "optim.schedule=cosine",
+    "trgl.tau=1e5",
+    "train.num_threads=1",
+    "log.live=off",
+]
+
+
 def experiment(name: str) -> list[tuple[str, list[str], list[int]]]:
     """(run name, overrides, seeds) of an experiment."""
     if name == "tau-sweep":
@@ -246,6 +265,11 @@ def experiment(name: str) -> list[tuple[str, list[str], list[int]]]:
         ]
         runs.append(("authors-vangl", [*AUTHORS_BASE, *AUTHORS_ALL, "trgl.enabled=false"], [0]))
         return runs
+    if name == "wire":  # pipeline.wire_dtype=bf16 against float32 activations, the quickstart's setting
+        return [
+            ("fp32", QUICKSTART, [0, 1, 2]),
+            ("bf16", [*QUICKSTART, "pipeline.wire_dtype=bf16"], [0, 1, 2]),
+        ]
     if name == "pipeline":
         net = [*FULL, *DEPTH_NET, "model.num_modules=4", f"trgl.tau={TAU}", "train.num_threads=1"]
         return [("single-k4-1thread", net, [0]), ("pipeline-k4", [*net, "pipeline.transport=dist"], [0])]

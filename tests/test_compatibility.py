@@ -82,6 +82,8 @@ def test_keys_the_run_never_reads_get_one_warning_line_naming_them(tmp_path: Pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # what the run reads, and the committed configs, warn nothing
         load_config(None, ["trgl.tau=5", "trgl.enabled=false"])
+        # a config.yaml a run wrote holds every key at its value: the defaults are not "set"
+        load_config(None, ["objective.name=infopro", "trgl.tau=100000.0", "train.delays=paper"])
         for path in sorted((ROOT / "configs").rglob("*.yaml")):
             load_config(path)
     out = tmp_path / "run"

@@ -126,6 +126,8 @@ def unused_keys(cfg: Config, given: set[str]) -> list[str]:
     trgl_reads = name == "trgl" and regime not in DELAYED
     for key in sorted(given):
         section, _, field = key.partition(".")
+        if _is_default(cfg, section, field):
+            continue  # a config.yaml a run wrote holds every key: only a changed value was meant
         if section == "trgl" and field not in ("reduction", "enabled") and not trgl_reads:
             found.append(f"{key} (objective.name={name} does not read the trgl section)")
         elif section == "trgl" and field == "enabled" and name not in ("trgl", "vangl"):
@@ -135,6 +137,25 @@ def unused_keys(cfg: Config, given: set[str]) -> list[str]:
         elif key == "train.delays" and regime not in DELAYED:
             found.append(f"{key} (train.regime={regime}; delays are ddg's and fr's)")
     return found
+
+
+def _is_default(cfg: Config, section: str, field: str) -> bool:
+    import dataclasses
+
+    owner = getattr(cfg, section, None)
+    if not dataclasses.is_dataclass(owner):
+        return False
+    fields = {f.name: f for f in dataclasses.fields(owner)}
+    spec = fields.get(field)
+    if spec is None:
+        return False
+    if spec.default is not dataclasses.MISSING:
+        default = spec.default
+    elif spec.default_factory is not dataclasses.MISSING:
+        default = spec.default_factory()
+    else:
+        return False
+    return getattr(owner, field) == default
 
 
 def given_keys(raw: dict) -> set[str]:

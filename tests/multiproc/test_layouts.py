@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import ROOT, TINY, free_port, run_cli, run_torchrun, torchrun_cmd
+from conftest import ROOT, TINY, run_cli, run_torchrun, torchrun_cmd
 
 from trgl_pipe.config import load_config
 from trgl_pipe.context import build_context
@@ -203,37 +205,77 @@ def test_replicas_compute_the_data_parallel_reference(tmp_path: Path) -> None:
     assert [(r["stage"], r["replica"]) for r in summary["ranks"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
-def test_two_nodes_as_two_torchrun_agents_compute_the_data_parallel_reference(tmp_path: Path) -> None:
-    # the README's two-node launch (c10d rendezvous, one torchrun agent per node), both agents on
-    # this host: K=2 stages x R=2 replicas, 2 ranks per "node"
-    common = [*TINY, "model.num_modules=2", "train.epochs=1"]
-    port = free_port()
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=2",
-        "--nproc_per_node=2",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{port}",
-        "--rdzv-id=two-nodes",
-        "--monitor-interval=0.2",
-        "-m",
-        "trgl_pipe.run",
-        *common,
-        "pipeline.replicas=2",
-        f"out_dir={tmp_path / 'pipe'}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    agents = [
-        subprocess.Popen(launch, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
+@contextmanager
+def two_nodes() -> Iterator[list[tuple[list[str], str, str]]]:
+    """Two emulated nodes: a network namespace each (their own interfaces, addresses and ports),
+    joined by a veth pair. Yields per node (command prefix, address, interface)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("two emulated nodes need root and iproute2 (ip netns); this machine has not both")
+    tag = f"tp{os.getpid() % 100000}"
+    subnet = f"10.{77 + os.getpid() % 100}.{os.getpid() % 250}"
+    nodes = [(f"{tag}a", f"{tag}va", f"{subnet}.1"), (f"{tag}b", f"{tag}vb", f"{subnet}.2")]
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
     try:
-        outputs = [agent.communicate(timeout=300) for agent in agents]
+        for name, _, _ in nodes:
+            ip("netns", "add", name)
+        ip("link", "add", nodes[0][1], "type", "veth", "peer", "name", nodes[1][1])
+        for name, link, address in nodes:
+            ip("link", "set", link, "netns", name)
+            ip("-n", name, "addr", "add", f"{address}/24", "dev", link)
+            ip("-n", name, "link", "set", link, "up")
+            ip("-n", name, "link", "set", "lo", "up")
+        yield [(["ip", "netns", "exec", name], address, link) for name, link, address in nodes]
     finally:
-        for agent in agents:
-            agent.kill()
+        for name, _, _ in nodes:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
+def test_two_nodes_with_their_own_network_stacks_compute_the_data_parallel_reference(tmp_path: Path) -> None:
+    # the README's two-node launch (c10d rendezvous, one torchrun agent per node), each agent in a
+    # network namespace of its own, so every byte between the nodes crosses the veth link: K=2
+    # stages x R=2 replicas, a stage's replicas on one node, the stages on different nodes.
+    # torchrun cannot tell that the endpoint's address is the first node's own (is_host); gloo
+    # binds to each node's link (GLOO_SOCKET_IFNAME); the out_dir is shared (one file system).
+    common = [*TINY, "model.num_modules=2", "train.epochs=1"]
+    port = 29400
+    with two_nodes() as nodes:
+        host = nodes[0][1]
+        agents = []
+        for index, (prefix, address, link) in enumerate(nodes):
+            launch = [
+                *prefix,
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=2",
+                f"--node-rank={index}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={host}:{port}",
+                f"--rdzv-conf=is_host={str(index == 0).lower()}",
+                f"--local-addr={address}",
+                "--rdzv-id=two-nodes",
+                "--monitor-interval=0.2",
+                "-m",
+                "trgl_pipe.run",
+                *common,
+                "pipeline.replicas=2",
+                f"out_dir={tmp_path / 'pipe'}",
+            ]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": link}
+            agents.append(
+                subprocess.Popen(
+                    launch, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
+            )
+        try:
+            outputs = [agent.communicate(timeout=300) for agent in agents]
+        finally:
+            for agent in agents:
+                agent.kill()
     assert [agent.returncode for agent in agents] == [0, 0], [err[-2000:] for _, err in outputs]
     losses, states, accuracies = _data_parallel_reference([*common, f"out_dir={tmp_path / 'ref'}"], 2)
     assert _losses(tmp_path / "pipe") == losses
