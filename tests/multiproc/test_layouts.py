@@ -177,7 +177,7 @@ def _data_parallel_reference(overrides: list[str], replicas: int) -> tuple[dict,
     return losses, states, accuracies
 
 
-def test_replicas_compute_the_data_parallel_reference(tmp_path: Path) -> None:
+def test_replicas_on_two_emulated_nodes_compute_the_data_parallel_reference(tmp_path: Path) -> None:
     # K=2 stages x R=2 replicas on 4 ranks; 300 images in batches of 64 (a last batch of 44, so
     # shards of 32 and 22), adaptive λ. Gloo sums the two scaled gradients in a fixed order and
     # 1/2 is exact, so the pipeline can match the reference bit for bit.
@@ -188,8 +188,9 @@ def test_replicas_compute_the_data_parallel_reference(tmp_path: Path) -> None:
         "trgl.lambda_init=20000",
         "trgl.s=2",
     ]
-    piped = run_torchrun(4, [*common, "pipeline.replicas=2", f"out_dir={tmp_path / 'pipe'}"])
-    assert piped.returncode == 0, piped.stderr[-3000:]
+    # as two emulated nodes where the machine allows it (a stage's replicas on one node, the
+    # stages on two), else as one torchrun
+    _two_nodes_or_one([*common, "pipeline.replicas=2", f"out_dir={tmp_path / 'pipe'}"])
     losses, states, accuracies = _data_parallel_reference([*common, f"out_dir={tmp_path / 'ref'}"], 2)
     got = _losses(tmp_path / "pipe")
     assert len(got) == len(losses) == 2 * 10 * 2
@@ -233,16 +234,19 @@ def two_nodes() -> Iterator[list[tuple[list[str], str, str]]]:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
-def test_two_nodes_with_their_own_network_stacks_compute_the_data_parallel_reference(tmp_path: Path) -> None:
-    # the README's two-node launch (c10d rendezvous, one torchrun agent per node), each agent in a
-    # network namespace of its own, so every byte between the nodes crosses the veth link: K=2
-    # stages x R=2 replicas, a stage's replicas on one node, the stages on different nodes.
-    # torchrun cannot tell that the endpoint's address is the first node's own (is_host); gloo
-    # binds to each node's link (GLOO_SOCKET_IFNAME); the out_dir is shared (one file system).
-    common = [*TINY, "model.num_modules=2", "train.epochs=1"]
+def _two_nodes_or_one(args: list[str]) -> None:
+    """Run the 4-rank job ``args`` as the README's two-node launch (c10d rendezvous, one torchrun
+    agent per node, 2 ranks each), each agent in a network namespace of its own, so every byte
+    between the nodes crosses the veth link; where the machine cannot make namespaces (no root
+    or no ip), as one torchrun of 4 ranks. torchrun cannot tell that the endpoint's address is
+    the first node's own (is_host); gloo binds to each node's link (GLOO_SOCKET_IFNAME); the
+    out_dir is one folder both see."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        piped = run_torchrun(4, args)
+        assert piped.returncode == 0, piped.stderr[-3000:]
+        return
     port = 29400
     with two_nodes() as nodes:
-        host = nodes[0][1]
         agents = []
         for index, (prefix, address, link) in enumerate(nodes):
             launch = [
@@ -254,16 +258,14 @@ def test_two_nodes_with_their_own_network_stacks_compute_the_data_parallel_refer
                 "--nproc_per_node=2",
                 f"--node-rank={index}",
                 "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={host}:{port}",
+                f"--rdzv-endpoint={nodes[0][1]}:{port}",
                 f"--rdzv-conf=is_host={str(index == 0).lower()}",
                 f"--local-addr={address}",
                 "--rdzv-id=two-nodes",
                 "--monitor-interval=0.2",
                 "-m",
                 "trgl_pipe.run",
-                *common,
-                "pipeline.replicas=2",
-                f"out_dir={tmp_path / 'pipe'}",
+                *args,
             ]
             env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": link}
             agents.append(
@@ -277,12 +279,6 @@ def test_two_nodes_with_their_own_network_stacks_compute_the_data_parallel_refer
             for agent in agents:
                 agent.kill()
     assert [agent.returncode for agent in agents] == [0, 0], [err[-2000:] for _, err in outputs]
-    losses, states, accuracies = _data_parallel_reference([*common, f"out_dir={tmp_path / 'ref'}"], 2)
-    assert _losses(tmp_path / "pipe") == losses
-    _assert_same_parameters(states, _final_shards(tmp_path / "pipe", 2))
-    summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
-    assert summary["world_size"] == 4
-    assert [m["val_accuracy"] for m in summary["modules"]] == accuracies
 
 
 def _rank_pid(launcher: psutil.Process, rank: int) -> int | None:

@@ -40,10 +40,11 @@ def _final_shards(out: Path, k: int) -> list[dict]:
     return [torch.load(folder / f"module-{i}.pt", weights_only=True)["stage"] for i in range(k)]
 
 
-@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("k", [4])
 def test_pipeline_computes_exactly_what_the_parallel_regime_computes(tmp_path: Path, k: int) -> None:
     # 300 images in batches of 64: the last batch of each epoch has 44; TRGL with adaptive λ on
-    # every rank; per-step losses logged for every module.
+    # every rank; per-step losses logged for every module. (Two ranks: the AugLocal, bf16-wire and
+    # InfoPro pipelines compare every step with one process too.)
     common = [
         *TINY,
         f"model.num_modules={k}",
