@@ -129,7 +129,12 @@ def unused_keys(cfg: Config, given: set[str]) -> list[str]:
         if _is_default(cfg, section, field):
             continue  # a config.yaml a run wrote holds every key: only a changed value was meant
         if section == "trgl" and field not in ("reduction", "enabled") and not trgl_reads:
-            found.append(f"{key} (objective.name={name} does not read the trgl section)")
+            why = (
+                f"train.regime={regime} trains the end-to-end loss, without the transport term"
+                if regime in DELAYED
+                else f"objective.name={name} does not read the trgl section"
+            )
+            found.append(f"{key} ({why})")
         elif section == "trgl" and field == "enabled" and name not in ("trgl", "vangl"):
             found.append(f"{key} (objective.name={name} decides the loss itself)")
         elif key == "train.laps" and regime != "multilap":

@@ -53,7 +53,8 @@ def _assert_same_parameters(a: list[dict], b: list[dict]) -> None:
         assert torch.equal(sa["objective"]["lam"], sb["objective"]["lam"])
 
 
-@pytest.mark.parametrize(("k", "per_rank", "depth"), [(4, 2, 14), (8, 2, 20)])
+# (K=8 on 4 ranks ran here too; it checked nothing K=4 on 2 ranks does not, at twice the CI time)
+@pytest.mark.parametrize(("k", "per_rank", "depth"), [(4, 2, 14)])
 def test_several_modules_per_rank_compute_exactly_what_one_process_computes(
     tmp_path: Path, k: int, per_rank: int, depth: int
 ) -> None:
