@@ -143,3 +143,27 @@ def test_small_input_resnets_keep_the_resolution_of_the_stem() -> None:
     _, small = _backbone("resnet50", 64, "model.small_input=true")
     assert normal.stem_shape == (64, 16, 16) and small.stem_shape == (64, 32, 32)
     assert small.shapes[-1] == (2048, 4, 4)
+
+
+def test_a_cifar_resnet_run_does_not_import_torchvision() -> None:
+    # Importing torchvision costs every process 1.2 s of start-up on a 2-core CPU (it loads
+    # torch._dynamo): a run of the default backbone builds its stages without it, and a swin
+    # backbone's stochastic depth is still seen as random (tests/test_random_stream.py).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from trgl_pipe.config import load_config\n"
+        "from trgl_pipe.context import build_context\n"
+        "import trgl_pipe.run, trgl_pipe.training.rank\n"
+        "ctx = build_context(load_config('configs/quickstart.yaml', []), torch.device('cpu'))\n"
+        "[ctx.build_stage(k) for k in range(ctx.num_modules)]\n"
+        "print(sorted(m for m in sys.modules if m.startswith('torchvision'))[:3])\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", result.stdout

@@ -11,13 +11,13 @@ stochastic layers too, and a checkpoint carries the stream on.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from torchvision.ops import StochasticDepth
 
 from trgl_pipe.models.init import seeded
 
@@ -27,10 +27,13 @@ _GLOBAL_RNG = threading.Lock()  # threads of one process (pipeline.transport=sim
 
 def is_stochastic(module: nn.Module) -> bool:
     """Whether ``module`` draws random numbers in training mode (dropout, stochastic depth)."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd | StochasticDepth) and m.p > 0:
-            return True
-    return False
+    # torchvision's StochasticDepth, if torchvision is loaded: a network without it cannot hold
+    # one, and importing torchvision only to ask costs every rank 1.2 s of start-up
+    ops = sys.modules.get("torchvision.ops")
+    kinds: tuple[type, ...] = (nn.modules.dropout._DropoutNd,)
+    if ops is not None:
+        kinds = (*kinds, ops.StochasticDepth)
+    return any(isinstance(m, kinds) and m.p > 0 for m in module.modules())
 
 
 class RandomStream:
