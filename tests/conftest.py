@@ -150,6 +150,23 @@ def run_torchrun(nproc: int, args: list[str], timeout: float = 300) -> subproces
     )
 
 
+def run_as_rank_0(world_size: int, args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m trgl_pipe.run ARGS`` as rank 0 of ``world_size`` ranks, without the others: for
+    launches refused before any process group exists (a torchrun of N ranks would cost N starts of
+    torch to print the same line; tests/multiproc/test_pipeline.py checks one such refusal through
+    torchrun, its exit code and its single line)."""
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    return run_cli(args, env=env)
+
+
 def make_tiny_imagenet(root: Path, wnids=("n01443537", "n01629819", "n01641577"), per_class=4, val=2) -> Path:
     """A small TinyImageNet in its distributed layout (64x64 JPEGs, one grayscale)."""
     from PIL import Image

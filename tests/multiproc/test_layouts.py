@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import ROOT, TINY, run_cli, run_torchrun, torchrun_cmd
+from conftest import ROOT, TINY, run_as_rank_0, run_cli, run_torchrun, torchrun_cmd
 
 from trgl_pipe.config import load_config
 from trgl_pipe.context import build_context
@@ -365,9 +365,10 @@ def test_sigterm_checkpoints_and_the_run_resumes_with_another_number_of_replicas
 
 
 def test_a_layout_that_does_not_fit_the_ranks_is_one_line(tmp_path: Path) -> None:
-    result = run_torchrun(
+    result = run_as_rank_0(
         3, [*TINY, f"out_dir={tmp_path / 'run'}", "model.num_modules=4", "pipeline.replicas=2"]
     )
+    assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
         "error: torchrun started 3 ranks but model.num_modules=4 with pipeline.modules_per_rank=1 and "
@@ -384,11 +385,11 @@ def test_sync_batchnorm_on_cpu_ranks_is_one_line(tmp_path: Path) -> None:
         "pipeline.replicas=2",
         "pipeline.sync_batchnorm=true",
     ]
-    result = run_torchrun(4, args)
-    assert result.returncode != 0
+    result = run_as_rank_0(4, args)
+    assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    # every rank finds it; the first to record it says it, once
     assert len(errors) == 1 and "pipeline.sync_batchnorm=true needs GPUs" in errors[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_checkpoint_resumes_with_another_number_of_modules_per_rank(tmp_path: Path) -> None:

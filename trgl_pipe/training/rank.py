@@ -214,11 +214,6 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     transform = None
-    if cfg.pipeline.sync_batchnorm and layout.replicas > 1 and device.type != "cuda":
-        raise ConfigError(
-            "pipeline.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm runs on CUDA only; "
-            "drop it (each replica then normalises with its own shard's statistics)"
-        )
     if cfg.pipeline.sync_batchnorm and layout.replicas > 1:
         transform = lambda module: sync_batchnorm(module, session.dp_group)  # noqa: E731
     stages = [ctx.build_stage(k, transform) for k in layout.modules_of_stage(stage_index)]
@@ -455,6 +450,15 @@ def run_rank(cfg: Config, exit_process: bool = True) -> dict[str, Any] | None:
             "pipeline.transport=dist needs several ranks: torchrun --nproc_per_node=K -m trgl_pipe.run ..."
         )
     layout: Layout = check_launch(cfg, env)  # every rank finds the same error; rank 0 prints it
+    if (
+        cfg.pipeline.sync_batchnorm
+        and layout.replicas > 1
+        and resolve_device(cfg.device, env.local_rank).type != "cuda"
+    ):
+        raise ConfigError(
+            "pipeline.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm runs on CUDA only; "
+            "drop it (each replica then normalises with its own shard's statistics)"
+        )
     configure_torch(cfg, ranks_on_host=env.local_world_size)
     control: StoreControl | None = None
     folder: RunFolder | None = None
