@@ -150,6 +150,15 @@ def run_torchrun(nproc: int, args: list[str], timeout: float = 300) -> subproces
     )
 
 
+def train_here(overrides: list[str]) -> None:
+    """A one-process run in this test's own process: the reference a pipeline is compared with,
+    without the 2-3 s start of another Python with torch that ``run_cli`` costs."""
+    from trgl_pipe.config import load_config
+    from trgl_pipe.training.single import run_single
+
+    run_single(load_config(None, overrides), console_summary=False)
+
+
 def run_as_rank_0(world_size: int, args: list[str]) -> subprocess.CompletedProcess:
     """``python -m trgl_pipe.run ARGS`` as rank 0 of ``world_size`` ranks, without the others: for
     launches refused before any process group exists (a torchrun of N ranks would cost N starts of

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import ROOT, TINY, run_as_rank_0, run_cli, run_torchrun, torchrun_cmd
+from conftest import ROOT, TINY, run_as_rank_0, run_torchrun, torchrun_cmd, train_here
 
 from trgl_pipe.config import load_config
 from trgl_pipe.context import build_context
@@ -66,8 +66,7 @@ def test_several_modules_per_rank_compute_exactly_what_one_process_computes(
         "trgl.lambda_init=20000",
         "trgl.s=2",
     ]
-    single = run_cli([*common, f"out_dir={tmp_path / 'single'}"])
-    assert single.returncode == 0, single.stderr
+    train_here([*common, f"out_dir={tmp_path / 'single'}"])
     ranks = k // per_rank
     piped = run_torchrun(
         ranks, [*common, f"pipeline.modules_per_rank={per_rank}", f"out_dir={tmp_path / 'pipe'}"]

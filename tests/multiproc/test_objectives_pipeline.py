@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import TINY, run_cli, run_torchrun
+from conftest import TINY, run_torchrun, train_here
 
 from trgl_pipe.watch.metrics import read_metrics
 
@@ -34,8 +34,7 @@ def test_infopro_pipeline_computes_exactly_what_one_process_computes(tmp_path: P
     # K=4 on 2 ranks of 2 modules: module 2 (rank 1) reconstructs the image, which rank 0 sends
     # after each training batch's activation; module 1 reads it inside rank 0.
     common = [*TINY, "model.num_modules=4", "objective.name=infopro", "pipeline.modules_per_rank=2"]
-    single = run_cli([*common, f"out_dir={tmp_path / 'single'}"])
-    assert single.returncode == 0, single.stderr
+    train_here([*common, f"out_dir={tmp_path / 'single'}"])
     piped = run_torchrun(2, [*common, f"out_dir={tmp_path / 'pipe'}"])
     assert piped.returncode == 0, piped.stderr[-3000:]
 
@@ -61,8 +60,7 @@ def test_auglocal_pipeline_computes_exactly_what_one_process_computes(tmp_path: 
     # K=2 on 2 ranks: module 0's classifier is built from the architecture of the later layers,
     # which rank 0 knows from the network's shapes, not from rank 1's blocks
     common = [*TINY, "model.num_modules=2", "objective.name=auglocal", "objective.kwargs={depth: 2}"]
-    single = run_cli([*common, f"out_dir={tmp_path / 'single'}"])
-    assert single.returncode == 0, single.stderr
+    train_here([*common, f"out_dir={tmp_path / 'single'}"])
     piped = run_torchrun(2, [*common, f"out_dir={tmp_path / 'pipe'}"])
     assert piped.returncode == 0, piped.stderr[-3000:]
     a, b = _losses(tmp_path / "single"), _losses(tmp_path / "pipe")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import ROOT, TINY, run_as_rank_0, run_cli, run_torchrun, torchrun_cmd
+from conftest import ROOT, TINY, run_as_rank_0, run_torchrun, torchrun_cmd, train_here
 
 from trgl_pipe.config import load_config
 from trgl_pipe.training.single import run_single
@@ -53,8 +53,7 @@ def test_pipeline_computes_exactly_what_the_parallel_regime_computes(tmp_path: P
         "trgl.s=2",
         "pipeline.buffer_size=2",
     ]
-    single = run_cli([*common, f"out_dir={tmp_path / 'single'}"])
-    assert single.returncode == 0, single.stderr
+    train_here([*common, f"out_dir={tmp_path / 'single'}"])
     piped = run_torchrun(k, [*common, f"out_dir={tmp_path / 'pipe'}"])
     assert piped.returncode == 0, piped.stderr[-3000:]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import TINY, run_cli, run_torchrun
+from conftest import TINY, run_torchrun, train_here
 
 from trgl_pipe.config import load_config
 from trgl_pipe.stage import build_parts
@@ -48,8 +48,7 @@ def test_channels_last_bf16_wire_activations_cross_ranks_and_compute_what_one_pr
     # on arrival, and travels as its NHWC view (no copy into NCHW and back); one process applies
     # the same casts, so the same bits arrive and every loss is equal
     common = [*TINY, "train.channels_last=true", "train.epochs=1", "pipeline.wire_dtype=bf16"]
-    single = run_cli([*common, f"out_dir={tmp_path / 'single'}"])
-    assert single.returncode == 0, single.stderr[-3000:]
+    train_here([*common, f"out_dir={tmp_path / 'single'}"])
     piped = run_torchrun(2, [*common, f"out_dir={tmp_path / 'pipe'}"])
     assert piped.returncode == 0, piped.stderr[-3000:]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import ROOT, run_cli, run_torchrun, torchrun_cmd
+from conftest import ROOT, run_torchrun, torchrun_cmd, train_here
 
 from trgl_pipe.watch.metrics import read_metrics
 
@@ -54,8 +54,7 @@ def test_a_user_network_and_objective_on_four_ranks_compute_what_one_process_com
     # (6 blocks), the arrays dataset and the Distill objective (a network, kwargs and state of
     # its own) all come from tests/user_pkg
     user = [*USER, "objective.name=tests.user_pkg.objectives:Distill", "objective.kwargs={weight: 0.5}"]
-    single = run_cli([*user, f"out_dir={tmp_path / 'single'}"])
-    assert single.returncode == 0, single.stderr[-3000:]
+    train_here([*user, f"out_dir={tmp_path / 'single'}"])
     piped = run_torchrun(4, [*user, f"out_dir={tmp_path / 'pipe'}"])
     assert piped.returncode == 0, piped.stderr[-3000:]
     a, b = _losses(tmp_path / "single"), _losses(tmp_path / "pipe")

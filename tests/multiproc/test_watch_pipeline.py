@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import itertools
 
-from conftest import TINY, run_cli, run_torchrun
+from conftest import TINY, run_torchrun, train_here
 from test_watch import assert_same, profiler_traces, read_tensorboard
 
 from trgl_pipe.watch.metrics import read_metrics
@@ -34,7 +34,7 @@ def test_tensorboard_of_a_pipeline_equals_its_metrics(tmp_path: Path) -> None:
         assert fraction == pytest.approx(figures["recv_wait_s"] / figures["elapsed_s"], rel=1e-5)
     # the same config in one process: its module curves lie on the pipeline's, step for step
     one = tmp_path / "one"
-    assert run_cli([*TINY, f"out_dir={one}", "log.tensorboard=true"]).returncode == 0
+    train_here([*TINY, f"out_dir={one}", "log.tensorboard=true"])
     single = read_tensorboard(one / "tensorboard")
     modules = sorted(t for t in found if t.startswith("module_"))
     assert modules == sorted(t for t in single if t.startswith("module_"))
