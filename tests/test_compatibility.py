@@ -91,3 +91,18 @@ def test_keys_the_run_never_reads_get_one_warning_line_naming_them(tmp_path: Pat
         assert main(["objective.name=infopro", "trgl.tau=5", f"out_dir={out}", "--print-config"]) == 0
     # the command line shows it as one line (pytest records warnings instead of printing them)
     assert warnings.formatwarning("x", UnusedKeyWarning, "f.py", 1) == "UnusedKeyWarning: x\n"
+
+
+def test_print_config_refuses_what_the_run_would_refuse_for_its_number_of_modules(
+    tmp_path: Path, capsys
+) -> None:
+    # InfoPro's authors give loss weights for K in {2, 4, 8, 16} only: --print-config said nothing
+    # of K=3 and the run then stopped at its first module's build
+    from trgl_pipe.run import main
+
+    out = tmp_path / "run"
+    assert main(["objective.name=infopro", "model.num_modules=3", f"out_dir={out}", "--print-config"]) == 2
+    assert "the authors give weights for K in [2, 4, 8, 16] only, not K=3" in capsys.readouterr().err
+    given = ["objective.name=infopro", "model.num_modules=3", "objective.kwargs={weights: [1, 0.5, 0, 1]}"]
+    assert main([*given, f"out_dir={out}", "--print-config"]) == 0
+    assert not out.exists()

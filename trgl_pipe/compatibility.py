@@ -61,7 +61,7 @@ def refusal_of(cfg: Config) -> str | None:
             f"objective.kwargs: {objective.__name__} takes no {', '.join(unknown)}; it takes "
             f"{', '.join(accepted) or 'no keyword arguments'}"
         )
-    objective.check_kwargs(dict(cfg.objective.kwargs))  # its own one-line refusal of a bad value
+    objective.check_kwargs(dict(cfg.objective.kwargs), cfg.model.num_modules)  # its own refusals
     if objective.needs_from_next:
         return (
             f"objective.name={cfg.objective.name} needs {' and '.join(objective.needs_from_next)} from "

@@ -123,7 +123,7 @@ class AugLocalObjective(Objective):
             )
 
     @classmethod
-    def check_kwargs(cls, kwargs: dict[str, Any]) -> None:
+    def check_kwargs(cls, kwargs: dict[str, Any], num_modules: int) -> None:
         depth = kwargs.get("depth", 3)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ConfigError(

@@ -88,9 +88,10 @@ class Objective:
         return cls.needs_image
 
     @classmethod
-    def check_kwargs(cls, kwargs: dict[str, Any]) -> None:
-        """Raise :class:`trgl_pipe.ConfigError` for a bad value in ``objective.kwargs``: called
-        with the config, before anything is built or written. Unknown names are refused already."""
+    def check_kwargs(cls, kwargs: dict[str, Any], num_modules: int) -> None:
+        """Raise :class:`trgl_pipe.ConfigError` for a bad value in ``objective.kwargs`` (or one that
+        does not fit ``num_modules``, K): called with the config, before anything is built or
+        written, by ``--print-config`` too. Unknown names are refused already."""
 
     def __init__(self) -> None:
         # data-parallel replicas average what must stay equal on all of them (λ's CE)

@@ -128,6 +128,14 @@ def supervised_contrastive(embedding: Tensor, y: Tensor, temperature: float) -> 
     return -(temperature / BASE_TEMPERATURE) * mean_log_prob.mean()
 
 
+def _check_authors_weights(num_modules: int) -> None:
+    if num_modules not in AUTHORS_WEIGHTS:
+        raise ConfigError(
+            f"objective.kwargs.weights: the authors give weights for K in {sorted(AUTHORS_WEIGHTS)} "
+            f"only, not K={num_modules}; set objective.kwargs.weights=[λ1, λ2, λ1', λ2']"
+        )
+
+
 class InfoProObjective(Objective):
     """InfoPro for one module; :class:`InfoProLObjective` reconstructs the module's input instead.
 
@@ -159,11 +167,7 @@ class InfoProObjective(Objective):
         self.temperature = temperature
         self.active = not spec.is_last  # the last module: plain CE through the network's head
         if weights is None and self.active:
-            if spec.num_modules not in AUTHORS_WEIGHTS:
-                raise ConfigError(
-                    f"objective.kwargs.weights: the authors give weights for K in {sorted(AUTHORS_WEIGHTS)} "
-                    f"only, not K={spec.num_modules}; set objective.kwargs.weights=[λ1, λ2, λ1', λ2']"
-                )
+            _check_authors_weights(spec.num_modules)
             weights = AUTHORS_WEIGHTS[spec.num_modules]
         self.weights = module_weights(weights, spec.index, spec.num_modules) if self.active else (0.0, 1.0)
         self.needs_image = self.reads_image(spec.index, spec.num_modules)
@@ -179,7 +183,7 @@ class InfoProObjective(Objective):
         return cls.reconstruct == "image" and index < num_modules - 1
 
     @classmethod
-    def check_kwargs(cls, kwargs: dict[str, Any]) -> None:
+    def check_kwargs(cls, kwargs: dict[str, Any], num_modules: int) -> None:
         loss = kwargs.get("loss", "softmax")
         if loss not in ("softmax", "contrast"):
             raise ConfigError(f"objective.kwargs.loss={loss} is not InfoPro's; choose softmax or contrast")
@@ -201,6 +205,8 @@ class InfoProObjective(Objective):
             raise ConfigError(
                 f"objective.kwargs.feature_dim must be a whole number, got {kwargs['feature_dim']!r}"
             )
+        if kwargs.get("weights") is None and num_modules > 1:
+            _check_authors_weights(num_modules)
 
     def _projection(self, out_features: int) -> ProjectionHead:
         channels, side = channels_and_side(self.spec.out_shape, self.spec.tokens)

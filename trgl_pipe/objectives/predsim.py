@@ -79,7 +79,7 @@ class PredSimObjective(Objective):
         self.active = not spec.is_last
 
     @classmethod
-    def check_kwargs(cls, kwargs: dict[str, Any]) -> None:
+    def check_kwargs(cls, kwargs: dict[str, Any], num_modules: int) -> None:
         beta = kwargs.get("beta", 0.99)
         if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta <= 1:
             raise ConfigError(f"objective.kwargs.beta must be a number in [0, 1], got {beta!r}")
