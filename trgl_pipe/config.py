@@ -36,13 +36,15 @@ class DataConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to a data.name callable
     # auto: data.root if set, else Debian's dataset-fashion-mnist files, else the embedded subset.
     source: Literal["auto", "root", "debian", "embedded", "download"] = "auto"
+    # the folder the dataset was extracted into, in its distributed layout (CIFAR-10: the parent
+    # of cifar-10-batches-py)
     root: str | None = None
     train_size: int | None = None  # use only the first N training images (after a seeded shuffle)
     class_balanced: bool = False  # train_size holds the same number of images of every class
     val_size: int = 5000  # held out from the training set, picks the best module
     test_size: int | None = None  # use only the first N test images
-    batch_size: int = 128
-    eval_batch_size: int = 512
+    batch_size: int = 128  # the global batch: a stage's replicas split it between them
+    eval_batch_size: int = 512  # evaluation batches (global, like batch_size)
     num_workers: int = 0  # threads preparing batches ahead of the training loop
     augment: bool = False  # random crop after zero padding, and horizontal flip
     # augment: zero padding of the random crop; null: 4, or 2 for images of 28x28 or less
@@ -125,7 +127,7 @@ class ModelConfig:
     # cifar_resnet: ResNet-(6n+2) with 3n blocks of widths w, 2w, 4w
     depth: int = 20  # 6n+2: 8, 14, 20, 32, 56, 110, ...
     width: int = 16  # channels of the first stage; the stages use width, 2*width, 4*width
-    block: Literal["preact", "postact"] = "preact"
+    block: Literal["preact", "postact"] = "preact"  # cifar_resnet: pre- or post-activation blocks
     shortcut: Literal["conv", "pad"] = "conv"  # downsampling shortcut: 1x1 conv, or pool + zero channels
     # initialisation: default (the architecture's own), or the authors' kaiming / orthogonal
     init: Literal["default", "kaiming", "orthogonal"] = "default"
@@ -142,7 +144,7 @@ class ModelConfig:
     # depth: equal numbers of blocks; balanced: equal measured cost; preset: the authors' split for
     # this backbone and K; or the K-1 indices of the blocks where modules 2..K start.
     split: Literal["depth", "balanced", "preset"] | list[int] = "depth"
-    balance_by: Literal["time", "memory"] = "time"
+    balance_by: Literal["time", "memory"] = "time"  # split=balanced: the cost measured per block
 
     @property
     def is_user(self) -> bool:
@@ -253,6 +255,8 @@ class AuxConfig:
 class TrainConfig:
     """The training regime and its length."""
 
+    # e2e: backprop; parallel: every batch through all modules, each updates itself (the pipeline);
+    # sequential: module after module; multilap: sequential in laps; ddg, fr: delayed gradients
     regime: Literal["e2e", "parallel", "sequential", "multilap", "ddg", "fr"] = "parallel"
     # ddg, fr: "paper": module k of K applies the gradient of the batch it forwarded K-1-k steps
     # ago; "none": at once (DDG is then plain backpropagation cut into modules)
@@ -261,10 +265,10 @@ class TrainConfig:
     laps: int = 1  # multilap: R laps of epochs/R epochs per module
     eval_every_epochs: int = 1  # 0: evaluate only at the end
     max_steps: int | None = None  # stop each module after this many steps (quick tests, benchmarks)
-    deterministic: bool = False
+    deterministic: bool = False  # torch's deterministic algorithms (refused where CUDA has none)
     num_threads: int | None = None  # torch intra-op threads per process; None: cores / ranks
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CUDA and CPU
-    channels_last: bool = False
+    channels_last: bool = False  # activations in NHWC memory layout (often faster convolutions on GPUs)
     compile: bool = False  # torch.compile each module and head
 
     def __post_init__(self) -> None:
@@ -297,21 +301,21 @@ class TrainConfig:
 class OptimConfig:
     """One optimizer and LR schedule per module (same settings for all)."""
 
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: Literal["constant", "cosine", "step"] = "cosine"
+    name: Literal["sgd", "adam", "adamw"] = "sgd"  # one optimizer per module
+    lr: float = 0.1  # initial learning rate of every module
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    weight_decay: float = 5e-4  # L2 on every parameter (decoupled for adamw)
+    schedule: Literal["constant", "cosine", "step"] = "cosine"  # per module, over its own steps
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of training
     gamma: float = 0.1  # step: LR factor at each milestone
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 0.0  # linear warm-up to lr over these epochs
     # cosine: the LR falls from lr to min_lr over schedule_steps optimizer steps of each module
     # (null: over the whole run), whatever the run's length; with schedule_steps set this is
     # torch's CosineAnnealingLR stepped once per step, as in the authors' scripts, so past
     # schedule_steps the rate rises again (period 2 * schedule_steps)
     schedule_steps: int | None = None
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # cosine: the rate it ends at
     label_smoothing: float = 0.0  # of the cross-entropy of every head (0: plain CE)
 
     def __post_init__(self) -> None:
@@ -344,13 +348,15 @@ class OptimConfig:
 class TrglConfig:
     """The transport (kinetic energy) term; enabled=false is vanilla greedy training (VanGL)."""
 
-    enabled: bool = True
+    enabled: bool = True  # false: no kinetic term (VanGL)
     # L = CE + C / (2 tau). With reduction=sum, C grows with the feature count C*H*W (about 1e4 per
     # block on 16x28x28 maps at initialisation): 1e5 suits 28x28 and 32x32 inputs at width 16.
     tau: float = 1.0e5
     # C = sum over blocks of the batch mean of ||r||^2; sum: over all features (the paper's
     # Euclidean norm); mean: divided by the feature count C*H*W (one tau fits every resolution)
     reduction: Literal["sum", "mean"] = "sum"
+    # constant: tau for every module; halves: tau for the first half of the modules, 2 tau after;
+    # adaptive: lambda_k = 2 tau_k moved by the method of multipliers (lambda_init, h, s)
     tau_schedule: Literal["constant", "halves", "adaptive"] = "constant"
     # halves: which half trgl.tau belongs to. first: tau for modules k < K/2, 2 tau after (ours);
     # second: tau/2 then tau (the authors' scripts take tau as the second half's value)
@@ -443,7 +449,7 @@ class PipelineConfig:
     # that passes each batch through all modules in turn. sim: one thread per module with
     # in-process bounded buffers. dist: torch.distributed (needs torchrun).
     transport: Literal["auto", "dist", "sim"] = "auto"
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl where every rank has a GPU of its own
     buffer_size: int = 2  # batches a module may run ahead of the next one
     timeout_s: float = 60.0  # a wait this long for a peer means the peer failed
     # activations between modules cast to this for the wire and back to float32 on arrival (half
@@ -452,7 +458,7 @@ class PipelineConfig:
     # Layout of the ranks (dist only): each rank holds modules_per_rank consecutive modules (a
     # stage), and each stage runs on `replicas` data-parallel ranks; world size = K / M * R.
     modules_per_rank: int = 1
-    replicas: int = 1
+    replicas: int = 1  # data-parallel replicas of every stage
     # replicas share BatchNorm batch statistics (CUDA only; an all-gather and a host sync per layer)
     sync_batchnorm: bool = False
 
@@ -474,10 +480,10 @@ class WandbConfig:
 
     mode: Literal["online", "offline", "disabled"] = "disabled"  # offline: files under out_dir/wandb
     project: str | None = None  # null: W&B's default project
-    entity: str | None = None
+    entity: str | None = None  # W&B entity (null: your default)
     name: str | None = None  # null: the name of out_dir
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    group: str | None = None  # W&B group
+    tags: list[str] = field(default_factory=list)  # W&B tags
 
 
 @dataclass(kw_only=True, slots=True)
@@ -505,7 +511,7 @@ class CheckpointConfig:
 
     every_epochs: int = 1  # 0: never at epoch ends
     every_steps: int = 0  # 0: never mid-epoch
-    keep: int = 2
+    keep: int = 2  # complete checkpoints kept (older ones are deleted)
 
     def __post_init__(self) -> None:
         _non_negative("checkpoint.every_epochs", self.every_epochs)
@@ -518,10 +524,10 @@ class DebugConfig:
     """Fault injection and tracing, to test failure handling and the buffer bound."""
 
     raise_at_step: int | None = None  # module `raise_on_module` raises at this training step
-    raise_on_module: int = 0
+    raise_on_module: int = 0  # the module raise_at_step and nan_at_step act on
     nan_at_step: int | None = None  # module `raise_on_module`'s weights turn NaN before this step
     slow_module: int | None = None  # this module sleeps `slow_s` seconds in every training step
-    slow_s: float = 0.0
+    slow_s: float = 0.0  # the sleep of slow_module per training step
     slow_eval_s: float = 0.0  # ... and `slow_eval_s` seconds in every evaluation step
     trace: bool = False  # write each send and each consumed message, with times, to trace.jsonl
     # [a, b]: torch.profiler on every rank for training steps a..b of its first module
@@ -548,9 +554,9 @@ class DebugConfig:
 class Config:
     """The whole run. Sections are validated on their own, cross-section rules here."""
 
-    seed: int = 0
-    out_dir: str = "runs/default"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0  # the data subset, the initial weights and the batch order
+    out_dir: str = "runs/default"  # the run folder (shared by every rank of a pipeline)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the rank's GPU if any, else the CPU
     resume: str | None = None  # auto: newest complete checkpoint in out_dir; or a path
     overwrite: bool = False  # allow a fresh run into an out_dir that holds an earlier run
     data: DataConfig = field(default_factory=DataConfig)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from trgl_pipe.config import Config, _describe_hint
+from trgl_pipe.config import DEPRECATED_OBJECTIVE_KEYS, Config, _describe_hint
 from trgl_pipe.runtime.layout import Layout
 
 
@@ -75,6 +75,8 @@ def key_docs(cls: type = Config, prefix: str = "") -> list[KeyDoc]:
     docs: list[KeyDoc] = []
     sections = []
     for f in dataclasses.fields(cls):
+        if prefix == "objective." and f.name in DEPRECATED_OBJECTIVE_KEYS:
+            continue  # still read for one release, with a warning naming objective.kwargs
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
             sections.append((f.name, hint))
@@ -104,6 +106,39 @@ def keys_help() -> str:
         meaning = f"  {doc.meaning}" if doc.meaning else ""
         out.append(f"    {doc.key} = {_yaml_value(doc.default)}  ({doc.kind}){meaning}")
     return "\n".join(out)
+
+
+def config_reference() -> str:
+    """docs/config.md: every key as a Markdown table per section, from the same source as ``--help``
+    (``python -m trgl_pipe.describe > docs/config.md``; a test keeps the file equal to this)."""
+    out = [
+        "# Config reference",
+        "",
+        "Every key of a config, its default and what it does, generated from the config dataclasses",
+        "(`python -m trgl_pipe.describe > docs/config.md`; a test keeps this file in step with the code).",
+        "Set a key in the YAML file under its section, or on the command line as `section.key=value`",
+        "(a YAML value: `train.epochs=5`, `model.split=[3,6,9]`). `python -m trgl_pipe.run --help`",
+        "prints the same list; the equations behind the keys are in [method.md](method.md).",
+    ]
+    section = None
+    hints = typing.get_type_hints(Config)
+    for doc in key_docs():
+        head = doc.key.split(".")[0] if "." in doc.key else ""
+        if head != section:
+            section = head
+            title = (inspect.getdoc(hints.get(head)) or "").splitlines()[0] if head else "the run"
+            out += [
+                "",
+                f"## {head or 'top level'}",
+                "",
+                title,
+                "",
+                "| key | default | values | meaning |",
+                "|---|---|---|---|",
+            ]
+        cells = [f"`{doc.key}`", f"`{_yaml_value(doc.default)}`", doc.kind, doc.meaning]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,3 +231,7 @@ def describe_run(cfg: Config, config_path: str | None, overrides: list[str]) -> 
     out.append("# launch")
     out.append(launch_line(cfg, config_path, overrides))
     return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")

@@ -93,7 +93,10 @@ class Objective:
         does not fit ``num_modules``, K): called with the config, before anything is built or
         written, by ``--print-config`` too. Unknown names are refused already."""
 
-    def __init__(self) -> None:
+    def __init__(self, spec: ModuleSpec | None = None) -> None:
+        """``spec`` kept as ``self.spec``: an objective with no settings needs no ``__init__``."""
+        if spec is not None:
+            self.spec = spec
         # data-parallel replicas average what must stay equal on all of them (λ's CE)
         self.average: Callable[[Tensor], Tensor] = _identity
 
