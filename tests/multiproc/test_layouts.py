@@ -28,6 +28,8 @@ from trgl_pipe.runtime.schedule import eval_due, total_steps
 from trgl_pipe.training.single import run_single
 from trgl_pipe.watch.metrics import read_metrics
 
+from .data_parallel import as_logged, averaged_step, forward_shards
+
 pytestmark = pytest.mark.multiproc
 
 
@@ -110,18 +112,13 @@ def _data_parallel_reference(overrides: list[str], replicas: int) -> tuple[dict,
             for stage in stages:
                 net = stage.local_net
                 net.train()
-                outputs = []
-                replica_0_buffers = {}
-                for r, (x, y) in enumerate(xs):
-                    if r >= 1:  # the other replicas update copies: replica 0's statistics survive
-                        for m in net.modules():
-                            for name, b in m._buffers.items():
-                                if b is not None:
-                                    replica_0_buffers.setdefault((m, name), b)
-                                    m._buffers[name] = b.clone()
+
+                def forward(shard, net=net, stage=stage):
+                    x, y = shard
                     out, kinetic, logits = net(x, kinetic_grad=stage.objective.enabled)
-                    ce = F.cross_entropy(logits.float(), y)
-                    outputs.append((out, kinetic, logits, ce))
+                    return out, kinetic, logits, F.cross_entropy(logits.float(), y)
+
+                outputs = forward_shards(net, xs, forward)
                 # λ: once per step, from the mean CE of the replicas (LocalObjective's order)
                 objective = stage.objective
                 objective.num_steps += 1
@@ -142,21 +139,11 @@ def _data_parallel_reference(overrides: list[str], replicas: int) -> tuple[dict,
                         loss = ce + kinetic * objective.lam.reciprocal()
                     else:
                         loss = ce + kinetic * (0.5 / objective.tau)
-                    n = len(xs[r][1])
-                    # as the stage logs them: (value x n) in float32, to float64, / n
-                    logged = [((t.detach() * n).double() / n).item() for t in (loss, ce, kinetic)]
-                    losses[(stage.index, stage.num_steps + 1, r)] = tuple(logged)
+                    losses[(stage.index, stage.num_steps + 1, r)] = as_logged(
+                        (loss, ce, kinetic), len(xs[r][1])
+                    )
                     grads.append(torch.autograd.grad(loss, params))
-                for (m, name), b in replica_0_buffers.items():
-                    m._buffers[name] = b
-                for p, *per_replica in zip(params, *grads, strict=True):
-                    total = per_replica[0] * (1.0 / replicas)
-                    for g in per_replica[1:]:
-                        total = total + g * (1.0 / replicas)
-                    p.grad = total
-                stage.optimizer.step()
-                stage.scheduler.step()
-                stage.num_steps += 1
+                averaged_step(stage, grads)
                 xs = [(o[0].detach(), y) for o, (_, y) in zip(outputs, xs, strict=True)]
         if eval_due(cfg, epoch, cfg.train.epochs - 1):
             correct = [0] * len(stages)

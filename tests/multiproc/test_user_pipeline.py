@@ -17,6 +17,8 @@ from conftest import ROOT, run_torchrun, torchrun_cmd, train_here
 
 from trgl_pipe.watch.metrics import read_metrics
 
+from .data_parallel import as_logged, averaged_step, forward_shards
+
 pytestmark = pytest.mark.multiproc
 
 USER = [
@@ -178,39 +180,24 @@ def _user_data_parallel_reference(overrides: list[str], replicas: int) -> tuple[
             for stage, per_replica in zip(stages, objectives, strict=True):
                 net = stage.local_net
                 net.train()
-                forwards, replica_0_buffers = [], {}
-                for r, (x, y) in enumerate(xs):
-                    if r >= 1:  # the other replicas update copies: replica 0's statistics survive
-                        for m in net.modules():
-                            for name, b in m._buffers.items():
-                                if b is not None:
-                                    replica_0_buffers.setdefault((m, name), b)
-                                    m._buffers[name] = b.clone()
+
+                def forward(shard, net=net):
+                    x, y = shard
                     out, kinetic, logits, extras = net(x, kinetic_grad=False, extras=True)
-                    ce = F.cross_entropy(logits.float(), y)
-                    forwards.append(LocalInputs(x, out, kinetic, logits, ce, y, None, extras))
-                for (m, name), b in replica_0_buffers.items():
-                    m._buffers[name] = b
+                    return LocalInputs(
+                        x, out, kinetic, logits, F.cross_entropy(logits.float(), y), y, None, extras
+                    )
+
+                forwards = forward_shards(net, xs, forward)
                 with ThreadPoolExecutor(replicas) as pool:  # the replicas' losses at once: they all-reduce
                     results = list(pool.map(lambda o, i: o.loss(i), per_replica, forwards))
                 params = stage.parameters()
                 grads = []
                 for r, inputs in enumerate(forwards):
-                    n = len(inputs.y)
-                    logged = [
-                        ((t.detach() * n).double() / n).item()
-                        for t in (results[r], inputs.ce, inputs.kinetic)
-                    ]
-                    losses[(stage.index, stage.num_steps + 1, r)] = tuple(logged)
+                    logged = as_logged((results[r], inputs.ce, inputs.kinetic), len(inputs.y))
+                    losses[(stage.index, stage.num_steps + 1, r)] = logged
                     grads.append(torch.autograd.grad(results[r], params))
-                for p, *per_shard in zip(params, *grads, strict=True):
-                    total = per_shard[0] * (1.0 / replicas)
-                    for g in per_shard[1:]:
-                        total = total + g * (1.0 / replicas)
-                    p.grad = total
-                stage.optimizer.step()
-                stage.scheduler.step()
-                stage.num_steps += 1
+                averaged_step(stage, grads)
                 xs = [(inputs.out.detach(), inputs.y) for inputs in forwards]
     for per_replica in objectives:  # what must stay equal stayed equal
         assert all(torch.equal(o.centres, per_replica[0].centres) for o in per_replica)
