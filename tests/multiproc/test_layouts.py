@@ -29,22 +29,9 @@ from trgl_pipe.training.single import run_single
 from trgl_pipe.watch.metrics import read_metrics
 
 from .data_parallel import as_logged, averaged_step, forward_shards
+from .records import final_shards, step_losses
 
 pytestmark = pytest.mark.multiproc
-
-
-def _losses(out: Path) -> dict[tuple[int, int, int], tuple[float, float, float]]:
-    """(module, step, replica) -> (loss, ce, kinetic), for every training step."""
-    return {
-        (e["module"], e["step"], e.get("replica", 0)): (e["loss"], e["ce"], e["kinetic"])
-        for e in read_metrics(out / "metrics.jsonl")
-        if e["event"] == "train"
-    }
-
-
-def _final_shards(out: Path, k: int) -> list[dict]:
-    folders = sorted(p for p in (out / "checkpoints").iterdir() if (p / "meta.json").is_file())
-    return [torch.load(folders[-1] / f"module-{i}.pt", weights_only=True)["stage"] for i in range(k)]
 
 
 def _assert_same_parameters(a: list[dict], b: list[dict]) -> None:
@@ -74,9 +61,9 @@ def test_several_modules_per_rank_compute_exactly_what_one_process_computes(
         ranks, [*common, f"pipeline.modules_per_rank={per_rank}", f"out_dir={tmp_path / 'pipe'}"]
     )
     assert piped.returncode == 0, piped.stderr[-3000:]
-    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "pipe")
+    a, b = step_losses(tmp_path / "single", by_replica=True), step_losses(tmp_path / "pipe", by_replica=True)
     assert len(a) == k * 10 and a == b  # every module, every step, bitwise
-    _assert_same_parameters(_final_shards(tmp_path / "single", k), _final_shards(tmp_path / "pipe", k))
+    _assert_same_parameters(final_shards(tmp_path / "single", k), final_shards(tmp_path / "pipe", k))
     summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
     assert summary["world_size"] == ranks and summary["layout"]["modules_per_rank"] == per_rank
     assert [r["modules"] for r in summary["ranks"]] == [
@@ -179,10 +166,10 @@ def test_replicas_on_two_emulated_nodes_compute_the_data_parallel_reference(tmp_
     # stages on two), else as one torchrun
     _two_nodes_or_one([*common, "pipeline.replicas=2", f"out_dir={tmp_path / 'pipe'}"])
     losses, states, accuracies = _data_parallel_reference([*common, f"out_dir={tmp_path / 'ref'}"], 2)
-    got = _losses(tmp_path / "pipe")
+    got = step_losses(tmp_path / "pipe", by_replica=True)
     assert len(got) == len(losses) == 2 * 10 * 2
     assert got == losses
-    _assert_same_parameters(states, _final_shards(tmp_path / "pipe", 2))
+    _assert_same_parameters(states, final_shards(tmp_path / "pipe", 2))
     summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
     assert [m["val_accuracy"] for m in summary["modules"]] == accuracies
     assert [m["history"][-1]["val_accuracy"] for m in summary["modules"]] == accuracies
@@ -396,5 +383,5 @@ def test_a_checkpoint_resumes_with_another_number_of_modules_per_rank(tmp_path: 
     )
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resumed from {epoch_end}" in second.stdout
-    _assert_same_parameters(_final_shards(reference, 4), _final_shards(out, 4))
+    _assert_same_parameters(final_shards(reference, 4), final_shards(out, 4))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["0000000005", "0000000010"]

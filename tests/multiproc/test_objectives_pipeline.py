@@ -7,27 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY, run_torchrun, train_here
 
-from trgl_pipe.watch.metrics import read_metrics
+from .records import assert_equal_shards, final_shards, step_losses
 
 pytestmark = pytest.mark.multiproc
-
-
-def _losses(out: Path) -> dict[tuple[int, int], tuple[float, float]]:
-    return {
-        (e["module"], e["step"]): (e["loss"], e["ce"])
-        for e in read_metrics(out / "metrics.jsonl")
-        if e["event"] == "train"
-    }
-
-
-def _final_shards(out: Path, k: int) -> list[dict]:
-    folder = sorted(p for p in (out / "checkpoints").iterdir() if (p / "meta.json").is_file())[-1]
-    return [torch.load(folder / f"module-{i}.pt", weights_only=True)["stage"] for i in range(k)]
 
 
 def test_infopro_pipeline_computes_exactly_what_one_process_computes(tmp_path: Path) -> None:
@@ -38,15 +24,10 @@ def test_infopro_pipeline_computes_exactly_what_one_process_computes(tmp_path: P
     piped = run_torchrun(2, [*common, f"out_dir={tmp_path / 'pipe'}"])
     assert piped.returncode == 0, piped.stderr[-3000:]
 
-    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "pipe")
+    a, b = step_losses(tmp_path / "single"), step_losses(tmp_path / "pipe")
     assert len(a) == 4 * 10 and a == b  # every module, every step, bitwise
-    for sa, sb in zip(
-        _final_shards(tmp_path / "single", 4), _final_shards(tmp_path / "pipe", 4), strict=True
-    ):
-        for part in ("body", "head", *(("aux",) if "aux" in sa else ())):
-            for name, tensor in sa[part].items():
-                assert torch.equal(tensor, sb[part][name]), (part, name)
-    assert "aux" in _final_shards(tmp_path / "single", 4)[2]  # module 2's decoder was trained and saved
+    assert_equal_shards(tmp_path / "single", tmp_path / "pipe", 4, parts=("body", "head", "aux"))
+    assert "aux" in final_shards(tmp_path / "single", 4)[2]  # module 2's decoder was trained and saved
 
     summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
     first, last = summary["ranks"]
@@ -63,15 +44,10 @@ def test_auglocal_pipeline_computes_exactly_what_one_process_computes(tmp_path: 
     train_here([*common, f"out_dir={tmp_path / 'single'}"])
     piped = run_torchrun(2, [*common, f"out_dir={tmp_path / 'pipe'}"])
     assert piped.returncode == 0, piped.stderr[-3000:]
-    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "pipe")
+    a, b = step_losses(tmp_path / "single"), step_losses(tmp_path / "pipe")
     assert len(a) == 2 * 10 and a == b  # every module, every step, bitwise
-    for sa, sb in zip(
-        _final_shards(tmp_path / "single", 2), _final_shards(tmp_path / "pipe", 2), strict=True
-    ):
-        for part in ("body", "head"):
-            for name, tensor in sa[part].items():
-                assert torch.equal(tensor, sb[part][name]), (part, name)
-    head = _final_shards(tmp_path / "pipe", 2)[0]["head"]
+    assert_equal_shards(tmp_path / "single", tmp_path / "pipe", 2)
+    head = final_shards(tmp_path / "pipe", 2)[0]["head"]
     assert "0.branch.0.weight" in head and "1.branch.0.weight" in head  # two sampled blocks
     summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
     assert summary["objective"] == "auglocal" and summary["method_label"] == "AugLocal (d=2, c=0.5)"

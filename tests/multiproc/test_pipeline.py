@@ -22,22 +22,9 @@ from trgl_pipe.config import load_config
 from trgl_pipe.training.single import run_single
 from trgl_pipe.watch.metrics import read_metrics
 
+from .records import final_shards, step_losses
+
 pytestmark = pytest.mark.multiproc
-
-
-def _losses(out: Path) -> dict[tuple[int, int], tuple[float, float, float]]:
-    """(module, step) -> (loss, ce, kinetic), for every training step."""
-    return {
-        (e["module"], e["step"]): (e["loss"], e["ce"], e["kinetic"])
-        for e in read_metrics(out / "metrics.jsonl")
-        if e["event"] == "train"
-    }
-
-
-def _final_shards(out: Path, k: int) -> list[dict]:
-    meta_folders = sorted(p for p in (out / "checkpoints").iterdir() if (p / "meta.json").is_file())
-    folder = meta_folders[-1]
-    return [torch.load(folder / f"module-{i}.pt", weights_only=True)["stage"] for i in range(k)]
 
 
 @pytest.mark.parametrize("k", [4])
@@ -57,11 +44,9 @@ def test_pipeline_computes_exactly_what_the_parallel_regime_computes(tmp_path: P
     piped = run_torchrun(k, [*common, f"out_dir={tmp_path / 'pipe'}"])
     assert piped.returncode == 0, piped.stderr[-3000:]
 
-    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "pipe")
+    a, b = step_losses(tmp_path / "single"), step_losses(tmp_path / "pipe")
     assert len(a) == k * 10 and a == b  # every module, every step, bitwise
-    for sa, sb in zip(
-        _final_shards(tmp_path / "single", k), _final_shards(tmp_path / "pipe", k), strict=True
-    ):
+    for sa, sb in zip(final_shards(tmp_path / "single", k), final_shards(tmp_path / "pipe", k), strict=True):
         for part in ("body", "head"):
             for name, tensor in sa[part].items():
                 assert torch.equal(tensor, sb[part][name]), (part, name)
@@ -253,7 +238,7 @@ def test_a_killed_pipeline_resumes_and_ends_like_an_uninterrupted_run(tmp_path: 
         assert "resumed from" in again.stdout
     else:
         assert proc.returncode == 0, stderr[-3000:]
-    for sa, sb in zip(_final_shards(tmp_path / "reference", 3), _final_shards(out, 3), strict=True):
+    for sa, sb in zip(final_shards(tmp_path / "reference", 3), final_shards(out, 3), strict=True):
         for part in ("body", "head"):
             for name, tensor in sa[part].items():
                 assert torch.equal(tensor, sb[part][name]), (part, name)

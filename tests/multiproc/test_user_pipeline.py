@@ -18,6 +18,7 @@ from conftest import ROOT, run_torchrun, torchrun_cmd, train_here
 from trgl_pipe.watch.metrics import read_metrics
 
 from .data_parallel import as_logged, averaged_step, forward_shards
+from .records import final_shards, step_losses
 
 pytestmark = pytest.mark.multiproc
 
@@ -38,19 +39,6 @@ USER = [
 ]
 
 
-def _losses(out: Path) -> dict[tuple[int, int], tuple[float, float, float]]:
-    return {
-        (e["module"], e["step"]): (e["loss"], e["ce"], e["kinetic"])
-        for e in read_metrics(out / "metrics.jsonl")
-        if e["event"] == "train"
-    }
-
-
-def _final_shards(out: Path, k: int) -> list[dict]:
-    folder = sorted(p for p in (out / "checkpoints").iterdir() if (p / "meta.json").is_file())[-1]
-    return [torch.load(folder / f"module-{i}.pt", weights_only=True)["stage"] for i in range(k)]
-
-
 def test_a_user_network_and_objective_on_four_ranks_compute_what_one_process_computes(tmp_path: Path) -> None:
     # 180 training images in batches of 32: a last partial batch of 20; the Residual ResNet-14
     # (6 blocks), the arrays dataset and the Distill objective (a network, kwargs and state of
@@ -59,12 +47,10 @@ def test_a_user_network_and_objective_on_four_ranks_compute_what_one_process_com
     train_here([*user, f"out_dir={tmp_path / 'single'}"])
     piped = run_torchrun(4, [*user, f"out_dir={tmp_path / 'pipe'}"])
     assert piped.returncode == 0, piped.stderr[-3000:]
-    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "pipe")
+    a, b = step_losses(tmp_path / "single"), step_losses(tmp_path / "pipe")
     assert len(a) == 4 * 12 and a == b  # every module, every step, bitwise
     assert all(kinetic > 0 for _, _, kinetic in a.values())
-    for sa, sb in zip(
-        _final_shards(tmp_path / "single", 4), _final_shards(tmp_path / "pipe", 4), strict=True
-    ):
+    for sa, sb in zip(final_shards(tmp_path / "single", 4), final_shards(tmp_path / "pipe", 4), strict=True):
         for part in ("body", "head", "aux"):
             for name, tensor in sa[part].items():
                 assert torch.equal(tensor, sb[part][name]), (part, name)
@@ -233,7 +219,7 @@ def test_a_user_objective_with_two_replicas_computes_the_data_parallel_reference
         if e["event"] == "train"
     }
     assert len(got) == len(losses) == 2 * 6 * 2 and got == losses  # bitwise, every replica
-    for sa, sb in zip(states, _final_shards(tmp_path / "pipe", 2), strict=True):
+    for sa, sb in zip(states, final_shards(tmp_path / "pipe", 2), strict=True):
         for part in ("body", "head", "aux"):
             for name, tensor in sa[part].items():
                 assert torch.equal(tensor, sb[part][name]), (part, name)
