@@ -71,7 +71,7 @@ class RunSkeleton:
         self.progress: Progress | None = None
         self.watch: Any = None
         self.profiler: Any = None
-        self.t0 = time.time()
+        self.t0 = time.time()  # start() resets it; a run that fails before its loop still has a wall time
 
     def make_workers(
         self, stages: list[Stage], clock: Clock | None, log_fields: dict[str, Any] | None = None
