@@ -9,8 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -27,6 +25,9 @@ from trgl_pipe.data import Batches
 from trgl_pipe.runtime.schedule import eval_due, total_steps
 from trgl_pipe.training.single import run_single
 from trgl_pipe.watch.metrics import read_metrics
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import emulated_nodes
 
 from .data_parallel import as_logged, averaged_step, forward_shards
 from .records import final_shards, step_losses
@@ -180,73 +181,24 @@ def test_replicas_on_two_emulated_nodes_compute_the_data_parallel_reference(tmp_
     assert [(r["stage"], r["replica"]) for r in summary["ranks"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
-@contextmanager
-def two_nodes() -> Iterator[list[tuple[list[str], str, str]]]:
-    """Two emulated nodes: a network namespace each (their own interfaces, addresses and ports),
-    joined by a veth pair. Yields per node (command prefix, address, interface)."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("two emulated nodes need root and iproute2 (ip netns); this machine has not both")
-    tag = f"tp{os.getpid() % 100000}"
-    subnet = f"10.{77 + os.getpid() % 100}.{os.getpid() % 250}"
-    nodes = [(f"{tag}a", f"{tag}va", f"{subnet}.1"), (f"{tag}b", f"{tag}vb", f"{subnet}.2")]
-
-    def ip(*args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-    try:
-        for name, _, _ in nodes:
-            ip("netns", "add", name)
-        ip("link", "add", nodes[0][1], "type", "veth", "peer", "name", nodes[1][1])
-        for name, link, address in nodes:
-            ip("link", "set", link, "netns", name)
-            ip("-n", name, "addr", "add", f"{address}/24", "dev", link)
-            ip("-n", name, "link", "set", link, "up")
-            ip("-n", name, "link", "set", "lo", "up")
-        yield [(["ip", "netns", "exec", name], address, link) for name, link, address in nodes]
-    finally:
-        for name, _, _ in nodes:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
-
-
 def _two_nodes_or_one(args: list[str]) -> None:
     """Run the 4-rank job ``args`` as the README's two-node launch (c10d rendezvous, one torchrun
     agent per node, 2 ranks each), each agent in a network namespace of its own, so every byte
-    between the nodes crosses the veth link; where the machine cannot make namespaces (no root
-    or no ip), as one torchrun of 4 ranks. torchrun cannot tell that the endpoint's address is
-    the first node's own (is_host); gloo binds to each node's link (GLOO_SOCKET_IFNAME); the
-    out_dir is one folder both see."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
+    between the nodes crosses the veth link (benchmarks/emulated_nodes.py); where the machine
+    cannot make namespaces (no root or no ip), as one torchrun of 4 ranks. The out_dir is one
+    folder both see."""
+    if emulated_nodes.why_not() is not None:
         piped = run_torchrun(4, args)
         assert piped.returncode == 0, piped.stderr[-3000:]
         return
-    port = 29400
-    with two_nodes() as nodes:
-        agents = []
-        for index, (prefix, address, link) in enumerate(nodes):
-            launch = [
-                *prefix,
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                "--nproc_per_node=2",
-                f"--node-rank={index}",
-                "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={nodes[0][1]}:{port}",
-                f"--rdzv-conf=is_host={str(index == 0).lower()}",
-                f"--local-addr={address}",
-                "--rdzv-id=two-nodes",
-                "--monitor-interval=0.2",
-                "-m",
-                "trgl_pipe.run",
-                *args,
-            ]
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": link}
-            agents.append(
-                subprocess.Popen(
-                    launch, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-                )
+    with emulated_nodes.two_nodes() as nodes:
+        launches = emulated_nodes.torchrun_on_nodes(nodes, 2, ["-m", "trgl_pipe.run", *args])
+        agents = [
+            subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
+            for command, env in launches
+        ]
         try:
             outputs = [agent.communicate(timeout=300) for agent in agents]
         finally:
