@@ -45,6 +45,20 @@ def test_the_projection_follows_its_stated_model() -> None:
     assert capped.reader_limited and capped.samples_per_s == pytest.approx(100.0)
 
 
+def test_a_slow_link_between_stages_sets_the_rate_where_it_is_slower_than_every_stage() -> None:
+    profiles = _profiles()  # each module outputs 50 values per sample
+    fast = project(profiles, m=1, r=1, batch=64, link_gbps=8.0, reader=None, buffers=2)
+    assert fast.link_s == pytest.approx([64 * 50 * 4 / 1e9] * 3) and not fast.link_limited
+    assert fast.samples_per_s == pytest.approx(64 / 0.040)  # 12.8 µs per link: the stages decide
+    # 64 x 50 x 4 bytes = 12.8 kB per step over 1 Mbit/s: 0.1024 s, slower than every stage
+    slow = project(profiles, m=1, r=1, batch=64, link_gbps=1e-3, reader=None, buffers=2)
+    assert slow.link_limited and slow.samples_per_s == pytest.approx(64 / 0.1024)
+    half = project(profiles, m=1, r=1, batch=64, link_gbps=1e-3, reader=None, buffers=2, wire_bytes=2)
+    assert half.samples_per_s == pytest.approx(64 / 0.0512)  # bf16 on the wire: half the bytes
+    two = project(profiles, m=2, r=2, batch=64, link_gbps=1e-3, reader=None, buffers=2)
+    assert two.link_s == pytest.approx([32 * 50 * 4 / 125_000])  # one boundary; each replica its shard
+
+
 def test_receive_slots_are_counted_at_the_size_the_run_allocates() -> None:
     # the run sizes every slot for the largest message (slot_samples): with evaluation batches
     # of 256 and training batches of 64, 256 samples per slot, 128 per replica with R = 2

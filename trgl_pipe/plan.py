@@ -13,15 +13,23 @@ The projection's model (stated with its inputs in the output):
   at the per-replica batch B/R;
 - with R > 1 each step adds a ring all-reduce of the stage's parameter bytes P over the link:
   2 (R − 1) / R · P / bandwidth (gradients, fp32);
-- the pipeline runs at the rate of its slowest stage, B / max(stage time), and no faster than the
-  first stage's R replicas can read data (R × the measured per-replica reader rate);
+- each step, every replica of a stage sends its shard's activations to the next stage over the
+  link: (B/R) × the features of one output sample × 4 bytes (2 with ``pipeline.wire_dtype``) /
+  bandwidth; sends overlap computing (the runtime sends without blocking and receives ahead), so
+  a link slows the pipeline only where it takes longer than the slowest stage;
+- the pipeline runs at the rate of its slowest stage or link, B / max(stage time, link time), and
+  no faster than the first stage's R replicas can read data (R × the measured per-replica reader
+  rate);
 - a rank's peak memory is the weights, gradients and momentum of its modules, the largest
   activation set of one of its modules (each frees its graph after its step) at batch B/R, and
   the receive slots and in-flight outputs of ``pipeline.buffer_size`` messages, each of the larger
   of the training and evaluation batches per replica (what the run allocates:
   :func:`trgl_pipe.runtime.layout.slot_samples`).
-What it leaves out: overlap of communication with compute, contention between ranks that share a
-machine's memory bandwidth, GPU kernel efficiency at small batches beyond what was measured here.
+What it leaves out: overlap of the all-reduce with compute, the CPU time a send costs the ranks
+(gloo), the image InfoPro's modules read (it travels with the activations), the link's latency,
+contention between ranks that share a machine's memory bandwidth, GPU kernel efficiency at small
+batches beyond what was measured here. benchmarks/link_speed.py checks the link term against
+pipelines whose link is capped.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import copy
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +82,12 @@ class Layout:
     allreduce_s: list[float]
     reader_limited: bool
     peak_bytes: int
+    link_s: list[float] = field(default_factory=list)  # per boundary: one step's sends
+
+    @property
+    def link_limited(self) -> bool:
+        """The slowest part is a link between stages, not a stage."""
+        return bool(self.link_s) and max(self.link_s) > max(self.stage_time_s)
 
     @property
     def world_size(self) -> int:
@@ -147,6 +161,11 @@ def reader_rate(cfg: Config, seconds: float = 2.0) -> float | None:
     return n / (time.perf_counter() - t0)
 
 
+def wire_bytes(cfg: Config) -> int:
+    """Bytes per activation value on the link between stages."""
+    return 2 if cfg.pipeline.wire_dtype is not None else 4
+
+
 def project(
     profiles: list[ModuleProfile],
     m: int,
@@ -156,8 +175,10 @@ def project(
     reader: float | None,
     buffers: int,
     eval_batch: int | None = None,
+    wire_bytes: int = 4,
 ) -> Layout:
-    """The layout with M modules per rank and R replicas, under the model in the module docstring."""
+    """The layout with M modules per rank and R replicas, under the model in the module docstring
+    (``wire_bytes``: bytes per activation value on the link)."""
     k = len(profiles)
     stages = [list(range(s, s + m)) for s in range(0, k, m)]
     local = -(-batch // r)  # the largest shard
@@ -173,11 +194,13 @@ def project(
         first, last = profiles[stage[0]], profiles[stage[-1]]
         slots = buffers * slot * (first.input_features + last.output_features) * 4
         peaks.append(3 * params + max(profiles[i].activation_bytes[local] for i in stage) + slots)
-    rate = batch / max(times)
+    bytes_per_s = link_gbps * 1e9 / 8
+    links = [local * profiles[stage[-1]].output_features * wire_bytes / bytes_per_s for stage in stages[:-1]]
+    rate = batch / max([*times, *links])
     limited = reader is not None and r * reader < rate
     if limited:
         rate = r * reader
-    return Layout(m, r, stages, rate, times, allreduce, limited, max(peaks))
+    return Layout(m, r, stages, rate, times, allreduce, limited, max(peaks), links)
 
 
 def layouts(
@@ -189,6 +212,7 @@ def layouts(
     reader: float | None,
     buffers: int,
     eval_batch: int | None = None,
+    wire_bytes: int = 4,
 ) -> list[Layout]:
     k = len(profiles)
     found = []
@@ -196,7 +220,7 @@ def layouts(
         for r in range(1, devices + 1):
             if (k // m) * r > devices or batch < r:
                 continue
-            layout = project(profiles, m, r, batch, link_gbps, reader, buffers, eval_batch)
+            layout = project(profiles, m, r, batch, link_gbps, reader, buffers, eval_batch, wire_bytes)
             if memory_gib is None or layout.peak_bytes <= memory_gib * GIB:
                 found.append(layout)
     return sorted(found, key=lambda lay: (-lay.samples_per_s, lay.world_size))
@@ -245,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, required=True, help="devices to place the ranks on")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-memory", type=float, default=None, help="GiB per device (default: no limit)")
-    parser.add_argument("--link-gbps", type=float, default=100.0, help="all-reduce bandwidth, Gbit/s")
+    parser.add_argument(
+        "--link-gbps",
+        type=float,
+        default=100.0,
+        help="bandwidth between ranks (activations, all-reduce), Gbit/s",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--threads", type=int, default=1, help="CPU threads per device when timing on the CPU"
@@ -282,11 +311,14 @@ def main(argv: list[str] | None = None) -> int:
         reader,
         cfg.pipeline.buffer_size,
         cfg.data.eval_batch_size,
+        wire_bytes(cfg),
     )
     print(
         f"model: stage time = sum of its modules' step times at batch {batch}/R (measured on {device}"
         f"{f', {args.threads} thread' if device.type == 'cpu' else ''}), + ring all-reduce of its parameters "
-        f"over {args.link_gbps:g} Gbit/s; rate = {batch} / slowest stage, capped by R x data input "
+        f"over {args.link_gbps:g} Gbit/s; each link between stages carries {batch}/R activations of "
+        f"{wire_bytes(cfg)} bytes per value per step, overlapped with computing; "
+        f"rate = {batch} / slowest stage or link, capped by R x data input "
         f"({'not measured: no data here' if reader is None else f'{reader:.0f} samples/s per replica'}); "
         f"memory: weights x3 + the largest module's activations + {cfg.pipeline.buffer_size} receive slots "
         f"and outputs in flight of {slot_samples(batch, cfg.data.eval_batch_size)} samples "
@@ -306,7 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     for layout in found[: args.top]:
         slowest = max(range(len(layout.stages)), key=lambda s: layout.stage_time_s[s])
         why = "data input" if layout.reader_limited else f"stage {slowest}"
-        if layout.allreduce_s[slowest] > 0.5 * layout.stage_time_s[slowest]:
+        if layout.link_limited and not layout.reader_limited:
+            boundary = max(range(len(layout.link_s)), key=lambda b: layout.link_s[b])
+            why = f"link {boundary}-{boundary + 1}"
+        elif layout.allreduce_s[slowest] > 0.5 * layout.stage_time_s[slowest]:
             why += " (all-reduce)"
         stages = ",".join(f"{s[0]}-{s[-1]}" if len(s) > 1 else f"{s[0]}" for s in layout.stages)
         print(
