@@ -9,6 +9,7 @@
     python experiments/run.py scarce             # 5: E2E / VanGL / TRGL-halves at K = 2..16, 5,000 images
     python experiments/run.py authors            # 6: the authors' knobs against trgl_pipe's defaults
     python experiments/run.py competitors        # 7: InfoPro, PredSim, DGL in experiment 5's setting
+    python experiments/run.py quickstart         # 8: the quickstart, TRGL (fp32 / bf16 wire) and VanGL, 3 seeds
     python experiments/run.py all --dry-run      # print the commands only
     python experiments/run.py blockwise --only '*-tenth' --max-seeds 1   # a part of one
     python experiments/run.py competitors --only '*-k16' --seeds 2         # one seed of some runs
@@ -265,10 +266,12 @@ def experiment(name: str) -> list[tuple[str, list[str], list[int]]]:
         ]
         runs.append(("authors-vangl", [*AUTHORS_BASE, *AUTHORS_ALL, "trgl.enabled=false"], [0]))
         return runs
-    if name == "wire":  # pipeline.wire_dtype=bf16 against float32 activations, the quickstart's setting
+    if name == "quickstart":  # the quickstart's setting in one process: TRGL with float32 and with
+        # bf16 activations between modules (pipeline.wire_dtype), and VanGL beside them
         return [
-            ("fp32", QUICKSTART, [0, 1, 2]),
-            ("bf16", [*QUICKSTART, "pipeline.wire_dtype=bf16"], [0, 1, 2]),
+            ("trgl-fp32", QUICKSTART, [0, 1, 2]),
+            ("trgl-bf16-wire", [*QUICKSTART, "pipeline.wire_dtype=bf16"], [0, 1, 2]),
+            ("vangl", [*QUICKSTART, "trgl.enabled=false"], [0, 1, 2]),
         ]
     if name == "pipeline":
         net = [*FULL, *DEPTH_NET, "model.num_modules=4", f"trgl.tau={TAU}", "train.num_threads=1"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY
 
-from trgl_pipe.config import Config, load_config
+from trgl_pipe.config import DEPRECATED_OBJECTIVE_KEYS, Config, load_config
 from trgl_pipe.context import build_context
 from trgl_pipe.describe import key_docs, keys_help, launch_line, module_table
 from trgl_pipe.run import main
@@ -21,7 +21,7 @@ def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             keys.extend(_all_keys(hints[f.name], f"{prefix}{f.name}."))
-        else:
+        elif not (prefix == "objective." and f.name in DEPRECATED_OBJECTIVE_KEYS):  # not shown: deprecated
             keys.append(f"{prefix}{f.name}")
     return keys
 
