@@ -9,7 +9,7 @@
     python experiments/run.py scarce             # 5: E2E / VanGL / TRGL-halves at K = 2..16, 5,000 images
     python experiments/run.py authors            # 6: the authors' knobs against trgl_pipe's defaults
     python experiments/run.py competitors        # 7: InfoPro, PredSim, DGL in experiment 5's setting
-    python experiments/run.py quickstart         # 8: the quickstart, TRGL (fp32 / bf16 wire) and VanGL, 3 seeds
+    python experiments/run.py quickstart         # 8: the quickstart: TRGL (fp32, bf16 wire), VanGL
     python experiments/run.py all --dry-run      # print the commands only
     python experiments/run.py blockwise --only '*-tenth' --max-seeds 1   # a part of one
     python experiments/run.py competitors --only '*-k16' --seeds 2         # one seed of some runs

@@ -150,6 +150,25 @@ def run_torchrun(nproc: int, args: list[str], timeout: float = 300) -> subproces
     )
 
 
+def run_here(args: list[str], capsys: pytest.CaptureFixture) -> subprocess.CompletedProcess:
+    """``python -m trgl_pipe.run ARGS`` in this test's own process (a start of torch fewer than
+    ``run_cli``): its exit code and what it printed. For runs that refuse or train on the CPU
+    alone; a run through fragile native code (compile, oneDNN's bf16) keeps a process of its own."""
+    from trgl_pipe.run import main
+
+    capsys.readouterr()  # what came before is not this run's
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        code = main(args)
+    except SystemExit as stop:  # argparse
+        code = stop.code if isinstance(stop.code, int) else 2
+    finally:
+        os.chdir(cwd)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def train_here(overrides: list[str]) -> None:
     """A one-process run in this test's own process: the reference a pipeline is compared with,
     without the 2-3 s start of another Python with torch that ``run_cli`` costs."""

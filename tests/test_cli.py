@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, cli_args, run_cli, snapshot
+from conftest import ROOT, TINY, cli_args, run_cli, run_here, snapshot
 
 from trgl_pipe.folder.checkpoint import latest_complete
 
@@ -39,17 +39,17 @@ def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> Non
         ),
     ],
 )
-def test_user_errors(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
-    result = run_cli(cli_args(f"out_dir={tmp_path / 'out'}", *args))
+def test_user_errors(tmp_path: Path, args: list[str], fragments: list[str], capsys) -> None:
+    result = run_here(cli_args(f"out_dir={tmp_path / 'out'}", *args), capsys)
     _one_line_error(result, *fragments)
     assert result.returncode == 2
 
 
-def test_missing_config_file(tmp_path: Path) -> None:
-    _one_line_error(run_cli([str(tmp_path / "nope.yaml")]), "cannot read config file")
+def test_missing_config_file(tmp_path: Path, capsys) -> None:
+    _one_line_error(run_here([str(tmp_path / "nope.yaml")], capsys), "cannot read config file")
 
 
-def test_malformed_dataset_files(tmp_path: Path) -> None:
+def test_malformed_dataset_files(tmp_path: Path, capsys) -> None:
     root = tmp_path / "data" / "FashionMNIST" / "raw"
     root.mkdir(parents=True)
     for name in (
@@ -59,31 +59,31 @@ def test_malformed_dataset_files(tmp_path: Path) -> None:
         "t10k-labels-idx1-ubyte",
     ):
         (root / name).write_bytes(b"garbage!")
-    result = run_cli(
-        cli_args(f"out_dir={tmp_path / 'out'}", "data.source=root", f"data.root={tmp_path / 'data'}")
+    result = run_here(
+        cli_args(f"out_dir={tmp_path / 'out'}", "data.source=root", f"data.root={tmp_path / 'data'}"), capsys
     )
     _one_line_error(result, "bad IDX header", "train-images-idx3-ubyte")
 
 
-def test_unwritable_out_dir(tmp_path: Path) -> None:
+def test_unwritable_out_dir(tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    _one_line_error(run_cli(cli_args(f"out_dir={blocker}")), "exists and is not a folder")
-    _one_line_error(run_cli(cli_args(f"out_dir={blocker}/sub")), "cannot be written")
+    _one_line_error(run_here(cli_args(f"out_dir={blocker}"), capsys), "exists and is not a folder")
+    _one_line_error(run_here(cli_args(f"out_dir={blocker}/sub"), capsys), "cannot be written")
 
 
-def test_a_finished_run_is_neither_overwritten_nor_rewritten_by_resume(tmp_path: Path) -> None:
+def test_a_finished_run_is_neither_overwritten_nor_rewritten_by_resume(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    first = run_cli(cli_args(f"out_dir={out}", "train.epochs=1"))
+    first = run_here(cli_args(f"out_dir={out}", "train.epochs=1"), capsys)
     assert first.returncode == 0, first.stderr
     before = snapshot(out)
     _one_line_error(
-        run_cli(cli_args(f"out_dir={out}")), "already holds a run", "resume=auto", "overwrite=true"
+        run_here(cli_args(f"out_dir={out}"), capsys), "already holds a run", "resume=auto", "overwrite=true"
     )
     assert snapshot(out) == before
     # resume=auto on a finished run: one line, exit 0, every byte as it was (it used to rewrite
     # summary.json with a wall time of 0 and append to metrics.jsonl)
-    again = run_cli(cli_args(f"out_dir={out}", "train.epochs=1", "resume=auto"))
+    again = run_here(cli_args(f"out_dir={out}", "train.epochs=1", "resume=auto"), capsys)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip().splitlines() == [
         f"resume=auto: out_dir={out} holds a finished run (final checkpoint at step 5); nothing to do"
@@ -92,7 +92,7 @@ def test_a_finished_run_is_neither_overwritten_nor_rewritten_by_resume(tmp_path:
     # another setting that trains no further would rewrite its record (config.yaml said lr 0.05
     # although no step trained with it): one line, exit 2, every byte as it was
     _one_line_error(
-        run_cli(cli_args(f"out_dir={out}", "train.epochs=1", "resume=auto", "optim.lr=0.05")),
+        run_here(cli_args(f"out_dir={out}", "train.epochs=1", "resume=auto", "optim.lr=0.05"), capsys),
         "holds a finished run (final checkpoint at step 5); optim.lr=0.05 (it ran with 0.1) would change",
         "raise train.epochs",
     )

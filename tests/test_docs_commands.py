@@ -95,7 +95,8 @@ def test_the_quickstart_runs_as_written(tmp_path: Path) -> None:
     assert len(quickstart) == 1, quickstart
     command = quickstart[0]
     nproc = int(next(a for a in command if a.startswith("--nproc_per_node=")).split("=")[1])
-    args = [*_trainer_args(command), "train.max_steps=2", "data.val_size=200", f"out_dir={tmp_path / 'run'}"]
+    args = [*_trainer_args(command), "train.max_steps=2", "data.val_size=200", "data.test_size=200"]
+    args.append(f"out_dir={tmp_path / 'run'}")
     result = run_torchrun(nproc, args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "best module" in result.stdout and (tmp_path / "run" / "summary.json").is_file()

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli_args, run_cli, snapshot
+from conftest import cli_args, run_cli, run_here, snapshot
 
 from trgl_pipe.config import load_config
 from trgl_pipe.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, OutputError
@@ -93,10 +93,10 @@ def test_a_shard_of_another_width_is_refused_before_writing(finished, tmp_path) 
     assert snapshot(out) == before
 
 
-def test_a_refused_resume_on_the_command_line(finished, tmp_path) -> None:
+def test_a_refused_resume_on_the_command_line(finished, tmp_path, capsys) -> None:
     out = _copy(finished, tmp_path)
     before = snapshot(out)
-    result = run_cli(cli_args(f"out_dir={out}", "resume=auto", "model.width=8"))
+    result = run_here(cli_args(f"out_dir={out}", "resume=auto", "model.width=8"), capsys)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "its model is" in result.stderr, result.stderr
     assert snapshot(out) == before
@@ -141,14 +141,14 @@ def test_a_second_run_on_a_held_folder_gets_one_line_naming_the_holder(finished,
     assert not (out / LOCK).exists()  # released by its holder
 
 
-def test_a_stale_lock_of_a_crashed_run_is_taken_over(finished, tmp_path) -> None:
+def test_a_stale_lock_of_a_crashed_run_is_taken_over(finished, tmp_path, capsys) -> None:
     out = _copy(finished, tmp_path)
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     dead_pid = int(gone.stdout)
     (out / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid, "time": 0}))
-    result = run_cli(cli_args(f"out_dir={out}", "resume=auto", "train.epochs=3"))
+    result = run_here(cli_args(f"out_dir={out}", "resume=auto", "train.epochs=3"), capsys)
     assert result.returncode == 0, result.stderr
     assert f"taking over the lock left by pid {dead_pid}" in result.stdout
     assert not (out / LOCK).exists()
