@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import make_tiny_imagenet, run_cli, run_torchrun
+from conftest import make_tiny_imagenet, run_here, run_torchrun, train_here
 
 from trgl_pipe.config import load_config
 from trgl_pipe.training.single import run_single
@@ -123,7 +123,7 @@ def test_backbones_run_as_a_pipeline(tmp_path: Path, arch: str) -> None:
 
 
 @pytest.mark.multiproc
-def test_a_tiny_imagenet_folder_trains_in_one_process_and_through_torchrun(tmp_path: Path) -> None:
+def test_a_tiny_imagenet_folder_trains_in_one_process_and_through_torchrun(tmp_path: Path, capsys) -> None:
     root = make_tiny_imagenet(tmp_path / "tiny-imagenet-200", per_class=6, val=2)
     args = [
         "data.name=tiny_imagenet",
@@ -140,8 +140,7 @@ def test_a_tiny_imagenet_folder_trains_in_one_process_and_through_torchrun(tmp_p
         "log.live=off",
         "checkpoint.every_epochs=0",
     ]
-    single = run_cli([*args, f"out_dir={tmp_path / 'single'}"])
-    assert single.returncode == 0, single.stderr[-3000:]
+    train_here([*args, f"out_dir={tmp_path / 'single'}"])
     piped = run_torchrun(2, [*args, f"out_dir={tmp_path / 'pipe'}"])
     assert piped.returncode == 0, piped.stderr[-3000:]
     for out in ("single", "pipe"):
@@ -153,5 +152,5 @@ def test_a_tiny_imagenet_folder_trains_in_one_process_and_through_torchrun(tmp_p
             6,
         )
         assert [m["num_steps"] for m in summary["modules"]] == [3, 3]
-    broken = run_cli([*args, f"data.root={tmp_path / 'nowhere'}", f"out_dir={tmp_path / 'broken'}"])
+    broken = run_here([*args, f"data.root={tmp_path / 'nowhere'}", f"out_dir={tmp_path / 'broken'}"], capsys)
     assert broken.returncode == 2 and broken.stderr.startswith("error: data.root=")

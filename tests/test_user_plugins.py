@@ -24,7 +24,7 @@ from trgl_pipe.stage import ModuleBody, build_head
 from trgl_pipe.training.single import run_single
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import run_cli
+from conftest import run_cli, run_here
 
 NETS = "tests.user_pkg.nets"
 DATA = "tests.user_pkg.data"
@@ -189,12 +189,12 @@ def test_train_in_one_process_with_callables_and_objects(tmp_path: Path) -> None
     assert "model_object_" in saved and "data_object_" in saved
 
 
-def test_a_user_dataset_trains_through_the_cli(tmp_path: Path) -> None:
+def test_a_user_dataset_trains_through_the_cli(tmp_path: Path, capsys) -> None:
     # the Dataset of PIL images here; the arrays train in-process in every other test
     for source, extra in (("datasets", ["data.train_size=120", "data.class_balanced=true"]),):
         out = tmp_path / source
-        result = run_cli(
-            [*SMALL, f"data.name={DATA}:{source}", f"model.arch={NETS}:mlp", f"out_dir={out}", *extra]
+        result = run_here(
+            [*SMALL, f"data.name={DATA}:{source}", f"model.arch={NETS}:mlp", f"out_dir={out}", *extra], capsys
         )
         assert result.returncode == 0, result.stderr[-2000:]
         summary = json.loads((out / "summary.json").read_text())
@@ -247,8 +247,8 @@ def test_bad_user_input_gets_one_line(tmp_path: Path, capsys, overrides: list[st
     assert message in lines[0], lines[0]
 
 
-def test_a_module_that_does_not_import_gets_one_line_from_the_cli(tmp_path: Path) -> None:
-    result = run_cli([*SMALL, f"out_dir={tmp_path / 'run'}", f"model.arch={NETS}_missing:build"])
+def test_a_module_that_does_not_import_gets_one_line_from_the_cli(tmp_path: Path, capsys) -> None:
+    result = run_here([*SMALL, f"out_dir={tmp_path / 'run'}", f"model.arch={NETS}_missing:build"], capsys)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: model.arch={NETS}_missing:build: cannot import module {NETS}_missing "
@@ -362,9 +362,11 @@ def test_an_exported_user_network_has_the_reported_accuracy(tmp_path: Path, sour
     assert evaluate(Path(cfg.out_dir) / "export", "test")["accuracy"] == summary["best_test_accuracy"]
 
 
-def test_a_block_whose_output_shape_changes_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+def test_a_block_whose_output_shape_changes_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "run"
-    result = run_cli([*SMALL, f"out_dir={out}", f"model.arch={NETS}:wobbly"])
+    result = run_here([*SMALL, f"out_dir={out}", f"model.arch={NETS}:wobbly"], capsys)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [
