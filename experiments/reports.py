@@ -109,6 +109,11 @@ REPORTS = (
             *(f"{RUNS}/scarce/{method}-k{k}-s*" for k in (4, 16) for method in ("vangl", "trgl-halves")),
         ),
     ),
+    Report(
+        "quickstart",
+        "Experiment 8: the quickstart in one process: TRGL (float32 and bf16 on the wire) and VanGL",
+        (f"{RUNS}/quickstart/*",),
+    ),
 )
 BY_NAME = {r.name: r for r in REPORTS}
 AUTHORS_TABLE = "authors-table"  # the table of benchmarks/vs_authors.md
