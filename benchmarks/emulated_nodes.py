@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -120,3 +121,20 @@ def torchrun_on_nodes(
         env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": node.link}
         launches.append((command, env))
     return launches
+
+
+def run_agents(
+    launches: list[tuple[list[str], dict[str, str]]], cwd: Path, timeout: float
+) -> list[tuple[int, str]]:
+    """Start every node's agent, wait for all of them (killing any left at the timeout); each
+    one's exit code and standard error."""
+    pipe = subprocess.PIPE
+    agents = [
+        subprocess.Popen(cmd, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True) for cmd, env in launches
+    ]
+    try:
+        outputs = [agent.communicate(timeout=timeout) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    return [(agent.returncode, err) for agent, (_, err) in zip(agents, outputs, strict=True)]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -70,19 +69,9 @@ def measure(nodes: list[emulated_nodes.Node], overrides: list[str], steps: int, 
             f"out_dir={out}",
         ]
         launches = emulated_nodes.torchrun_on_nodes(nodes, 1, target, port=port, run_id=f"link{port}")
-        agents = [
-            subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-            for cmd, env in launches
-        ]
-        try:
-            outputs = [agent.communicate(timeout=900) for agent in agents]
-        finally:
-            for agent in agents:
-                agent.kill()
-        if any(agent.returncode for agent in agents):
-            raise RuntimeError("a node failed: " + " | ".join(err.strip()[-600:] for _, err in outputs))
+        ended = emulated_nodes.run_agents(launches, ROOT, timeout=900)
+        if any(code for code, _ in ended):
+            raise RuntimeError("a node failed: " + " | ".join(err.strip()[-600:] for _, err in ended))
         events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     times = sorted(e["time_s"] for e in events if e["event"] == "train" and e["module"] == 1)
     assert len(times) == steps, (len(times), steps)

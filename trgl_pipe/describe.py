@@ -13,6 +13,7 @@ import io
 import math
 import tokenize
 import typing
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -91,17 +92,25 @@ def _yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
 
 
-def keys_help() -> str:
-    """The text ``--help`` shows after the arguments: every key, grouped by section."""
-    out = ["config keys (section.key=value; default, then meaning):"]
+def _by_section() -> Iterator[tuple[str, str | None, KeyDoc]]:
+    """Every key with its section's name, and the section's title (its docstring's first line) at
+    the first key of each section (None after)."""
     section = None
     hints = typing.get_type_hints(Config)
     for doc in key_docs():
         head = doc.key.split(".")[0] if "." in doc.key else ""
+        title = None
         if head != section:
             section = head
-            cls = hints.get(head)
-            title = (inspect.getdoc(cls) or "").splitlines()[0] if head else "the run"
+            title = (inspect.getdoc(hints.get(head)) or "").splitlines()[0] if head else "the run"
+        yield head, title, doc
+
+
+def keys_help() -> str:
+    """The text ``--help`` shows after the arguments: every key, grouped by section."""
+    out = ["config keys (section.key=value; default, then meaning):"]
+    for head, title, doc in _by_section():
+        if title is not None:
             out.append(f"\n  {head or '(top level)'}: {title}")
         meaning = f"  {doc.meaning}" if doc.meaning else ""
         out.append(f"    {doc.key} = {_yaml_value(doc.default)}  ({doc.kind}){meaning}")
@@ -120,13 +129,8 @@ def config_reference() -> str:
         "(a YAML value: `train.epochs=5`, `model.split=[3,6,9]`). `python -m trgl_pipe.run --help`",
         "prints the same list; the equations behind the keys are in [method.md](method.md).",
     ]
-    section = None
-    hints = typing.get_type_hints(Config)
-    for doc in key_docs():
-        head = doc.key.split(".")[0] if "." in doc.key else ""
-        if head != section:
-            section = head
-            title = (inspect.getdoc(hints.get(head)) or "").splitlines()[0] if head else "the run"
+    for head, title, doc in _by_section():
+        if title is not None:
             out += [
                 "",
                 f"## {head or 'top level'}",

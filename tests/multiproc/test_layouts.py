@@ -193,18 +193,8 @@ def _two_nodes_or_one(args: list[str]) -> None:
         return
     with emulated_nodes.two_nodes() as nodes:
         launches = emulated_nodes.torchrun_on_nodes(nodes, 2, ["-m", "trgl_pipe.run", *args])
-        agents = [
-            subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-            for command, env in launches
-        ]
-        try:
-            outputs = [agent.communicate(timeout=300) for agent in agents]
-        finally:
-            for agent in agents:
-                agent.kill()
-    assert [agent.returncode for agent in agents] == [0, 0], [err[-2000:] for _, err in outputs]
+        ended = emulated_nodes.run_agents(launches, ROOT, timeout=300)
+    assert [code for code, _ in ended] == [0, 0], [err[-2000:] for _, err in ended]
 
 
 def _rank_pid(launcher: psutil.Process, rank: int) -> int | None:
