@@ -3,7 +3,8 @@
 - :func:`local_link`: two threads of one process (the ``sim`` transport).
 - :class:`DistOutbox` / :class:`DistInbox`: two torch.distributed ranks of the mesh's "pp" group.
   Each message is a small header (kind, counters, labels; a CPU tensor, so gloo carries it) plus,
-  for batches, the activation (NCCL when each rank has its own GPU, else gloo). Credits flow back
+  for batches, the activation (NCCL when each rank has its own GPU, else gloo); on a host link
+  whose activations are small (:func:`packs`) both travel as one gloo message. Credits flow back
   the same way. Header, data and credits use their own tags, so the three streams never mix. A
   background thread per inbox receives ahead into pre-allocated slots; a background thread per
   outbox collects credits; sends are non-blocking and a third thread waits for their completion.
@@ -47,6 +48,11 @@ INFO = 9  # the handshake: ndim, up to 6 sizes, dtype, channels_last
 STARTUP_TIMEOUT = timedelta(seconds=900)
 IDLE_TIMEOUT = timedelta(days=7)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# A host link whose largest activation is at most this many bytes sends header and activation as
+# one gloo message (the activation copied behind the header): a gloo operation costs more CPU
+# than copying this much, and a receive posted for both at once needs no second rendezvous
+# (benchmarks/README.md section 9 measures both).
+PACK_LIMIT = 1 << 20
 
 
 class Inbox(Protocol):
@@ -225,6 +231,28 @@ def _encode_header(msg: Message, max_batch: int) -> torch.Tensor:
     return header
 
 
+def packs(feature_shape: tuple[int, ...], dtype: torch.dtype, max_batch: int, wire: torch.device) -> bool:
+    """Whether a link sends each message as one packed buffer (header, then activation bytes):
+    host links (gloo) whose largest activation is at most :data:`PACK_LIMIT` bytes. Both ends
+    decide it from the handshake, so they agree."""
+    return wire.type == "cpu" and max_batch * _sample_bytes(feature_shape, dtype) <= PACK_LIMIT
+
+
+def _sample_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return torch.Size(shape).numel() * dtype.itemsize
+
+
+def _pack(header: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    """Header and activation (contiguous) as one byte buffer: what a packing link sends."""
+    head = header.view(torch.uint8)
+    if x is None or x.numel() == 0:
+        return head
+    packed = torch.empty(head.numel() + x.nbytes, dtype=torch.uint8)
+    packed[: head.numel()] = head
+    packed[head.numel() :] = x.reshape(-1).view(torch.uint8)
+    return packed
+
+
 def _decode_header(header: torch.Tensor) -> Message:
     """The message a header describes, without its activation. A message with a payload always
     has labels, an empty evaluation shard's too (zero of them), so a module never sees None."""
@@ -398,6 +426,7 @@ class DistOutbox:
         self._copied: list[Any] = []
         self.channels_last = False  # activations travel as their NHWC view
         self._num_sent = 0
+        self._packs = False  # header and activation in one message (set by the handshake)
         self.sent_bytes = 0  # activations sent (headers and credits not counted)
         self.image_sent_bytes = 0  # input images sent with training batches
         self._credit_thread = threading.Thread(
@@ -414,6 +443,7 @@ class DistOutbox:
         neither end copies them into another layout.
         """
         self.channels_last = channels_last
+        self._packs = not self.staged and packs(feature_shape, dtype, self.max_batch, self.wire)
         dist.isend(
             _encode_info(feature_shape, dtype, channels_last), self.peer, group=self.group, tag=self.tags[0]
         ).wait(STARTUP_TIMEOUT)
@@ -448,6 +478,8 @@ class DistOutbox:
     def send(self, msg: Message, waiter: Waiter) -> float:
         waited = self.gate.acquire(waiter, f"room in the buffer of rank {self.peer}", self._failure)
         header = _encode_header(msg, self.max_batch)
+        if self._packs:
+            return waited + self._send_packed(msg, header)
         works = [_isend(header, self.rank, self.peer, self.group, self.tags[0])]
         keep = [header]
         done, later = None, None
@@ -473,6 +505,23 @@ class DistOutbox:
         self._num_sent += 1
         self._completer.add(works, keep, done, later)
         return waited
+
+    def _send_packed(self, msg: Message, header: torch.Tensor) -> float:
+        """One message: the header with the activation behind it (see :func:`packs`); a training
+        batch's image, when the receiver reads it, follows on its own tag."""
+        x = to_wire(msg.x, self.channels_last) if msg.kind.has_payload else None
+        packed = _pack(header, x)
+        works, keep = [_isend(packed, self.rank, self.peer, self.group, self.tags[0])], [packed]
+        if x is not None:
+            self.sent_bytes += x.numel() * x.element_size()
+            if msg.image is not None and x.shape[0]:
+                image = msg.image.contiguous()
+                works.append(_isend(image, self.rank, self.peer, self.group, IMAGE_TAG))
+                self.image_sent_bytes += image.numel() * image.element_size()
+                keep.append(image)
+        self._num_sent += 1
+        self._completer.add(works, keep)
+        return 0.0
 
     def _on_wire(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` on the link's wire device. A host-to-GPU copy is ordered on the stream before the
@@ -552,12 +601,14 @@ class DistInbox:
         self.feature_shape: tuple[int, ...] = ()
         self.dtype = torch.float32
         self.channels_last = False  # activations arrive as their NHWC view
+        self._packs = False  # header and activation arrive as one message (:func:`packs`)
 
     def handshake(self) -> tuple[tuple[int, ...], torch.dtype]:
         """Receive the sample shape and dtype, allocate the slots, start receiving."""
         info = torch.zeros(INFO, dtype=torch.int64)
         dist.irecv(info, self.peer, group=self.group, tag=self.tags[0]).wait(STARTUP_TIMEOUT)
         self.feature_shape, self.dtype, self.channels_last = _decode_info(info)
+        self._packs = not self.staged and packs(self.feature_shape, self.dtype, self.max_batch, self.wire)
         self._slots = self._allocate_slots()
         self._stream = torch.cuda.Stream(self.device) if self.on_gpu else None
         # the stream the training loop runs on (this is the main thread)
@@ -572,6 +623,9 @@ class DistInbox:
     def _allocate_slots(self) -> list[torch.Tensor]:
         """One receive slot per credit, of the largest batch, on the link's wire device."""
         wire_shape = _wire_shape(self.feature_shape, self.channels_last)
+        if self._packs:  # the header's bytes, then the activation's
+            size = self._header_bytes + self.max_batch * _sample_bytes(wire_shape, self.dtype)
+            return [torch.empty(size, dtype=torch.uint8) for _ in range(self.capacity)]
         slots = [
             torch.empty((self.max_batch, *wire_shape), dtype=self.dtype, device=self.wire)
             for _ in range(self.capacity)
@@ -579,9 +633,15 @@ class DistInbox:
         return [s.pin_memory() for s in slots] if self.staged else slots
 
     @property
+    def _header_bytes(self) -> int:
+        return (HEADER + self.max_batch) * 8
+
+    @property
     def slot_bytes(self) -> int:
-        """Bytes of this inbox's receive slots (what :func:`slot_samples` sizes them for)."""
-        return sum(s.nbytes for s in self._slots)
+        """Bytes of this inbox's receive slots for activations (what :func:`slot_samples` sizes them
+        for; the headers a packing link receives with them are not counted)."""
+        headers = self._header_bytes * len(self._slots) if self._packs else 0
+        return sum(s.nbytes for s in self._slots) - headers
 
     def _take_slot(self) -> bool:
         while not self._closing.is_set():
@@ -597,6 +657,12 @@ class DistInbox:
             while self._take_slot():
                 slot = index % self.capacity
                 index += 1
+                if self._packs:
+                    msg = self._receive_packed(slot)
+                    self._ready.put((msg, slot, None))
+                    if msg.kind is Kind.STOP:
+                        return
+                    continue
                 dist.irecv(header, self.peer, group=self.group, tag=self.tags[0]).wait(IDLE_TIMEOUT)
                 msg, ready = _decode_header(header), None
                 if self.on_gpu and msg.y is not None:
@@ -612,6 +678,23 @@ class DistInbox:
                     return
         except Exception as error:
             self._ready.put(PipelineError(f"rank {self.rank}: lost rank {self.peer} ({_short(error)})"))
+
+    def _receive_packed(self, slot: int) -> Message:
+        """A packed message (see :func:`packs`): header and activation received in one operation;
+        the activation is a view of the slot's bytes behind the header."""
+        buffer = self._slots[slot]
+        dist.irecv(buffer, self.peer, group=self.group, tag=self.tags[0]).wait(IDLE_TIMEOUT)
+        start = self._header_bytes
+        msg = _decode_header(buffer[:start].view(torch.int64))
+        if msg.kind.has_payload:
+            n = msg.num_samples
+            wire_shape = _wire_shape(self.feature_shape, self.channels_last)
+            size = n * _sample_bytes(wire_shape, self.dtype)
+            x = buffer[start : start + size].view(self.dtype).view(n, *wire_shape)
+            msg.x = from_wire(x, self.channels_last)
+            if self.image_shape is not None and msg.kind is Kind.TRAIN and n > 0:
+                msg.image = self._receive_image(n, self.wire)
+        return msg
 
     def _receive_image(self, n: int, device: torch.device) -> torch.Tensor:
         """A training batch's image, into a tensor of its own (it is read after the slot's reuse)."""
