@@ -4,16 +4,22 @@ A module that does nothing: each rank receives a batch and passes it on unchange
 set by the transport alone. Two links, each against its physical limit:
 
 - ``dist``: K ranks under torchrun (gloo, one process per rank, CPU tensors). The runtime
-  (``DistInbox``/``DistOutbox``: header, activation, credits, receive-ahead and completion threads)
-  against raw ``torch.distributed`` isend/irecv of the same tensors between the same processes
-  (one blocking forward per hop, no header, no credits). Both measured in the same processes,
+  (``DistInbox``/``DistOutbox``: header and activation, credits, receive-ahead and completion
+  threads) against raw ``torch.distributed`` isend/irecv of the same tensors between the same
+  processes (one blocking forward per hop, no header, no credits). Two more variants, for what
+  the protocol costs: ``apart``, the runtime with header and activation as separate messages
+  (``PACK_LIMIT = 0``: the format above 1 MiB, and every size's before packing); ``rendezvous``,
+  a floor for a credit-free protocol, not the runtime: one packed message per hop from the main
+  thread, receives posted ahead into ``buffer`` slots standing in for credits (a gloo send
+  completes only once its receive is posted), no threads. All measured in the same processes,
   interleaved, size by size.
 - ``sim``: K threads of one process. The in-process link (``local_link``: credits, waits that
   time out) against a plain bounded ``queue.Queue`` chain.
 
 For each activation size (4 KiB … 16 MiB) and K, each repeat times N messages through the chain
-(messages/s at the last rank) for both variants back to back; reported: the median ratio
-runtime / raw and its spread over the repeats, and the runtime's microseconds per message.
+(messages/s at the last rank) for every variant back to back, in an order that rotates;
+reported: each variant's median ratio to raw and its spread over the repeats, and its
+microseconds per message.
 
     python benchmarks/overhead.py                 # K=2 and 4, 4 KiB..16 MiB, buffers 2 and 8, 5 repeats
     python benchmarks/overhead.py --quick         # K=2, two sizes, 2 repeats (a smoke test)
@@ -116,6 +122,66 @@ def _runtime_chain(rank: int, world: int, x: torch.Tensor, n: int, capacity: int
     return elapsed
 
 
+def _apart_chain(rank: int, world: int, x: torch.Tensor, n: int, capacity: int) -> float:
+    """The runtime with header and activation sent as two messages, whatever their size."""
+    from trgl_pipe.runtime import transport
+
+    limit, transport.PACK_LIMIT = transport.PACK_LIMIT, 0
+    try:
+        return _runtime_chain(rank, world, x, n, capacity)
+    finally:
+        transport.PACK_LIMIT = limit
+
+
+def _rendezvous_chain(rank: int, world: int, x: torch.Tensor, n: int, capacity: int) -> float:
+    """A floor for a credit-free protocol: one packed message (a 16-value header, then the
+    activation) per hop, sent from the main thread; a rank keeps a receive posted in each of its
+    ``capacity`` slots, and a sender waits for its previous send before the next one, so at most
+    ``capacity`` + 1 messages are ahead of a receiver without any credit message."""
+    from collections import deque
+
+    import torch.distributed as dist
+
+    head = torch.zeros(16, dtype=torch.int64)
+    header_bytes = head.numel() * 8
+    size = header_bytes + x.numel() * x.element_size()
+    slots = [torch.empty(size, dtype=torch.uint8) for _ in range(capacity)] if rank > 0 else []
+    posted = deque((dist.irecv(s, rank - 1), i) for i, s in enumerate(slots))
+    outgoing = [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
+    pending = None
+    dist.barrier()
+    t0 = time.perf_counter()
+    for i in range(n):
+        out = outgoing[i % 2]
+        if rank == 0:
+            head[0] = i
+            out[:header_bytes] = head.view(torch.uint8)
+            out[header_bytes:] = x.reshape(-1).view(torch.uint8)
+        else:
+            work, s = posted.popleft()
+            work.wait()
+            if rank < world - 1:
+                out.copy_(slots[s])
+            posted.append((dist.irecv(slots[s], rank - 1), s))  # consumed: the slot is free again
+        if rank < world - 1:
+            if pending is not None:
+                pending.wait()
+            pending = dist.isend(out, rank + 1)
+    elapsed = time.perf_counter() - t0
+    if pending is not None:
+        pending.wait()
+    if rank < world - 1:  # fill the receives the next rank still has posted
+        for _ in range(capacity):
+            dist.isend(outgoing[0], rank + 1).wait()
+    for work, _ in posted:
+        work.wait()
+    dist.barrier()
+    return elapsed
+
+
+DIST_VARIANTS = {"runtime": _runtime_chain, "apart": _apart_chain, "rendezvous": _rendezvous_chain}
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank (under torchrun): every size, every repeat, raw and runtime interleaved."""
     import torch.distributed as dist
@@ -130,13 +196,14 @@ def worker(args: argparse.Namespace) -> None:
         _raw_chain(rank, world, x, min(n, 10))  # connections and buffers warmed up
         for repeat in range(args.repeats):
             for buffer in args.buffers:
-                order = ("raw", "runtime") if repeat % 2 == 0 else ("runtime", "raw")
+                variants = ["raw", *args.variants]
+                shift = repeat % len(variants)
                 seconds = {}
-                for variant in order:
+                for variant in variants[shift:] + variants[:shift]:
                     if variant == "raw":
                         seconds[variant] = _raw_chain(rank, world, x, n)
                     else:
-                        seconds[variant] = _runtime_chain(rank, world, x, n, buffer)
+                        seconds[variant] = DIST_VARIANTS[variant](rank, world, x, n, buffer)
                 results.append({"size": size, "buffer": buffer, "repeat": repeat, "n": n, **seconds})
     if rank == world - 1:
         Path(args.out).write_text(json.dumps(results))
@@ -163,6 +230,8 @@ def dist_rows(k: int, args: argparse.Namespace) -> list[dict[str, Any]]:
             *map(str, args.sizes),
             "--buffers",
             *map(str, args.buffers),
+            "--variants",
+            *args.variants,
         ]
         run(cmd, env={"OMP_NUM_THREADS": "1"})
         return [{"link": "dist (gloo)", "k": k, **r} for r in json.loads(out.read_text())]
@@ -255,23 +324,26 @@ def summarise(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (link, k, size, buffer), group in groups.items():
         raw = [g["n"] / g["raw"] for g in group]
-        runtime = [g["n"] / g["runtime"] for g in group]
-        ratios = [g["raw"] / g["runtime"] for g in group]  # same n: rate ratio
-        rows.append(
-            {
-                "link": link,
-                "K": k,
-                "size": f"{size // KIB} KiB" if size < 1024 * KIB else f"{size // (1024 * KIB)} MiB",
-                "buffer": buffer,
-                "raw msg/s": round(statistics.median(raw), 1),
-                "runtime msg/s": round(statistics.median(runtime), 1),
-                "ratio": round(statistics.median(ratios), 3),
-                "ratio min-max": f"{min(ratios):.2f}-{max(ratios):.2f}",
-                "runtime µs/msg": round(1e6 / statistics.median(runtime), 1),
-                "raw µs/msg": round(1e6 / statistics.median(raw), 1),
-                "repeats": len(group),
-            }
-        )
+        for variant in [v for v in group[0] if v in ("runtime", *DIST_VARIANTS)]:
+            rate = [g["n"] / g[variant] for g in group]
+            ratios = [g["raw"] / g[variant] for g in group]  # same n: rate ratio
+            rows.append(
+                {
+                    "link": link,
+                    "variant": variant,
+                    "K": k,
+                    "size": f"{size // KIB} KiB" if size < 1024 * KIB else f"{size // (1024 * KIB)} MiB",
+                    "buffer": buffer,
+                    "raw msg/s": round(statistics.median(raw), 1),
+                    "msg/s": round(statistics.median(rate), 1),
+                    "ratio": round(statistics.median(ratios), 3),
+                    "ratio min-max": f"{min(ratios):.2f}-{max(ratios):.2f}",
+                    "µs/msg": round(1e6 / statistics.median(rate), 1),
+                    "raw µs/msg": round(1e6 / statistics.median(raw), 1),
+                    "µs/msg over raw": round(1e6 / statistics.median(rate) - 1e6 / statistics.median(raw), 1),
+                    "repeats": len(group),
+                }
+            )
     return rows
 
 
@@ -281,6 +353,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="activation bytes")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--buffers", type=int, nargs="+", default=[2, 8], help="pipeline.buffer_size values")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(DIST_VARIANTS),
+        choices=list(DIST_VARIANTS),
+        help="dist variants timed against raw",
+    )
     parser.add_argument("--quick", action="store_true", help="K=2, 4 KiB and 1 MiB, 2 repeats")
     parser.add_argument("--links", nargs="+", default=["dist", "sim"], choices=["dist", "sim"])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -300,15 +379,17 @@ def main() -> None:
     rows = summarise(samples)
     notes = [
         f"A module that does nothing: each rank (dist) or thread (sim) passes its input on. Batches of "
-        f"{BATCH} float32 samples, buffer_size (credits) {args.buffers}; dist: gloo on one host, one "
-        f"process and one thread per rank; {args.repeats} repeats per size, raw and runtime back to "
-        "back in alternating order; ratio = runtime rate / raw rate per repeat (median, min-max).",
+        f"{BATCH} float32 samples, buffer_size {args.buffers}; dist: gloo on one host, one process per "
+        f"rank; {args.repeats} repeats per size, every variant back to back in an order that rotates "
+        "from repeat to repeat; ratio = variant rate / raw rate per repeat (median, min-max).",
         "raw (dist): blocking isend/irecv of the activation hop by hop, no header and no credits (the "
         "link's limit); raw (sim): a chain of queue.Queue(maxsize=buffer_size).",
-        "The machine was shared with other work while this ran: absolute rates move from run to run; "
-        "the ratios, measured back to back, are the figures to read.",
-        "runtime µs/msg = 1e6 / the runtime's median messages/s at the last rank.",
-        f"host: {os.uname().nodename}, {os.cpu_count()} CPUs.",
+        "runtime: DistInbox/DistOutbox as they are, header and activation in one message up to "
+        "transport.PACK_LIMIT; apart: the same with PACK_LIMIT = 0 (header and activation as two "
+        "messages); rendezvous: not the runtime but a floor for a credit-free protocol (one packed "
+        "message per hop from the main thread, receives posted ahead as the credits, no threads).",
+        "µs/msg = 1e6 / the variant's median messages/s at the last rank; over raw: minus raw's.",
+        f"host: {os.uname().nodename}, {os.cpu_count()} CPUs; nothing else ran on it.",
     ]
     write_results("overhead", "The runtime's cost per message against the raw link", rows, notes)
 

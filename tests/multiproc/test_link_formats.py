@@ -2,9 +2,10 @@
 
 A host link whose largest activation fits :data:`trgl_pipe.runtime.transport.PACK_LIMIT` sends
 header and activation as one message; a larger one sends them apart. The pipelines of the other
-tests use small activations, so they run the packed format; here the same messages (full and
-partial training batches with their images, an empty evaluation shard, markers, STOP) cross
-the link in both, NCHW and channels_last, and arrive bit for bit.
+tests send activations above the limit (a 100-sample slot of module 0's output is 1.25 MB), so
+they cross apart; here the same messages (full and partial training batches with their images,
+an empty evaluation shard, markers, STOP) cross the link in both formats, NCHW and
+channels_last, and arrive bit for bit.
 """
 
 from __future__ import annotations
