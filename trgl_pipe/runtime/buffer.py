@@ -74,6 +74,16 @@ class Waiter:
                 )
 
 
+class Occupancy(Protocol):
+    """What a sender's end reports about the receiver's buffer (the run's summary shows it)."""
+
+    capacity: int
+    max_in_flight: int
+
+    @property
+    def mean_occupancy(self) -> float | None: ...
+
+
 class CreditGate:
     """The sender's view of the receiver's buffer: ``capacity`` credits and occupancy statistics."""
 

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from trgl_pipe.errors import PipelineError
-from trgl_pipe.runtime.buffer import CreditGate, Waiter
+from trgl_pipe.runtime.buffer import CreditGate, Occupancy, Waiter
 from trgl_pipe.runtime.messages import Kind, Message
 
 HEADER = 8  # kind, n, epoch, batch, step, split, final, preempted; then up to max_batch labels
@@ -64,7 +64,7 @@ class Inbox(Protocol):
 
 
 class Outbox(Protocol):
-    gate: CreditGate
+    gate: Occupancy
 
     def send(self, msg: Message, waiter: Waiter) -> float: ...
 
@@ -103,21 +103,81 @@ class StreamInbox:
 
 
 class _LocalLink:
+    """A bounded buffer between two threads: one lock, a condition each way, and the statistics a
+    :class:`CreditGate` keeps (the sender's view, so ``outbox.gate`` reads the same on both
+    transports). A send takes room, a release gives it back once the message is consumed."""
+
     def __init__(self, capacity: int) -> None:
-        self.gate = CreditGate(capacity)
-        self.ready: queue.Queue = queue.Queue()  # never holds more than `capacity` (credits)
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._ready = threading.Condition(self._lock)
+        self._messages: deque[Message] = deque()
+        self.in_flight = 0  # sent and not yet consumed
+        self.max_in_flight = 0
+        self._occupancy_sum = 0
+        self._sends = 0
+        self._waiting = 0  # threads inside a wait: only then is a notify needed
+
+    def put(self, msg: Message, waiter: Waiter, what: str) -> float:
+        """Add ``msg`` once there is room; returns the seconds waited for it."""
+        waited = 0.0
+        with self._lock:
+            if self.in_flight >= self.capacity:
+                t0 = time.perf_counter()
+                self._wait(waiter, self._room, self._has_room, what)
+                waited = time.perf_counter() - t0
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self._occupancy_sum += self.in_flight
+            self._sends += 1
+            self._messages.append(msg)
+            if self._waiting:
+                self._ready.notify()
+        return waited
+
+    def take(self, waiter: Waiter, what: str) -> Message:
+        with self._lock:
+            if not self._messages:
+                self._wait(waiter, self._ready, self._has_message, what)
+            return self._messages.popleft()
+
+    def release(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            if self._waiting:
+                self._room.notify()
+
+    def _wait(
+        self, waiter: Waiter, condition: threading.Condition, ready: Callable[[], bool], what: str
+    ) -> None:
+        """Wait (the lock held) until ``ready()``, within the waiter's timeout and abort checks."""
+        self._waiting += 1
+        try:
+            waiter.wait(lambda t: condition.wait_for(ready, t) or None, what)
+        finally:
+            self._waiting -= 1
+
+    def _has_room(self) -> bool:
+        return self.in_flight < self.capacity
+
+    def _has_message(self) -> bool:
+        return bool(self._messages)
+
+    @property
+    def mean_occupancy(self) -> float | None:
+        """Average number of messages in the buffer (including the one being sent) at each send."""
+        return self._occupancy_sum / self._sends if self._sends else None
 
 
 class LocalOutbox:
     def __init__(self, link: _LocalLink, peer: str) -> None:
         self._link = link
-        self.gate = link.gate
-        self._peer = peer
+        self.gate = link  # the buffer's statistics (capacity, in_flight, mean_occupancy)
+        self._what = f"room in the buffer of {peer}"
 
     def send(self, msg: Message, waiter: Waiter) -> float:
-        waited = self.gate.acquire(waiter, f"room in the buffer of {self._peer}")
-        self._link.ready.put(msg)
-        return waited
+        return self._link.put(msg, waiter, self._what)
 
     def close(self, waiter: Waiter) -> None:
         pass
@@ -126,13 +186,13 @@ class LocalOutbox:
 class LocalInbox:
     def __init__(self, link: _LocalLink, peer: str) -> None:
         self._link = link
-        self._peer = peer
+        self._what = f"a message from {peer}"
 
     def recv(self, waiter: Waiter) -> Message:
-        return waiter.wait(lambda t: _queue_get(self._link.ready, t), f"a message from {self._peer}")
+        return self._link.take(waiter, self._what)
 
     def release(self, msg: Message) -> None:
-        self._link.gate.release()
+        self._link.release()
 
     def close(self, waiter: Waiter) -> None:
         pass
