@@ -36,25 +36,13 @@ def messages(channels_last: bool) -> list[Message]:
     def labels(n: int) -> torch.Tensor:
         return torch.randint(0, 10, (n,), generator=g)
 
+    def train(n: int, index: int) -> Message:
+        image = torch.randn(n, *IMAGE, generator=g)
+        return Message(Kind.TRAIN, batch(n), labels(n), epoch=0, batch=index, step=index + 1, image=image)
+
     return [
-        Message(
-            Kind.TRAIN,
-            batch(8),
-            labels(8),
-            epoch=0,
-            batch=0,
-            step=1,
-            image=torch.randn(8, *IMAGE, generator=g),
-        ),
-        Message(
-            Kind.TRAIN,
-            batch(3),
-            labels(3),
-            epoch=0,
-            batch=1,
-            step=2,
-            image=torch.randn(3, *IMAGE, generator=g),
-        ),
+        train(8, 0),
+        train(3, 1),
         Message(Kind.EVAL, batch(0), labels(0), epoch=0, split=1),
         Message(Kind.EVAL, batch(5), labels(5), epoch=0, split=2),
         Message(Kind.EVAL_DONE, epoch=0, final=True),
