@@ -74,27 +74,39 @@ class Waiter:
                 )
 
 
-class Occupancy(Protocol):
-    """What a sender's end reports about the receiver's buffer (the run's summary shows it)."""
-
-    capacity: int
-    max_in_flight: int
-
-    @property
-    def mean_occupancy(self) -> float | None: ...
-
-
-class CreditGate:
-    """The sender's view of the receiver's buffer: ``capacity`` credits and occupancy statistics."""
+class Occupancy:
+    """The sender's count of the receiver's buffer: messages sent and not yet consumed, and the
+    statistics the run's summary shows. Not locked: the link that owns it counts under its lock."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._credits = threading.Semaphore(capacity)
-        self._lock = threading.Lock()
         self.in_flight = 0  # sent and not yet consumed
         self.max_in_flight = 0
         self._occupancy_sum = 0
         self._sends = 0
+
+    def count_send(self) -> None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self._occupancy_sum += self.in_flight
+        self._sends += 1
+
+    def count_consumed(self) -> None:
+        self.in_flight -= 1
+
+    @property
+    def mean_occupancy(self) -> float | None:
+        """Average number of messages in the buffer (including the one being sent) at each send."""
+        return self._occupancy_sum / self._sends if self._sends else None
+
+
+class CreditGate(Occupancy):
+    """The sender's view of the receiver's buffer: ``capacity`` credits and occupancy statistics."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self._credits = threading.Semaphore(capacity)
+        self._lock = threading.Lock()
 
     def acquire(
         self, waiter: Waiter, what: str, error: Callable[[], BaseException | None] = lambda: None
@@ -112,19 +124,11 @@ class CreditGate:
             waiter.wait(attempt, what)
         waited = time.perf_counter() - t0
         with self._lock:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            self._occupancy_sum += self.in_flight
-            self._sends += 1
+            self.count_send()
         return waited
 
     def release(self) -> None:
         """The receiver consumed one message: one more credit."""
         with self._lock:
-            self.in_flight -= 1
+            self.count_consumed()
         self._credits.release()
-
-    @property
-    def mean_occupancy(self) -> float | None:
-        """Average number of messages in the buffer (including the one being sent) at each send."""
-        return self._occupancy_sum / self._sends if self._sends else None

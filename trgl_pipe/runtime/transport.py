@@ -51,7 +51,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # A host link whose largest activation is at most this many bytes sends header and activation as
 # one gloo message (the activation copied behind the header into a new buffer): one gloo
 # operation and one rendezvous fewer. Measured (benchmarks/README.md section 9): 15-20% fewer
-# microseconds per message at 4 KiB, level or better at 64 KiB, 20% more at 1 MiB.
+# microseconds per message at 4 KiB, level or 24% fewer at 64 KiB, 21-22% more at 1 MiB.
 PACK_LIMIT = 64 << 10
 
 
@@ -102,21 +102,17 @@ class StreamInbox:
 # In-process link between two threads
 
 
-class _LocalLink:
-    """A bounded buffer between two threads: one lock, a condition each way, and the statistics a
-    :class:`CreditGate` keeps (the sender's view, so ``outbox.gate`` reads the same on both
+class _LocalLink(Occupancy):
+    """A bounded buffer between two threads: one lock, a condition each way, and the occupancy a
+    :class:`CreditGate` counts (the sender's view, so ``outbox.gate`` reads the same on both
     transports). A send takes room, a release gives it back once the message is consumed."""
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+        super().__init__(capacity)
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._ready = threading.Condition(self._lock)
         self._messages: deque[Message] = deque()
-        self.in_flight = 0  # sent and not yet consumed
-        self.max_in_flight = 0
-        self._occupancy_sum = 0
-        self._sends = 0
         self._waiting = 0  # threads inside a wait: only then is a notify needed
 
     def put(self, msg: Message, waiter: Waiter, what: str) -> float:
@@ -127,10 +123,7 @@ class _LocalLink:
                 t0 = time.perf_counter()
                 self._wait(waiter, self._room, self._has_room, what)
                 waited = time.perf_counter() - t0
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            self._occupancy_sum += self.in_flight
-            self._sends += 1
+            self.count_send()
             self._messages.append(msg)
             if self._waiting:
                 self._ready.notify()
@@ -144,7 +137,7 @@ class _LocalLink:
 
     def release(self) -> None:
         with self._lock:
-            self.in_flight -= 1
+            self.count_consumed()
             if self._waiting:
                 self._room.notify()
 
@@ -163,11 +156,6 @@ class _LocalLink:
 
     def _has_message(self) -> bool:
         return bool(self._messages)
-
-    @property
-    def mean_occupancy(self) -> float | None:
-        """Average number of messages in the buffer (including the one being sent) at each send."""
-        return self._occupancy_sum / self._sends if self._sends else None
 
 
 class LocalOutbox:
@@ -279,8 +267,14 @@ def side_stream(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.stream(torch.cuda.Stream(device))
 
 
-def _encode_header(msg: Message, max_batch: int) -> torch.Tensor:
-    header = torch.zeros(HEADER + max_batch, dtype=torch.int64)
+def _header_bytes(max_batch: int) -> int:
+    """Bytes of a header: :data:`HEADER` values, then room for ``max_batch`` labels (int64)."""
+    return (HEADER + max_batch) * 8
+
+
+def _encode_header(msg: Message, max_batch: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The header of ``msg``, written into ``out`` (its HEADER + max_batch int64 values) if given."""
+    header = torch.zeros(HEADER + max_batch, dtype=torch.int64) if out is None else out.zero_()
     n = msg.num_samples
     header[:HEADER] = torch.tensor(
         [int(msg.kind), n, msg.epoch, msg.batch, msg.step, msg.split, int(msg.final), int(msg.preempted)],
@@ -302,14 +296,14 @@ def _sample_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return torch.Size(shape).numel() * dtype.itemsize
 
 
-def _pack(header: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
-    """Header and activation (contiguous) as one byte buffer: what a packing link sends."""
-    head = header.view(torch.uint8)
-    if x is None or x.numel() == 0:
-        return head
-    packed = torch.empty(head.numel() + x.nbytes, dtype=torch.uint8)
-    packed[: head.numel()] = head
-    packed[head.numel() :] = x.reshape(-1).view(torch.uint8)
+def _pack(msg: Message, max_batch: int, x: torch.Tensor | None) -> torch.Tensor:
+    """The header of ``msg`` and its activation ``x`` (contiguous) in one byte buffer: what a
+    packing link sends. The header is encoded in place, so it is written once."""
+    start = _header_bytes(max_batch)
+    packed = torch.empty(start + (0 if x is None else x.nbytes), dtype=torch.uint8)
+    _encode_header(msg, max_batch, out=packed[:start].view(torch.int64))
+    if x is not None and x.numel():
+        packed[start:] = x.reshape(-1).view(torch.uint8)
     return packed
 
 
@@ -537,9 +531,9 @@ class DistOutbox:
 
     def send(self, msg: Message, waiter: Waiter) -> float:
         waited = self.gate.acquire(waiter, f"room in the buffer of rank {self.peer}", self._failure)
-        header = _encode_header(msg, self.max_batch)
         if self._packs:
-            return waited + self._send_packed(msg, header)
+            return waited + self._send_packed(msg)
+        header = _encode_header(msg, self.max_batch)
         works = [_isend(header, self.rank, self.peer, self.group, self.tags[0])]
         keep = [header]
         done, later = None, None
@@ -556,32 +550,34 @@ class DistOutbox:
                 works.append(_isend(x, self.rank, self.peer, self.group, self.tags[1]))
                 self.sent_bytes += x.numel() * x.element_size()
             keep.append(x)
-            if msg.image is not None and x.shape[0]:  # the receiver expects it (same rule there)
-                # the first rank's image is the host batch: on an NCCL link it must go to the GPU
-                image = self._on_wire(msg.image.contiguous())
-                works.append(_isend(image, self.rank, self.peer, self.group, IMAGE_TAG))
-                self.image_sent_bytes += image.numel() * image.element_size()
-                keep.append(image)
+            self._send_image(msg, x.shape[0], works, keep)
         self._num_sent += 1
         self._completer.add(works, keep, done, later)
         return waited
 
-    def _send_packed(self, msg: Message, header: torch.Tensor) -> float:
+    def _send_packed(self, msg: Message) -> float:
         """One message: the header with the activation behind it (see :func:`packs`); a training
         batch's image, when the receiver reads it, follows on its own tag."""
         x = to_wire(msg.x, self.channels_last) if msg.kind.has_payload else None
-        packed = _pack(header, x)
+        packed = _pack(msg, self.max_batch, x)
         works, keep = [_isend(packed, self.rank, self.peer, self.group, self.tags[0])], [packed]
         if x is not None:
             self.sent_bytes += x.numel() * x.element_size()
-            if msg.image is not None and x.shape[0]:
-                image = msg.image.contiguous()
-                works.append(_isend(image, self.rank, self.peer, self.group, IMAGE_TAG))
-                self.image_sent_bytes += image.numel() * image.element_size()
-                keep.append(image)
+            self._send_image(msg, x.shape[0], works, keep)
         self._num_sent += 1
         self._completer.add(works, keep)
         return 0.0
+
+    def _send_image(self, msg: Message, n: int, works: list[Any], keep: list[torch.Tensor]) -> None:
+        """A training batch's input image after its activation, when it carries one and is not
+        empty (the receiver expects it by the same rule: :meth:`DistInbox._expects_image`)."""
+        if msg.image is None or not n:
+            return
+        # the first rank's image is the host batch: on an NCCL link it must go to the GPU
+        image = self._on_wire(msg.image.contiguous())
+        works.append(_isend(image, self.rank, self.peer, self.group, IMAGE_TAG))
+        self.image_sent_bytes += image.numel() * image.element_size()
+        keep.append(image)
 
     def _on_wire(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` on the link's wire device. A host-to-GPU copy is ordered on the stream before the
@@ -684,7 +680,7 @@ class DistInbox:
         """One receive slot per credit, of the largest batch, on the link's wire device."""
         wire_shape = _wire_shape(self.feature_shape, self.channels_last)
         if self._packs:  # the header's bytes, then the activation's
-            size = self._header_bytes + self.max_batch * _sample_bytes(wire_shape, self.dtype)
+            size = _header_bytes(self.max_batch) + self.max_batch * _sample_bytes(wire_shape, self.dtype)
             return [torch.empty(size, dtype=torch.uint8) for _ in range(self.capacity)]
         slots = [
             torch.empty((self.max_batch, *wire_shape), dtype=self.dtype, device=self.wire)
@@ -693,14 +689,10 @@ class DistInbox:
         return [s.pin_memory() for s in slots] if self.staged else slots
 
     @property
-    def _header_bytes(self) -> int:
-        return (HEADER + self.max_batch) * 8
-
-    @property
     def slot_bytes(self) -> int:
         """Bytes of this inbox's receive slots for activations (what :func:`slot_samples` sizes them
         for; the headers a packing link receives with them are not counted)."""
-        headers = self._header_bytes * len(self._slots) if self._packs else 0
+        headers = _header_bytes(self.max_batch) * len(self._slots) if self._packs else 0
         return sum(s.nbytes for s in self._slots) - headers
 
     def _take_slot(self) -> bool:
@@ -729,7 +721,7 @@ class DistInbox:
                     msg.y = msg.y.pin_memory()  # the stage's copy to the GPU then does not block
                 if msg.kind.has_payload:
                     n = msg.num_samples
-                    with_image = self.image_shape is not None and msg.kind is Kind.TRAIN and n > 0
+                    with_image = self._expects_image(msg)
                     x, ready, image = self._receive_payload(slot, n, with_image)
                     msg.x = from_wire(x, self.channels_last)
                     msg.image = image
@@ -744,7 +736,7 @@ class DistInbox:
         the activation is a view of the slot's bytes behind the header."""
         buffer = self._slots[slot]
         dist.irecv(buffer, self.peer, group=self.group, tag=self.tags[0]).wait(IDLE_TIMEOUT)
-        start = self._header_bytes
+        start = _header_bytes(self.max_batch)
         msg = _decode_header(buffer[:start].view(torch.int64))
         if msg.kind.has_payload:
             n = msg.num_samples
@@ -752,9 +744,14 @@ class DistInbox:
             size = n * _sample_bytes(wire_shape, self.dtype)
             x = buffer[start : start + size].view(self.dtype).view(n, *wire_shape)
             msg.x = from_wire(x, self.channels_last)
-            if self.image_shape is not None and msg.kind is Kind.TRAIN and n > 0:
+            if self._expects_image(msg):
                 msg.image = self._receive_image(n, self.wire)
         return msg
+
+    def _expects_image(self, msg: Message) -> bool:
+        """A non-empty training batch brings its input image when a module here or later reads
+        it (the sender's rule: :meth:`DistOutbox._send_image`)."""
+        return self.image_shape is not None and msg.kind is Kind.TRAIN and msg.num_samples > 0
 
     def _receive_image(self, n: int, device: torch.device) -> torch.Tensor:
         """A training batch's image, into a tensor of its own (it is read after the slot's reuse)."""
