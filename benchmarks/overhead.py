@@ -8,7 +8,7 @@ set by the transport alone. Two links, each against its physical limit:
   threads) against raw ``torch.distributed`` isend/irecv of the same tensors between the same
   processes (one blocking forward per hop, no header, no credits). Two more variants, for what
   the protocol costs: ``apart``, the runtime with header and activation as separate messages
-  (``PACK_LIMIT = 0``: the format above 1 MiB, and every size's before packing); ``rendezvous``,
+  (``PACK_LIMIT = 0``: the format above 64 KiB, and every size's before packing); ``rendezvous``,
   a floor for a credit-free protocol, not the runtime: one packed message per hop from the main
   thread, receives posted ahead into ``buffer`` slots standing in for credits (a gloo send
   completes only once its receive is posted), no threads. All measured in the same processes,
