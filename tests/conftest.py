@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,25 +131,65 @@ def torchrun_cmd(
     args: list[str],
     launcher: str = "torch.distributed.run",
     target: tuple[str, ...] = ("-m", "trgl_pipe.run"),
+    forked: bool = False,
 ) -> list[str]:
-    """A one-host launch of ``target`` on ``nproc`` ranks (torchrun, or trgl_pipe's own launcher)."""
+    """A one-host launch of ``target`` on ``nproc`` ranks (torchrun, or trgl_pipe's own launcher).
+    ``forked``: the launcher and its ranks are forks of this session's fork server (see
+    tests/forkserver.py; for launches whose test does not look at the process tree)."""
+    via = [str(FORKSERVER)] if forked else []
     return [
         sys.executable,
+        *via,
         "-m",
         launcher,
         f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
         "--monitor-interval=0.2",
+        *via,
         *target,
         *args,
     ]
 
 
+# The environment of every torchrun these tests start (one thread per rank)
+TORCHRUN_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+FORKSERVER = ROOT / "tests" / "forkserver.py"
+_forkserver: list[subprocess.Popen] = []
+
+
+def forkserver_env(extra: dict[str, str]) -> dict[str, str]:
+    """``os.environ`` with ``extra`` and the address of this session's fork server, started on first
+    use with that environment (a request whose environment differs runs a fresh interpreter).
+    ``TRGL_TEST_FORKSERVER=off`` runs every process as a fresh interpreter."""
+    from forkserver import ADDRESS
+
+    env = {**os.environ, **extra}
+    if env.get(ADDRESS) == "off":  # every process a fresh interpreter (to compare, or to debug)
+        return {k: v for k, v in env.items() if k != ADDRESS}
+    if not _forkserver:
+        folder = tempfile.mkdtemp(prefix="trgl-forkserver-")
+        env[ADDRESS] = str(Path(folder) / "socket")
+        server = subprocess.Popen(
+            [sys.executable, str(FORKSERVER), "--serve", env[ADDRESS]], cwd=ROOT, env=env
+        )
+        _forkserver.append(server)
+        atexit.register(server.terminate)
+        deadline = time.monotonic() + 120
+        while not Path(env[ADDRESS]).exists() and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # until it has imported torch; a launch before that runs unforked
+    env[ADDRESS] = _forkserver[0].args[-1]
+    return env
+
+
 def run_torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        torchrun_cmd(nproc, args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+        torchrun_cmd(nproc, args, forked=True),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=forkserver_env(TORCHRUN_ENV),
     )
 
 
