@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -180,6 +181,49 @@ def forkserver_env(extra: dict[str, str]) -> dict[str, str]:
             time.sleep(0.05)  # until it has imported torch; a launch before that runs unforked
     env[ADDRESS] = _forkserver[0].args[-1]
     return env
+
+
+def start_torchrun(nproc: int, args: list[str], *launcher_options: str) -> subprocess.Popen:
+    """torchrun in the background (through the fork server), its output piped: for tests that
+    signal a rank (:func:`rank_process` finds it)."""
+    cmd = torchrun_cmd(nproc, args, forked=True)
+    cmd[4:4] = launcher_options  # after python, the client, -m torch.distributed.run
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=forkserver_env(TORCHRUN_ENV),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def rank_processes(launcher: psutil.Process) -> dict[int, list[psutil.Process]]:
+    """Each rank of a running launch: the process torchrun started for it (RANK in its
+    environment) and, for a fork server's client, the fork that does the rank's work (a forked
+    launcher's ranks are children of its fork)."""
+    from forkserver import fork_of
+
+    def with_fork(process: psutil.Process) -> list[psutil.Process]:
+        fork = fork_of(_forkserver[0].args[-1], process.pid) if _forkserver else None
+        return [process] if fork is None else [process, psutil.Process(fork)]
+
+    ranks: dict[int, list[psutil.Process]] = {}
+    for root in with_fork(launcher):
+        for child in root.children(recursive=True):
+            try:
+                rank = child.environ().get("RANK")
+                if rank is not None and "trgl_pipe.run" in " ".join(child.cmdline()):
+                    ranks.setdefault(int(rank), []).extend(with_fork(child))
+            except psutil.Error:
+                continue
+    return ranks
+
+
+def rank_process(launcher: psutil.Process, rank: int) -> psutil.Process | None:
+    """The process that computes rank ``rank`` of a running launch (a fork, or torchrun's child)."""
+    found = rank_processes(launcher).get(rank)
+    return found[-1] if found else None
 
 
 def run_torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:

@@ -29,6 +29,7 @@ import signal
 import socket
 import struct
 import sys
+from typing import Any
 
 ADDRESS = "TRGL_TEST_FORKSERVER"  # the environment variable with the server's socket path
 # set per process by torchrun and these tests, read by the program when it runs, not at import
@@ -131,7 +132,13 @@ def client(argv: list[str]) -> None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)
-        request = {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "unbuffered": unbuffered}
+        request = {
+            "argv": argv,
+            "env": dict(os.environ),
+            "cwd": os.getcwd(),
+            "unbuffered": unbuffered,
+            "client": os.getpid(),
+        }
         _send(conn, request, [0, 1, 2])
         answer, _ = _receive(conn)
     except OSError:
@@ -197,10 +204,12 @@ def serve(path: str) -> dict | None:
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ, "accept")
     selector.register(wake_r, selectors.EVENT_READ, "reap")
-    children: dict[int, socket.socket | None] = {}
+    children: dict[int, socket.socket | None] = {}  # a child's pid: its client's connection
+    clients: dict[int, int] = {}  # a child's pid: its client's
     gc.disable()  # a collection in a child would touch every object, so every page: copy-on-write
     gc.freeze()
     os.rename(path + ".tmp", path)  # ready: clients may connect
+    os.makedirs(_forks(path), exist_ok=True)
     while os.getppid() == parent:
         for key, _ in selector.select(timeout=1.0):
             if key.data == "accept":
@@ -236,6 +245,8 @@ def serve(path: str) -> dict | None:
                     return request
                 for fd in fds:
                     os.close(fd)
+                _record(path, request["client"], pid)
+                clients[pid] = request["client"]
                 _send(conn, {"pid": pid})
                 children[pid] = conn
                 selector.register(conn, selectors.EVENT_READ, pid)
@@ -245,7 +256,7 @@ def serve(path: str) -> dict | None:
                         os.read(wake_r, 4096)
                     except BlockingIOError:
                         break
-                _reap(children, selector)
+                _reap(children, clients, selector, path)
             else:  # the client's end closed: it died, so its child goes too
                 pid, conn = key.data, key.fileobj
                 selector.unregister(conn)
@@ -253,11 +264,38 @@ def serve(path: str) -> dict | None:
                 children[pid] = None
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        _reap(children, selector)
+        _reap(children, clients, selector, path)
     return None
 
 
-def _reap(children: dict[int, socket.socket | None], selector) -> None:
+def _forks(path: str) -> str:
+    """The folder where the server notes, per client pid, the pid of its fork (:func:`fork_of`)."""
+    return os.path.join(os.path.dirname(path), "forks")
+
+
+def _record(path: str, client: int, child: int | None) -> None:
+    note = os.path.join(_forks(path), str(client))
+    if child is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(note)
+        return
+    with open(note + ".tmp", "w") as f:
+        f.write(str(child))
+    os.rename(note + ".tmp", note)
+
+
+def fork_of(path: str, pid: int) -> int | None:
+    """The pid of the fork doing the work of client ``pid`` of the server at ``path`` (None if none)."""
+    try:
+        with open(os.path.join(_forks(path), str(pid))) as f:
+            return int(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _reap(
+    children: dict[int, socket.socket | None], clients: dict[int, int], selector: Any, path: str
+) -> None:
     while children:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -266,6 +304,7 @@ def _reap(children: dict[int, socket.socket | None], selector) -> None:
         if pid == 0:
             return
         conn = children.pop(pid, None)
+        _record(path, clients.pop(pid, -1), None)
         if conn is None:
             continue
         selector.unregister(conn)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sys
 import time
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import TINY, run_torchrun
+from conftest import TINY, rank_process, run_torchrun, start_torchrun
 
 from trgl_pipe.config import load_config
 from trgl_pipe.context import build_context
@@ -290,15 +289,15 @@ def test_replicas_compute_the_data_parallel_reference_and_resume_it(tmp_path: Pa
 def test_sigterm_to_one_rank_checkpoints_the_batches_in_flight_and_resume_equals_an_uninterrupted_run(
     tmp_path: Path,
 ) -> None:
-    from multiproc.test_layouts import _rank_pid, _start, _wait_for
+    from multiproc.test_layouts import _wait_for
 
     common = [*_common(2, "ddg"), "train.epochs=3", "checkpoint.every_epochs=0"]
     run_single(load_config(None, [*common, f"out_dir={tmp_path / 'single'}"]), console_summary=False)
     out = tmp_path / "pipe"
     slow = ["debug.slow_module=0", "debug.slow_s=0.2", "debug.trace=true"]
-    proc = _start([*common, f"out_dir={out}", *slow], 2)
+    proc = start_torchrun(2, [*common, f"out_dir={out}", *slow])
     _wait_for(out / "trace.rank1.jsonl", "TRAIN", 120)
-    os.kill(_rank_pid(psutil.Process(proc.pid), 1), signal.SIGTERM)  # the last module's rank
+    rank_process(psutil.Process(proc.pid), 1).send_signal(signal.SIGTERM)  # the last module's rank
     _, stderr = proc.communicate(timeout=120)
     assert "stopped: SIGTERM" in stderr, stderr[-3000:]
     folder = latest_complete(out)

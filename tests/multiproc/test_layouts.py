@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +15,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import ROOT, TINY, run_as_rank_0, run_torchrun, torchrun_cmd, train_here
+from conftest import (
+    ROOT,
+    TINY,
+    rank_process,
+    rank_processes,
+    run_as_rank_0,
+    run_torchrun,
+    start_torchrun,
+    train_here,
+)
 
 from trgl_pipe.config import load_config
 from trgl_pipe.context import build_context
@@ -197,28 +204,6 @@ def _two_nodes_or_one(args: list[str]) -> None:
     assert [code for code, _ in ended] == [0, 0], [err[-2000:] for _, err in ended]
 
 
-def _rank_pid(launcher: psutil.Process, rank: int) -> int | None:
-    for child in launcher.children(recursive=True):
-        try:
-            if child.environ().get("RANK") == str(rank) and "trgl_pipe.run" in " ".join(child.cmdline()):
-                return child.pid
-        except psutil.Error:
-            continue
-    return None
-
-
-def _start(args: list[str], nproc: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        torchrun_cmd(nproc, args),
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def _wait_for(path: Path, text: str, deadline_s: float) -> None:
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
@@ -240,13 +225,13 @@ def test_sigkill_of_a_replica_ends_the_whole_job(tmp_path: Path) -> None:
         "pipeline.timeout_s=20",
         "debug.trace=true",
     ]
-    proc = _start(args, 4)
+    proc = start_torchrun(4, args)
     _wait_for(out / "trace.rank3.jsonl", "TRAIN", 120)
     launcher = psutil.Process(proc.pid)
-    workers = [c for c in launcher.children(recursive=True) if "trgl_pipe.run" in " ".join(c.cmdline())]
-    victim = _rank_pid(launcher, 1)  # stage 0, replica 1
+    workers = [p for ps in rank_processes(launcher).values() for p in ps]
+    victim = rank_process(launcher, 1)  # stage 0, replica 1
     t0 = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
+    victim.send_signal(signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert time.monotonic() - t0 < 20 + 10
@@ -258,11 +243,11 @@ def test_sigkill_of_a_replica_ends_the_whole_job(tmp_path: Path) -> None:
 def test_sigterm_checkpoints_and_the_run_resumes_with_another_number_of_replicas(tmp_path: Path) -> None:
     out = tmp_path / "run"
     common = [*TINY, f"out_dir={out}", "model.num_modules=2", "train.epochs=3", "checkpoint.every_epochs=0"]
-    proc = _start(
-        [*common, "pipeline.replicas=2", "debug.slow_module=0", "debug.slow_s=0.2", "debug.trace=true"], 4
+    proc = start_torchrun(
+        4, [*common, "pipeline.replicas=2", "debug.slow_module=0", "debug.slow_s=0.2", "debug.trace=true"]
     )
     _wait_for(out / "trace.rank3.jsonl", "TRAIN", 120)
-    os.kill(_rank_pid(psutil.Process(proc.pid), 3), signal.SIGTERM)  # the last stage, replica 1
+    rank_process(psutil.Process(proc.pid), 3).send_signal(signal.SIGTERM)  # the last stage, replica 1
     _, stderr = proc.communicate(timeout=120)
     assert "stopped: SIGTERM" in stderr
     for rank in range(4):  # every rank learned the stop from the stream: all agree

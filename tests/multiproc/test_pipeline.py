@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +14,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import ROOT, TINY, run_as_rank_0, run_torchrun, torchrun_cmd, train_here
+from conftest import (
+    TINY,
+    rank_process,
+    rank_processes,
+    run_as_rank_0,
+    run_torchrun,
+    start_torchrun,
+    train_here,
+)
 
 from trgl_pipe.config import load_config
 from trgl_pipe.training.single import run_single
@@ -132,16 +138,6 @@ def test_a_rank_that_raises_ends_the_job_naming_it(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-def _rank_pid(launcher: psutil.Process, rank: int) -> int | None:
-    for child in launcher.children(recursive=True):
-        try:
-            if child.environ().get("RANK") == str(rank) and "trgl_pipe.run" in " ".join(child.cmdline()):
-                return child.pid
-        except psutil.Error:
-            continue
-    return None
-
-
 def test_sigkill_of_one_rank_stops_every_rank(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [
@@ -153,20 +149,17 @@ def test_sigkill_of_one_rank_stops_every_rank(tmp_path: Path) -> None:
         "pipeline.timeout_s=20",
         "debug.trace=true",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        torchrun_cmd(3, args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = start_torchrun(3, args)
     launcher = psutil.Process(proc.pid)
     deadline = time.monotonic() + 120
     trace = out / "trace.rank2.jsonl"
     while time.monotonic() < deadline and not (trace.exists() and trace.stat().st_size > 0):
         time.sleep(0.2)
-    victim = _rank_pid(launcher, 2)
+    victim = rank_process(launcher, 2)
     assert victim is not None
-    workers = [c for c in launcher.children(recursive=True) if "trgl_pipe.run" in " ".join(c.cmdline())]
+    workers = [p for ps in rank_processes(launcher).values() for p in ps]
     t0 = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
+    victim.send_signal(signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0
@@ -221,15 +214,11 @@ def test_a_killed_pipeline_resumes_and_ends_like_an_uninterrupted_run(tmp_path: 
         "debug.slow_s=0.25",
         "pipeline.timeout_s=20",
     ]
-    cmd = torchrun_cmd(3, args)
-    if restart == "max-restarts":
-        cmd.insert(3, "--max-restarts=1")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_torchrun(3, args, *(["--max-restarts=1"] if restart == "max-restarts" else []))
     _wait_for_checkpoint(out, at_least=6, deadline_s=150)
-    victim = _rank_pid(psutil.Process(proc.pid), 1)
+    victim = rank_process(psutil.Process(proc.pid), 1)
     assert victim is not None
-    os.kill(victim, signal.SIGKILL)
+    victim.send_signal(signal.SIGKILL)
     _, stderr = proc.communicate(timeout=200)
     if restart == "relaunch":
         assert proc.returncode != 0
@@ -258,16 +247,14 @@ def test_sigterm_stops_the_pipeline_with_a_checkpoint(tmp_path: Path) -> None:
         "debug.slow_module=0",
         "debug.slow_s=0.1",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        torchrun_cmd(3, args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = start_torchrun(3, args)
     metrics = out / "metrics.rank2.jsonl"
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
         time.sleep(0.1)
-    victim = _rank_pid(psutil.Process(proc.pid), 2)
-    os.kill(victim, signal.SIGTERM)  # to the last rank only: it tells rank 0 through the store
+    rank_process(psutil.Process(proc.pid), 2).send_signal(
+        signal.SIGTERM
+    )  # to the last rank only: it tells rank 0 through the store
     _, stderr = proc.communicate(timeout=120)
     assert "stopped: SIGTERM" in stderr
     folder = sorted(p for p in (out / "checkpoints").iterdir() if (p / "meta.json").is_file())[-1]
@@ -351,16 +338,13 @@ def test_sigterm_during_an_evaluation_stops_without_waiting_for_all_of_it(tmp_pa
         "debug.slow_eval_s=0.25",
         "debug.trace=true",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        torchrun_cmd(3, args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = start_torchrun(3, args)
     trace = out / "trace.rank1.jsonl"
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline and not (trace.exists() and '"EVAL"' in trace.read_text()):
         time.sleep(0.05)
     t0 = time.monotonic()
-    os.kill(_rank_pid(psutil.Process(proc.pid), 0), signal.SIGTERM)
+    rank_process(psutil.Process(proc.pid), 0).send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert time.monotonic() - t0 < 8, "the stop waited for the whole evaluation"
     assert "stopped: SIGTERM" in stderr
