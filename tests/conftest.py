@@ -161,23 +161,25 @@ _forkserver: list[subprocess.Popen] = []
 
 def forkserver_env(extra: dict[str, str]) -> dict[str, str]:
     """``os.environ`` with ``extra`` and the address of this session's fork server, started on first
-    use with that environment (a request whose environment differs runs a fresh interpreter).
-    ``TRGL_TEST_FORKSERVER=off`` runs every process as a fresh interpreter."""
+    use in the environment of the tests' torchruns (``TORCHRUN_ENV``): a request whose environment
+    differs from that runs a fresh interpreter. ``TRGL_TEST_FORKSERVER=off`` runs every process
+    as a fresh interpreter."""
     from forkserver import ADDRESS
 
     env = {**os.environ, **extra}
     if env.get(ADDRESS) == "off":  # every process a fresh interpreter (to compare, or to debug)
         return {k: v for k, v in env.items() if k != ADDRESS}
     if not _forkserver:
-        folder = tempfile.mkdtemp(prefix="trgl-forkserver-")
-        env[ADDRESS] = str(Path(folder) / "socket")
+        address = str(Path(tempfile.mkdtemp(prefix="trgl-forkserver-")) / "socket")
         server = subprocess.Popen(
-            [sys.executable, str(FORKSERVER), "--serve", env[ADDRESS]], cwd=ROOT, env=env
+            [sys.executable, str(FORKSERVER), "--serve", address],
+            cwd=ROOT,
+            env={**os.environ, **TORCHRUN_ENV, ADDRESS: address},
         )
         _forkserver.append(server)
         atexit.register(server.terminate)
         deadline = time.monotonic() + 120
-        while not Path(env[ADDRESS]).exists() and server.poll() is None and time.monotonic() < deadline:
+        while not Path(address).exists() and server.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # until it has imported torch; a launch before that runs unforked
     env[ADDRESS] = _forkserver[0].args[-1]
     return env

@@ -3,6 +3,7 @@ process must look like a plain ``python`` to its launcher (exit status, output, 
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,7 +11,11 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import FORKSERVER, ROOT, TORCHRUN_ENV, _forkserver, forkserver_env
+from forkserver import ADDRESS
+
+pytestmark = pytest.mark.skipif(os.environ.get(ADDRESS) == "off", reason=f"{ADDRESS}=off: no fork server")
 
 
 def _start(code: str, **extra: str) -> subprocess.Popen:
