@@ -69,7 +69,7 @@ OBJECTIVES = {
     "infopro_l": ["trgl.enabled=false"],
     "predsim": ["trgl.enabled=false"],
 }
-HEADS = ["conv", "dgl_cnn", "dgl_mlp_sr"]
+HEADS = ["conv", "dgl_cnn", "dgl_mlp_sr", "sedona"]
 # What each finding may be, and why (every other network of every combination must be exact):
 EXPLAINED = {
     # InfoPro's decoder restores the image with a bilinear upsampling (as the method's authors do)

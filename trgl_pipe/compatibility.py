@@ -141,6 +141,8 @@ def unused_keys(cfg: Config, given: set[str]) -> list[str]:
             found.append(f"{key} (train.regime={regime}; laps are multilap's)")
         elif key == "train.delays" and regime not in DELAYED:
             found.append(f"{key} (train.regime={regime}; delays are ddg's and fr's)")
+        elif key in ("aux.depth", "aux.expand") and cfg.aux.type != "sedona":
+            found.append(f"{key} (aux.type={cfg.aux.type}; depth and expand are SEDONA's head's)")
     return found
 
 

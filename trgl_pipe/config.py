@@ -220,16 +220,20 @@ class AuxConfig:
 
     pool_size: int | list[int] = 2  # p: the feature map is average-pooled to p x p
     pool_kernel: int | list[int] | None = None  # instead: the authors' AvgPool2d(kernel) per module
-    channels: int | None = None  # of the 3x3 conv; None = the module's output channels
+    # of the 3x3 conv (conv; None = the module's output channels) or the last 1x1 conv (sedona; None = 512)
+    channels: int | None = None
     hidden: int = 0  # 0: one linear layer; >0: linear -> ReLU -> linear with this width
     last: Literal["own", "aux"] = "own"  # the last module's head: the network's own, or an aux head
     # "pkg.mod:callable" building every auxiliary head from (shape, num_classes, module, num_modules)
     head: str | None = None
-    # conv: the head above; dgl_cnn / dgl_mlp_sr: DGL's CNN and MLP-SR heads (Belilovsky et al. 2020)
-    type: Literal["conv", "dgl_cnn", "dgl_mlp_sr"] = "conv"
+    # conv: the head above; dgl_cnn / dgl_mlp_sr: DGL's CNN and MLP-SR heads (Belilovsky et al. 2020);
+    # sedona: SEDONA's decoder (Pyeon et al. 2021), `depth` deep, inverted residuals of `expand`
+    type: Literal["conv", "dgl_cnn", "dgl_mlp_sr", "sedona"] = "conv"
+    depth: int | list[int] = 1  # sedona: 1 + its inverted residual blocks (SEDONA searches 1-4)
+    expand: int | None = None  # sedona: None = SEDONA's (1 for basic-block ResNets, else 4)
 
     def __post_init__(self) -> None:
-        for key in ("pool_size", "pool_kernel"):
+        for key in ("pool_size", "pool_kernel", "depth"):
             value = getattr(self, key)
             for v in value if isinstance(value, list) else [] if value is None else [value]:
                 _positive(f"aux.{key}", v)
@@ -238,9 +242,11 @@ class AuxConfig:
             _import_path("aux.head", self.head, ())
         if self.channels is not None:
             _positive("aux.channels", self.channels)
+        if self.expand is not None:
+            _positive("aux.expand", self.expand)
 
     def for_module(self, key: str, index: int, num_modules: int) -> int | None:
-        """``pool_size`` or ``pool_kernel`` of module ``index`` (a list gives one per module)."""
+        """``pool_size``, ``pool_kernel`` or ``depth`` of module ``index`` (a list gives one per module)."""
         value = getattr(self, key)
         if not isinstance(value, list):
             return value

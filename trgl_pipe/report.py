@@ -60,7 +60,11 @@ def describe(config: dict[str, Any], summary: dict[str, Any]) -> str:
             # the objective's own label (describe()); runs written before it was recorded: the config's
             method = summary.get("method_label") or other_method(objective)
         elif objective.get("name") == "vangl" or not config["trgl"]["enabled"]:
-            method = "VanGL" if aux_type == "conv" else f"DGL ({_DGL_HEADS[aux_type]})"
+            method = (
+                "VanGL"
+                if aux_type == "conv"
+                else _OTHER_HEADS.get(aux_type) or f"DGL ({_DGL_HEADS[aux_type]})"
+            )
         elif config["trgl"]["tau_schedule"] == "adaptive":
             method = "TRGL-adaptive"
         else:
@@ -79,6 +83,7 @@ def describe(config: dict[str, Any], summary: dict[str, Any]) -> str:
 
 
 _DGL_HEADS = {"dgl_cnn": "CNN", "dgl_mlp_sr": "MLP-SR"}
+_OTHER_HEADS = {"sedona": "VanGL (SEDONA head)"}  # greedy training with another method's head
 
 
 def other_method(objective: dict[str, Any]) -> str:

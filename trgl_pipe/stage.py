@@ -26,6 +26,7 @@ from trgl_pipe.models.dgl_heads import DglHead
 from trgl_pipe.models.init import fork_seeded, init_scheme
 from trgl_pipe.models.initial_state import load_initial_state
 from trgl_pipe.models.random_stream import RandomStream, is_stochastic
+from trgl_pipe.models.sedona_heads import FINAL_DIM, SedonaHead, sedona_expand
 from trgl_pipe.objectives import LocalInputs, ModuleSpec, Objective, build_objective
 from trgl_pipe.optim import build_optimizer, build_scheduler
 from trgl_pipe.partition import Partition
@@ -512,6 +513,15 @@ def make_aux_head(
         head: nn.Module = TokenHead(channels, num_classes, cfg.aux.hidden)
     elif kind == "vector":
         head = VectorHead(channels, num_classes, cfg.aux.hidden)
+    elif kind == "map" and cfg.aux.type == "sedona":
+        head = SedonaHead(
+            channels,
+            num_classes,
+            backbone.spatial(block),
+            cfg.aux.for_module("depth", module, num_modules) or 1,
+            cfg.aux.expand or sedona_expand(cfg.model.arch),
+            cfg.aux.channels or FINAL_DIM,
+        )
     elif kind == "map" and cfg.aux.type != "conv":  # DGL's CNN or MLP-SR head
         head = DglHead(channels, num_classes, backbone.spatial(block), cfg.aux.type.removeprefix("dgl_"))
     elif kind == "map":
