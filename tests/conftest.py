@@ -6,6 +6,7 @@ import atexit
 import itertools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -177,7 +178,8 @@ def forkserver_env(extra: dict[str, str]) -> dict[str, str]:
             env={**os.environ, **TORCHRUN_ENV, ADDRESS: address},
         )
         _forkserver.append(server)
-        atexit.register(server.terminate)
+        atexit.register(shutil.rmtree, Path(address).parent, ignore_errors=True)
+        atexit.register(server.terminate)  # (atexit runs the last registered first)
         deadline = time.monotonic() + 120
         while not Path(address).exists() and server.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # until it has imported torch; a launch before that runs unforked
