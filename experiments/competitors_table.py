@@ -42,6 +42,8 @@ def head(config: dict) -> str:
         own = "DGL's MLP-SR head"
     elif kind == "dgl_cnn":
         own = "DGL's CNN head"
+    elif kind == "sedona":
+        own = f"SEDONA's decoder, depth {aux.get('depth', 1)}"
     else:
         own = f"conv 3×3, pool {aux.get('pool_size', 2)}, linear"
     return f"{own} (a probe)" if name == "infopro" else own

@@ -77,3 +77,17 @@ def test_the_derived_figures_of_the_results_page_recompute(capsys: pytest.Captur
     assert "K=2 − K=16: +2.86 [+2.79, +2.92] beyond noise" in out  # VanGL, full data
     assert "K=2 − E2E: +0.31 [-0.72, +1.34] noise" in out
     assert "τ=3e4 − VanGL at K=16, paired: +0.71 [-1.83, +3.25] noise" in out
+
+
+def test_the_competitors_table_names_every_built_in_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))  # it imports its sibling modules
+    import competitors_table
+
+    kinds = ("conv", "dgl_cnn", "dgl_mlp_sr", "sedona")
+    labels = {kind: competitors_table.head({"aux": {"type": kind, "depth": 2}}) for kind in kinds}
+    assert labels == {
+        "conv": "conv 3×3, pool 2, linear",
+        "dgl_cnn": "DGL's CNN head",
+        "dgl_mlp_sr": "DGL's MLP-SR head",
+        "sedona": "SEDONA's decoder, depth 2",
+    }
