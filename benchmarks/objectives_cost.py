@@ -37,7 +37,7 @@ from trgl_pipe.objectives import needs_image
 from trgl_pipe.partition import split_by_depth
 from trgl_pipe.stage import build_parts, build_stage
 
-# name -> overrides; "dgl" is VanGL with DGL's MLP-SR head
+# name -> overrides; "dgl_mlp_sr" and "sedona" are VanGL with DGL's MLP-SR head and SEDONA's
 METHODS = {
     "vangl": ["objective.name=vangl"],
     "trgl": ["objective.name=trgl"],
@@ -47,6 +47,7 @@ METHODS = {
     "predsim": ["objective.name=predsim"],
     "auglocal": ["objective.name=auglocal"],  # d = 3, pyramid c = 0.5
     "dgl_mlp_sr": ["objective.name=vangl", "aux.type=dgl_mlp_sr"],
+    "sedona": ["objective.name=vangl", "aux.type=sedona", "aux.depth=2"],  # SEDONA's head, depth 2
 }
 # the TRGL paper's savings against end-to-end, STL-10 ResNet-110, equal-depth modules
 PAPER = {
