@@ -29,7 +29,7 @@ import signal
 import socket
 import struct
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 ADDRESS = "TRGL_TEST_FORKSERVER"  # the environment variable with the server's socket path
 # set per process by torchrun and these tests, read by the program when it runs, not at import
@@ -119,7 +119,7 @@ def _receive(conn: socket.socket, max_fds: int = 0) -> tuple[dict | None, list[i
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def client(argv: list[str]) -> None:
+def client(argv: list[str]) -> NoReturn:
     """Run ``argv`` (``-m MODULE ARGS`` or ``SCRIPT ARGS``) as a fork of the server; never returns."""
     options = sys.orig_argv[1 : len(sys.orig_argv) - len(sys.argv)]  # the interpreter's own, as -u
     unbuffered = sys.stdout.write_through
@@ -317,7 +317,7 @@ def _reap(
         conn.close()
 
 
-def run_child(request: dict) -> int:
+def run_child(request: dict) -> NoReturn:
     """In the forked child: be ``python [-u] ARGV`` in the request's folder and environment, then
     end as an interpreter ends (non-daemon threads joined, atexit handlers run, output flushed)
     but without tearing down the modules: freeing them would write to every page shared with the
@@ -391,6 +391,6 @@ if __name__ == "__main__":
         task = serve(sys.argv[2])
         if task is None:
             sys.exit(0)
-        sys.exit(run_child(task))
+        run_child(task)
     else:
         client(sys.argv[1:])

@@ -518,7 +518,7 @@ def make_aux_head(
             channels,
             num_classes,
             backbone.spatial(block),
-            cfg.aux.for_module("depth", module, num_modules) or 1,
+            cfg.aux.for_module("depth", module, num_modules),
             cfg.aux.expand or sedona_expand(cfg.model.arch),
             cfg.aux.channels or FINAL_DIM,
         )
