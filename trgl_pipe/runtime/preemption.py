@@ -14,6 +14,7 @@ one batch later, since their streams must stay in step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -25,6 +26,7 @@ EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a job stopped by S
 
 _requested = threading.Event()
 _job_failed: Callable[[], bool] | None = None
+_before_failed_exit: list[Callable[[], None]] = []
 FAILED_EXIT_CODE = 1
 
 
@@ -34,6 +36,9 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         # a rank already recorded why the job failed, so no consistent checkpoint can be cut:
         # torchrun is stopping the group, and a rank stuck in Python (a long wait, a sleep) would
         # otherwise hold it for torchrun's fixed 30 s grace before being killed
+        for cleanup in _before_failed_exit:
+            with contextlib.suppress(Exception):
+                cleanup()
         os._exit(FAILED_EXIT_CODE)
 
 
@@ -43,7 +48,15 @@ def install(job_failed: Callable[[], bool] | None = None) -> None:
     global _job_failed
     _requested.clear()
     _job_failed = job_failed
+    _before_failed_exit.clear()
     signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def before_failed_exit(cleanup: Callable[[], None]) -> None:
+    """Call ``cleanup`` (idempotent, quick) before SIGTERM ends a failed job's process at once:
+    rank 0 drops its run folder's lock there, and the folder if nothing was written to it, as it
+    does on its own failure path, which that SIGTERM may cut short."""
+    _before_failed_exit.append(cleanup)
 
 
 def requested() -> bool:

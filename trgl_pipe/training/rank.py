@@ -472,6 +472,8 @@ def run_rank(cfg: Config, exit_process: bool = True) -> dict[str, Any] | None:
         device = resolve_device(cfg.device, env.local_rank)
         session = init_distributed(cfg, env, layout, device, store, control, STARTUP_TIMEOUT_S)
         folder = claim(cfg) if env.rank == 0 else None  # only rank 0 locks and writes the run files
+        if folder is not None:
+            preemption.before_failed_exit(folder.release)
         ctx = _setup(cfg, session, device, folder)
         completed = _train(cfg, session, ctx, folder)
         shutdown(session, cfg.pipeline.timeout_s)
