@@ -10,6 +10,7 @@
     python experiments/run.py authors            # 6: the authors' knobs against trgl_pipe's defaults
     python experiments/run.py competitors        # 7: InfoPro, PredSim, DGL in experiment 5's setting
     python experiments/run.py quickstart         # 8: the quickstart: TRGL (fp32, bf16 wire), VanGL
+    python experiments/run.py sedona             # 9: SEDONA's searched cut against depth and balanced, K = 4
     python experiments/run.py all --dry-run      # print the commands only
     python experiments/run.py blockwise --only '*-tenth' --max-seeds 1   # a part of one
     python experiments/run.py competitors --only '*-k16' --seeds 2         # one seed of some runs
@@ -89,6 +90,33 @@ COMPETITORS = {
     "dgl-mlp-sr": ["objective.name=vangl", "aux.type=dgl_mlp_sr"],
 }
 COMPETITOR_KS = (4, 16)
+
+
+# Experiment 9: SEDONA's search in experiment 5's setting at K = 4. The search runs once on the
+# tuning seed (its cost is recorded in search.json); VanGL with SEDONA's heads then trains on the
+# searched split and depths, and on the depth and balanced splits with SEDONA's heads at depth 2,
+# on fresh seeds 0-2. The heads' last 1x1 conv is 128 wide (SEDONA's 512 is for 16-channel
+# networks and more memory than the search's unrolled steps fit in 24 GiB at width 8).
+SEDONA_HEAD = ["trgl.enabled=false", "aux.type=sedona", "aux.channels=128"]
+SEDONA_NET = [*SCARCE, "model.num_modules=4", *SEDONA_HEAD]
+SEDONA_SEARCH = "experiments/runs/sedona/search.yaml"
+SEDONA_SEARCH_OPTIONS = ["--budget", "120", "--inner-steps", "2", "--batch-size", "32"]
+# model.split=balanced measured on this machine with these heads (time, three measurements alike)
+SEDONA_BALANCED = "model.split=[1,3,7]"
+
+
+def sedona_search() -> list[str]:
+    """The search command of experiment 9 (seed: the tuning seed)."""
+    return [
+        sys.executable,
+        "-m",
+        "trgl_pipe.search",
+        *SEDONA_NET,
+        f"seed={SCARCE_TUNING_SEED}",
+        "--out",
+        SEDONA_SEARCH,
+        *SEDONA_SEARCH_OPTIONS,
+    ]
 
 
 # Experiment 6: the authors' setup against trgl_pipe's defaults, one knob at a time: 10,000
@@ -273,6 +301,13 @@ def experiment(name: str) -> list[tuple[str, list[str], list[int]]]:
             ("trgl-bf16-wire", [*QUICKSTART, "pipeline.wire_dtype=bf16"], [0, 1, 2]),
             ("vangl", [*QUICKSTART, "trgl.enabled=false"], [0, 1, 2]),
         ]
+    if name == "sedona":
+        seeds = [0, 1, 2]
+        return [
+            ("searched-k4", [*SEDONA_NET, SEDONA_SEARCH], seeds),
+            ("depth-k4", [*SEDONA_NET, "aux.depth=2"], seeds),
+            ("balanced-k4", [*SEDONA_NET, SEDONA_BALANCED, "aux.depth=2"], seeds),
+        ]
     if name == "pipeline":
         net = [*FULL, *DEPTH_NET, "model.num_modules=4", f"trgl.tau={TAU}", "train.num_threads=1"]
         return [("single-k4-1thread", net, [0]), ("pipeline-k4", [*net, "pipeline.transport=dist"], [0])]
@@ -316,6 +351,15 @@ def main() -> None:
         for run, overrides, seeds in experiment(exp):
             if args.only and not any(fnmatch.fnmatch(run, pattern) for pattern in args.only):
                 continue
+            if SEDONA_SEARCH in overrides and not (ROOT / SEDONA_SEARCH).is_file():
+                search = sedona_search()
+                printable = " ".join(search).replace(sys.executable, "python")
+                print(f"search  {printable}", flush=True)
+                if args.dry_run:
+                    continue
+                resume = ["--resume"] if (ROOT / SEDONA_SEARCH).with_suffix(".state.pt").is_file() else []
+                if subprocess.run([*search, *resume], cwd=ROOT).returncode != 0:
+                    raise SystemExit(f"failed: {printable}")
             for seed in seeds[: args.max_seeds]:
                 if args.seeds is not None and seed not in args.seeds:
                     continue

@@ -615,12 +615,19 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML file (optional), apply ``section.key=value`` overrides, validate everything."""
+    """Read a YAML file (optional), apply the overrides in order, validate everything.
+
+    An override is ``section.key=value`` or the path of a YAML file (``.yaml``/``.yml``, no ``=``)
+    whose keys replace those given before it, section by section: what ``python -m trgl_pipe.search``
+    writes is such a file."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml_mapping(Path(path))
     for item in overrides:
-        apply_override(raw, item)
+        if is_override_file(item):
+            merge_sections(raw, read_yaml_mapping(Path(item)), item)
+        else:
+            apply_override(raw, item)
     cfg = from_dict(Config, raw, "")
     from trgl_pipe.compatibility import warn_unused
 
@@ -674,6 +681,24 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
     return raw
+
+
+def is_override_file(item: str) -> bool:
+    """An override that names a YAML file rather than setting one key."""
+    return "=" not in item and item.endswith((".yaml", ".yml"))
+
+
+def merge_sections(raw: dict[str, Any], extra: dict[str, Any], source: str) -> None:
+    """Lay the keys of ``extra`` (an override file) over ``raw``: a section's keys one by one, a
+    top-level key (``seed``) whole."""
+    for key, value in extra.items():
+        if isinstance(value, dict):
+            section = raw.setdefault(key, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"override file {source}: {key} is not a section")
+            section.update(value)
+        else:
+            raw[key] = value
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -1,6 +1,7 @@
 """Plan a pipeline layout: which (modules per rank M, replicas R) to run a config on N devices.
 
     python -m trgl_pipe.plan CONFIG.yaml --gpus 8 [--gpu-memory 80] [--link-gbps 100] [key=value ...]
+    python -m trgl_pipe.plan CONFIG.yaml --gpus 4 --search search.yaml   # searched, depth, balanced
 
 Measures, on this machine, each module's training step (its blocks and its head, forward and
 backward) at every per-replica batch size a layout would use, and each module's memory (on the
@@ -30,6 +31,11 @@ What it leaves out: overlap of the all-reduce with compute, the CPU time a send 
 contention between ranks that share a machine's memory bandwidth, GPU kernel efficiency at small
 batches beyond what was measured here. benchmarks/link_speed.py checks the link term against
 pipelines whose link is capped.
+
+With ``--search`` (a search.yaml of ``python -m trgl_pipe.search``) it puts the searched split and
+heads beside the config's heads on the depth and the balanced split (``model.balance_by``), each
+with its fastest layout on the devices and the search's cut weight at its cuts: how much speed
+the search's choice gives up, or gains, against the splits chosen by cost alone.
 """
 
 from __future__ import annotations
@@ -280,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="CPU threads per device when timing on the CPU"
     )
     parser.add_argument("--top", type=int, default=10)
+    parser.add_argument(
+        "--search", default=None, help="a search.yaml: compare its split with the depth and balanced splits"
+    )
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options, as the help shows
     try:
         _check_arguments(args)
@@ -290,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    if args.search is not None:
+        try:
+            return compare_splits(args, cfg, device)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return error.exit_code
     batch = cfg.data.batch_size
     replicas = [r for r in range(1, args.gpus + 1) if r <= batch]
     sizes = sorted({-(-batch // r) for r in replicas})
@@ -351,6 +366,89 @@ def main(argv: list[str] | None = None) -> int:
         torchrun, slurm = launch_lines(args.config, layout, args.gpus_per_node)
         print(f"      {torchrun}\n      {slurm}")
     return 0
+
+
+def balanced_cuts(cfg: Config, device: torch.device) -> list[int]:
+    """The blocks where modules 2..K start under ``model.split=balanced`` (measured here)."""
+    from trgl_pipe.cost import aux_head_factory, measure_costs
+    from trgl_pipe.partition import split_balanced
+
+    input_shape, classes = data_shape(cfg)
+    parts = build_parts(cfg, input_shape, classes)
+    heads = aux_head_factory(parts, classes, cfg)
+    costs, ends = measure_costs(
+        parts, input_shape, cfg.data.batch_size, classes, heads, cfg.model.balance_by, device
+    )
+    return [a for a, _ in split_balanced(costs, cfg.model.num_modules, ends)][1:]
+
+
+def compare_splits(args: argparse.Namespace, cfg: Config, device: torch.device) -> int:
+    """The searched split beside the depth and balanced splits: each one's fastest layout."""
+    from trgl_pipe.search.result import read_record, read_split
+
+    searched = read_split(args.search)
+    record = read_record(args.search)
+    cut_scores = record["decision"]["cut_scores"]
+    base = [*args.overrides]
+    k = searched["model"].get("num_modules", cfg.model.num_modules)
+    depth = load_config(args.config, [*base, f"model.num_modules={k}", "model.split=depth"])
+    balanced = balanced_cuts(load_config(args.config, [*base, f"model.num_modules={k}"]), device)
+    rows = [
+        ("searched", load_config(args.config, [*base, args.search])),
+        ("depth", depth),
+        ("balanced", load_config(args.config, [*base, f"model.num_modules={k}", f"model.split={balanced}"])),
+    ]
+    batch = cfg.data.batch_size
+    sizes = sorted({-(-batch // r) for r in range(1, args.gpus + 1) if r <= batch})
+    reader = reader_rate(cfg)
+    print(
+        f"the search's split ({args.search}) beside the depth and balanced splits of K = {k}, each with its "
+        f"fastest layout on {args.gpus} devices (times measured on {device}; model as without --search); "
+        "cut weight: the search's mean a_cut at the split's cuts (its preference, not an accuracy)"
+    )
+    print(
+        f"{'split':<9} {'cuts':<18} {'heads':<22} {'M':>2} {'R':>2} {'samples/s':>10} {'peak GiB':>9} "
+        f"{'cut weight':>11}"
+    )
+    for name, row in rows:
+        partition = split_by_depth_or_list(row)
+        cuts = [a for a, _ in partition][1:]
+        profiles = profile_modules(row, sizes, device)
+        found = layouts(
+            profiles,
+            args.gpus,
+            batch,
+            args.gpu_memory,
+            args.link_gbps,
+            reader,
+            row.pipeline.buffer_size,
+            row.data.eval_batch_size,
+            wire_bytes(row),
+        )
+        heads = row.aux.type + (f" {row.aux.depth}" if row.aux.type == "sedona" else "")
+        weight = sum(cut_scores[c - 1] for c in cuts) / len(cuts) if cuts else float("nan")
+        if not found:
+            print(f"{name:<9} {cuts!s:<18} {heads:<22} no layout fits {args.gpus} devices")
+            continue
+        best = found[0]
+        print(
+            f"{name:<9} {cuts!s:<18} {heads:<22} {best.modules_per_rank:>2} {best.replicas:>2} "
+            f"{best.samples_per_s:>10.0f} {best.peak_bytes / GIB:>9.2f} {weight:>11.3f}"
+        )
+    return 0
+
+
+def split_by_depth_or_list(cfg: Config) -> list[tuple[int, int]]:
+    """The partition of ``model.split`` = depth or a list, for a built-in backbone."""
+    from trgl_pipe.partition import split_at, split_by_depth
+
+    n = cfg.model.num_blocks
+    if n is None:
+        raise UserError(
+            "--search compares splits of built-in backbones (model.arch); a user network is not one"
+        )
+    split = cfg.model.split
+    return split_at(n, split) if isinstance(split, list) else split_by_depth(n, cfg.model.num_modules)
 
 
 if __name__ == "__main__":
