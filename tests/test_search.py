@@ -243,3 +243,21 @@ def test_bad_search_input_gets_one_line(tmp_path: Path, capsys) -> None:
     assert "unknown config key" in error("model.nope=1")
     missing = tmp_path / "missing.yaml"
     assert str(missing) in error(str(missing))
+
+
+@pytest.mark.parametrize(
+    ("arch", "modules"), [("tests.user_pkg.nets:resnet", 3), ("resnet18", 4), ("vgg11_bn", 2)]
+)
+def test_the_search_runs_on_a_users_network_and_on_torchvision_backbones(
+    tmp_path: Path, arch: str, modules: int
+) -> None:
+    out = tmp_path / "search.yaml"
+    small = ["data.name=synthetic", "data.train_size=48", "data.test_size=8", "data.image_size=32"]
+    overrides = [*small, "data.val_size=8", "data.batch_size=8", "aux.channels=8", f"model.arch={arch}"]
+    cfg = load_config(None, [*overrides, f"model.num_modules={modules}", "train.num_threads=1"])
+    decision = run_search(cfg, SearchOptions(budget=1, inner_steps=1, max_depth=2), out, ["test"])
+    assert decision is not None and len(decision.split) == modules - 1
+    assert load_config(None, [*overrides, str(out)]).model.split == decision.split
+    if arch.endswith(":resnet"):  # 3 blocks: K = 4 is refused in one line naming the limit
+        with pytest.raises(ConfigError, match="use at most 3 modules"):
+            run_search(load_config(None, overrides), SearchOptions(budget=1), tmp_path / "x.yaml", [])

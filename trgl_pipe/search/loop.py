@@ -158,7 +158,8 @@ def run_search(
     gaps = net.num_gaps
     if cfg.model.num_modules > gaps + 1:
         raise ConfigError(
-            f"model.num_modules={cfg.model.num_modules} is more than the {gaps + 1} blocks of the network"
+            f"model.num_modules={cfg.model.num_modules} is more than the {gaps + 1} blocks of "
+            f"model.arch={cfg.model.arch}; use at most {gaps + 1} modules"
         )
     alpha = torch.zeros(gaps, 2, requires_grad=True)
     beta = torch.zeros(gaps, options.max_depth, requires_grad=True)
