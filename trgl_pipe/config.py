@@ -229,7 +229,8 @@ class AuxConfig:
     # conv: the head above; dgl_cnn / dgl_mlp_sr: DGL's CNN and MLP-SR heads (Belilovsky et al. 2020);
     # sedona: SEDONA's decoder (Pyeon et al. 2021), `depth` deep, inverted residuals of `expand`
     type: Literal["conv", "dgl_cnn", "dgl_mlp_sr", "sedona"] = "conv"
-    depth: int | list[int] = 1  # sedona: 1 + its inverted residual blocks (SEDONA searches 1-4)
+    # sedona: 1 + its inverted residual blocks (python -m trgl_pipe.search picks one per module, 1-4)
+    depth: int | list[int] = 1
     expand: int | None = None  # sedona: None = SEDONA's (1 for basic-block ResNets, else 4)
 
     def __post_init__(self) -> None:

@@ -126,8 +126,10 @@ def config_reference() -> str:
         "Every key of a config, its default and what it does, generated from the config dataclasses",
         "(`python -m trgl_pipe.describe > docs/config.md`; a test keeps this file in step with the code).",
         "Set a key in the YAML file under its section, or on the command line as `section.key=value`",
-        "(a YAML value: `train.epochs=5`, `model.split=[3,6,9]`). `python -m trgl_pipe.run --help`",
-        "prints the same list; the equations behind the keys are in [method.md](method.md).",
+        "(a YAML value: `train.epochs=5`, `model.split=[3,6,9]`), or in an override file named after",
+        "the config (`python -m trgl_pipe.run CONFIG search.yaml`: its keys replace the config's, section",
+        "by section, in the order given). `python -m trgl_pipe.run --help` prints the same list; the",
+        "equations behind the keys are in [method.md](method.md).",
     ]
     for head, title, doc in _by_section():
         if title is not None:
