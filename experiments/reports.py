@@ -15,6 +15,7 @@ report cannot drift from its runs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from authors_table import table as authors_table  # noqa: E402
 from authors_table import variants  # noqa: E402
 from competitors_table import table as competitors_table  # noqa: E402
+from sedona_table import table as sedona_table  # noqa: E402
 
 from trgl_pipe import report  # noqa: E402
 
@@ -114,10 +116,17 @@ REPORTS = (
         "Experiment 8: the quickstart in one process: TRGL (float32 and bf16 on the wire) and VanGL",
         (f"{RUNS}/quickstart/*",),
     ),
+    Report(
+        "sedona",
+        "Experiment 9: SEDONA's searched cut against the depth and balanced cuts "
+        "(5,000 images, K = 4, VanGL with SEDONA's heads, fresh seeds)",
+        (f"{RUNS}/sedona/*",),
+    ),
 )
 BY_NAME = {r.name: r for r in REPORTS}
 AUTHORS_TABLE = "authors-table"  # the table of benchmarks/vs_authors.md
 COMPETITORS_TABLE = "competitors-table"  # the paired table of docs/results.md §7
+SEDONA_TABLE = "sedona-table"  # the table of docs/results.md §9
 
 
 @contextmanager
@@ -165,13 +174,16 @@ def page_table(name: str) -> tuple[Path, str]:
     """The page a table report lives in and that page's text with the table regenerated."""
     if name == AUTHORS_TABLE:
         page, table = AUTHORS_PAGE, authors_table(variants(RUNS / "authors"))
+    elif name == SEDONA_TABLE:
+        record = json.loads((RUNS / "sedona" / "search.json").read_text())
+        page, table = RESULTS_PAGE, sedona_table(variants(RUNS / "sedona"), record)
     else:
         found = variants(RUNS / "competitors"), variants(RUNS / "scarce")
         page, table = RESULTS_PAGE, competitors_table(*found)
     return page, replace_table(page, page.read_text(), table)
 
 
-PAGE_TABLES = (AUTHORS_TABLE, COMPETITORS_TABLE)
+PAGE_TABLES = (AUTHORS_TABLE, COMPETITORS_TABLE, SEDONA_TABLE)
 
 
 def check(names: list[str]) -> list[str]:

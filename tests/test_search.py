@@ -261,3 +261,32 @@ def test_the_search_runs_on_a_users_network_and_on_torchvision_backbones(
     if arch.endswith(":resnet"):  # 3 blocks: K = 4 is refused in one line naming the limit
         with pytest.raises(ConfigError, match="use at most 3 modules"):
             run_search(load_config(None, overrides), SearchOptions(budget=1), tmp_path / "x.yaml", [])
+
+
+def test_ctrl_c_keeps_the_last_saved_step_and_resume_finishes_the_same_search(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    options = ["--budget", "6", "--inner-steps", "2", "--max-depth", "2", "--save-every", "1"]
+    out = tmp_path / "s.yaml"
+    command = [sys.executable, "-m", "trgl_pipe.search", *SEARCH, *options, "--out", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = out.with_suffix(".state.pt")
+    deadline = time.monotonic() + 120
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state.exists(), process.communicate()[1][-2000:]
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "add --resume" in err, err[-2000:]
+    assert not out.exists() and state.exists()
+    resumed = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole = _search(tmp_path / "whole.yaml", options=SearchOptions(budget=6, inner_steps=2, max_depth=2))
+    assert whole is not None
+    record, reference = (
+        json.loads(p.with_suffix(".json").read_text()) for p in (out, tmp_path / "whole.yaml")
+    )
+    assert record["alpha"] == reference["alpha"] and record["beta"] == reference["beta"]

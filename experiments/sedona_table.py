@@ -1,0 +1,75 @@
+"""The table of experiment 9 (docs/results.md §9): SEDONA's searched cut against the depth and the
+balanced cut, recomputed from the run folders and the search's record.
+
+    python experiments/sedona_table.py [experiments/runs/sedona]
+
+Per split: its cuts and head depths, the best module's and the last module's test accuracy (mean
+± sd over the seeds that ran), the searched split − each other split paired by seed (95% t
+interval and the Bonferroni interval over the table's m = 2 intervals, which the reading uses),
+and a last row with the search's cost against the training runs' (CPU minutes: every run and
+the search used one thread, so a run's wall time stands for its CPU time).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from authors_table import paired, variants
+
+SPLITS = {"searched-k4": "searched", "depth-k4": "depth", "balanced-k4": "balanced (time)"}
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f} (one seed)"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(found: dict, record: dict | None) -> str:
+    """The table; its last row is the search's cost (all runs and the search used one thread)."""
+    m = 2
+    lines = [
+        "| split | cuts (first block of modules 2..4) | head depths | seeds | best test % "
+        f"| last module test % | searched − this, paired [95% CI; Bonferroni, m = {m}] | CPU min per run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    searched = found.get("searched-k4", {})
+    walls = []
+    for name, label in SPLITS.items():
+        runs = found.get(name)
+        if not runs:
+            continue
+        first = runs[min(runs)]
+        cuts = [a for a, _ in first.summary["partition"]][1:]
+        depth = first.config["aux"]["depth"]
+        depths = depth[:-1] if isinstance(depth, list) else [depth] * len(cuts)
+        seeds = ", ".join(map(str, sorted(runs)))
+        best = _mean_sd([100 * runs[s].summary["best_test_accuracy"] for s in sorted(runs)])
+        last = _mean_sd([100 * runs[s].summary["last_module_test_accuracy"] for s in sorted(runs)])
+        walls += [r.summary["wall_time_s"] for r in runs.values()]
+        wall = statistics.fmean(r.summary["wall_time_s"] for r in runs.values()) / 60
+        versus = "" if name == "searched-k4" else paired(searched, runs, m)
+        lines.append(f"| {label} | {cuts} | {depths} | {seeds} | {best} | {last} | {versus} | {wall:.1f} |")
+    if record is not None:
+        options, config = record["options"], record["config"]
+        per_run = statistics.fmean(walls) if walls else float("nan")
+        lines.append(
+            f"| the search: `{options['objective']}`, {options['budget']} meta-steps × "
+            f"{options['inner_steps']} unrolled, batch {config['data']['batch_size']} | | | "
+            f"{config['seed']} | | | | {record['cpu_s'] / 60:.1f} ({record['cpu_s'] / per_run:.2f}× a run) |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "runs" / "sedona"
+    record_path = root / "search.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    print(table(variants(root), record))
+
+
+if __name__ == "__main__":
+    main()
