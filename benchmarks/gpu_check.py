@@ -13,6 +13,7 @@ measured. A failed check does not stop the others; the exit status is 1 if any f
 
 Checks by group (``--only`` takes group or check names):
 - correctness: regimes (e2e, parallel, sequential, multi-lap, a few steps each, in this process);
+  search (SEDONA's search, a few meta-steps, against the same search on the CPU);
   equivalence (a 4-rank pipeline sharing the one device against the one-process parallel regime,
   ``train.deterministic=true``: per-step losses and final parameters equal, else the largest
   difference); sigkill (SIGKILL of one rank of the 4-rank pipeline ends the job within
@@ -228,6 +229,36 @@ class Check:
             }
         ok = all(self.device in f["device"] and all(n > 0 for n in f["steps"]) for f in figures.values())
         return ok, figures
+
+    def search(self) -> tuple[bool, dict[str, Any]]:
+        """SEDONA's search (a few meta-steps, torch.func's nested gradients) on this device, and on
+        a GPU the same search on the CPU beside it: α and β within float32 reordering of each other."""
+        from trgl_pipe.config import load_config
+        from trgl_pipe.search.loop import SearchOptions, run_search
+
+        args = [*TINY, "data.train_size=256", "data.batch_size=32", "model.depth=14", "model.width=8"]
+        args += ["aux.channels=32", "model.num_modules=3", "train.num_threads=1"]
+        options = SearchOptions(budget=3, inner_steps=2, max_depth=2)
+        records = {}
+        for device in dict.fromkeys([self.device, "cpu"]):
+            out = self.out(f"search-{device}.yaml")
+            out.unlink(missing_ok=True)
+            run_search(load_config(None, [*args, f"device={device}"]), options, out, ["gpu_check"])
+            records[device] = json.loads(out.with_suffix(".json").read_text())
+        here = records[self.device]
+        figures: dict[str, Any] = {"device": here["device"], "split": here["decision"]["split"]}
+        figures["wall_s"] = here["wall_s"]
+        finite = all(math.isfinite(v) for row in here["alpha"] + here["beta"] for v in row)
+        close = True
+        if self.device != "cpu":
+
+            def values(record: dict[str, Any]) -> list[float]:
+                return [v for row in record["alpha"] + record["beta"] for v in row]
+
+            pairs = zip(values(here), values(records["cpu"]), strict=True)
+            figures["max_difference_to_cpu"] = max(abs(a - b) for a, b in pairs)
+            close = figures["max_difference_to_cpu"] < 1e-3
+        return finite and close and self.device in here["device"], figures
 
     # -- 2 -------------------------------------------------------------------------------------
 
@@ -658,6 +689,7 @@ class Spec:
 
 SPECS = (
     Spec("regimes", "correctness", 1, 0, 4 * 6, 10),  # in this process: one start's worth of set-up
+    Spec("search", "correctness", 0, 0, 3 * 3 * 2, 5),  # in this process: 3 meta-steps, twice on a GPU
     Spec("equivalence", "correctness", 1, 1, 2 * 40, 18, needs=("torchrun",)),
     Spec("sigkill", "correctness", 0, 1, 20, 13, needs=("torchrun",)),
     Spec("replicas", "correctness", 0, 1, 2 * 4, 11, needs=("torchrun",)),

@@ -55,7 +55,7 @@ class SearchData:
     """The training images split into the search's training and validation parts, and the
     seeded batches of each step."""
 
-    def __init__(self, cfg: Config, valid_fraction: float) -> None:
+    def __init__(self, cfg: Config, valid_fraction: float, device: torch.device) -> None:
         from trgl_pipe.data import Batches, load_data
 
         data = load_data(cfg.data, cfg.seed)
@@ -75,6 +75,7 @@ class SearchData:
         self.batch_size = cfg.data.batch_size
         self.augment = cfg.data.augment
         self.seed = cfg.seed
+        self.device = device
 
     def _draw(self, pool: Tensor, augment: bool, *tags: int) -> Batch:
         gen = torch.Generator().manual_seed(_mix(self.seed, *tags))
@@ -82,7 +83,8 @@ class SearchData:
         images = self.images[index]
         if augment:
             images = self.batches._augment(images, _mix(self.seed, 31, *tags), len(index), 0)
-        return self.batches.normalize(images), self.labels[index]
+        x, y = self.batches.normalize(images), self.labels[index]
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def train_batch(self, step: int, j: int) -> Batch:
         return self._draw(self.train, self.augment, 22, step, j)
@@ -142,7 +144,7 @@ def run_search(
     """Search, saving its state beside ``out`` every ``options.save_every`` steps (an interrupted
     search resumes from the last one); write ``out`` (search.yaml) and search.json at the end.
     ``stop_after`` steps end it early, its state saved, and return None."""
-    from trgl_pipe.context import configure_torch
+    from trgl_pipe.context import configure_torch, resolve_device
 
     options.check()
     configure_torch(cfg)  # threads (train.num_threads), determinism, the global seed
@@ -153,16 +155,18 @@ def run_search(
         raise UserError(f"{state_path} holds an interrupted search; add --resume to go on, or delete it")
     if cfg.model.num_modules < 2:
         raise ConfigError("model.num_modules must be at least 2: the search chooses where to cut")
-    data = SearchData(cfg, options.valid_fraction)
+    device = resolve_device(cfg.device)  # the config's: a GPU where there is one
+    data = SearchData(cfg, options.valid_fraction, device)
     net = build_network(cfg, data.num_classes, data.input_shape, options.max_depth, options.smoothing)
+    net.to(device)
     gaps = net.num_gaps
     if cfg.model.num_modules > gaps + 1:
         raise ConfigError(
             f"model.num_modules={cfg.model.num_modules} is more than the {gaps + 1} blocks of "
             f"model.arch={cfg.model.arch}; use at most {gaps + 1} modules"
         )
-    alpha = torch.zeros(gaps, 2, requires_grad=True)
-    beta = torch.zeros(gaps, options.max_depth, requires_grad=True)
+    alpha = torch.zeros(gaps, 2, device=device, requires_grad=True)
+    beta = torch.zeros(gaps, options.max_depth, device=device, requires_grad=True)
     params = dict(net.named_parameters())
     optimizer = torch.optim.SGD(
         params.values(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
@@ -174,7 +178,7 @@ def run_search(
     history: list[float] = []
     start, spent, spent_cpu = 0, 0.0, 0.0
     if resume and state_path.exists():
-        saved = SearchState(**torch.load(state_path, weights_only=True))
+        saved = SearchState(**torch.load(state_path, map_location=device, weights_only=True))
         if saved.fingerprint != fingerprint:
             raise UserError(
                 f"{state_path} was saved by a search of another config or other options; "
@@ -245,12 +249,13 @@ def run_search(
             return None
         if (step + 1) % options.save_every == 0 and step + 1 < options.budget:
             save(step + 1)
-    decision = decide(alpha.detach(), beta.detach(), cfg.model.num_modules, last_depth)
+    decision = decide(alpha.detach().cpu(), beta.detach().cpu(), cfg.model.num_modules, last_depth)
     record = {
         "options": asdict(options),
         "config": cfg.to_dict(),
-        "alpha": alpha.detach().tolist(),
-        "beta": beta.detach().tolist(),
+        "alpha": alpha.detach().cpu().tolist(),
+        "beta": beta.detach().cpu().tolist(),
+        "device": str(device),
         "meta_objective": history,
         "wall_s": round(spent + time.perf_counter() - t0, 3),
         "cpu_s": round(spent_cpu + time.process_time() - c0, 3),
