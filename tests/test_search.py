@@ -15,7 +15,7 @@ from trgl_pipe.config import load_config
 from trgl_pipe.errors import ConfigError, UserError
 from trgl_pipe.search.__main__ import main as search_main
 from trgl_pipe.search.loop import SearchOptions, build_network, run_search
-from trgl_pipe.search.meta import InnerSGD, gate_weights, meta_gradient, relaxed_gradient, unrolled
+from trgl_pipe.search.meta import InnerSGD, Lookahead, gate_weights, relaxed_gradient
 from trgl_pipe.search.result import decide
 
 
@@ -59,10 +59,11 @@ def _small_problem(seed: int = 0):
 def test_the_meta_gradient_matches_finite_differences(objective: str) -> None:
     net, params, momenta, alpha, beta, steps, valid = _small_problem()
     sgd = InnerSGD(lr=0.1, momentum=0.9, weight_decay=1e-3)
-    g_alpha, g_beta, value = meta_gradient(net, params, momenta, alpha, beta, steps, valid, sgd, objective)
+    lookahead = Lookahead(net, params, momenta, steps, valid, sgd, objective)
+    g_alpha, g_beta, value = lookahead.gradient(alpha, beta)
 
     def f(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(unrolled(net, params, momenta, a, b, steps, valid, sgd, objective))
+        return float(lookahead.value(a, b))
 
     assert float(value) == pytest.approx(f(alpha, beta), rel=1e-12)
     eps = 1e-6

@@ -232,6 +232,23 @@ def layouts(
     return sorted(found, key=lambda lay: (-lay.samples_per_s, lay.world_size))
 
 
+def layouts_for(
+    profiles: list[ModuleProfile], args: argparse.Namespace, cfg: Config, reader: float | None
+) -> list[Layout]:
+    """:func:`layouts` for the command's devices and the config's batch, buffers and wire."""
+    return layouts(
+        profiles,
+        args.gpus,
+        cfg.data.batch_size,
+        args.gpu_memory,
+        args.link_gbps,
+        reader,
+        cfg.pipeline.buffer_size,
+        cfg.data.eval_batch_size,
+        wire_bytes(cfg),
+    )
+
+
 def launch_lines(config: str, layout: Layout, gpus_per_node: int) -> tuple[str, str]:
     world = layout.world_size
     keys = f"pipeline.modules_per_rank={layout.modules_per_rank} pipeline.replicas={layout.replicas}"
@@ -317,17 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     reader = reader_rate(cfg)
-    found = layouts(
-        profiles,
-        args.gpus,
-        batch,
-        args.gpu_memory,
-        args.link_gbps,
-        reader,
-        cfg.pipeline.buffer_size,
-        cfg.data.eval_batch_size,
-        wire_bytes(cfg),
-    )
+    found = layouts_for(profiles, args, cfg, reader)
     print(
         f"model: stage time = sum of its modules' step times at batch {batch}/R (measured on {device}"
         f"{f', {args.threads} thread' if device.type == 'cpu' else ''}), + ring all-reduce of its parameters "
@@ -414,17 +421,7 @@ def compare_splits(args: argparse.Namespace, cfg: Config, device: torch.device) 
         partition = split_by_depth_or_list(row)
         cuts = [a for a, _ in partition][1:]
         profiles = profile_modules(row, sizes, device)
-        found = layouts(
-            profiles,
-            args.gpus,
-            batch,
-            args.gpu_memory,
-            args.link_gbps,
-            reader,
-            row.pipeline.buffer_size,
-            row.data.eval_batch_size,
-            wire_bytes(row),
-        )
+        found = layouts_for(profiles, args, row, reader)
         heads = row.aux.type + (f" {row.aux.depth}" if row.aux.type == "sedona" else "")
         weight = sum(cut_scores[c - 1] for c in cuts) / len(cuts) if cuts else float("nan")
         if not found:

@@ -20,7 +20,7 @@ from torch import Tensor
 from trgl_pipe.config import Config
 from trgl_pipe.errors import ConfigError, UserError
 from trgl_pipe.io import atomic_write
-from trgl_pipe.search.meta import Batch, InnerSGD, meta_gradient, relaxed_gradient
+from trgl_pipe.search.meta import Batch, InnerSGD, Lookahead, relaxed_gradient
 from trgl_pipe.search.relaxed import RelaxedNetwork, build_relaxed
 from trgl_pipe.search.result import Decision, decide, write_result
 
@@ -221,9 +221,8 @@ def run_search(
         }
         sgd = InnerSGD(lr, cfg.optim.momentum, cfg.optim.weight_decay)
         unroll = [data.train_batch(step, j) for j in range(options.inner_steps)]
-        g_alpha, g_beta, value = meta_gradient(
-            net, params, momenta, alpha, beta, unroll, data.valid_batch(step), sgd, options.objective
-        )
+        lookahead = Lookahead(net, params, momenta, unroll, data.valid_batch(step), sgd, options.objective)
+        g_alpha, g_beta, value = lookahead.gradient(alpha, beta)
         meta_optimizer.zero_grad()
         alpha.grad, beta.grad = g_alpha, g_beta
         meta_optimizer.step()

@@ -72,47 +72,49 @@ def own_loss(net: RelaxedNetwork, params: Params, batch: Batch) -> Tensor:
     return F.cross_entropy(logits, y)
 
 
-def unrolled(
-    net: RelaxedNetwork,
-    params: Params,
-    momenta: Params,
-    alpha: Tensor,
-    beta: Tensor,
-    steps: Sequence[Batch],
-    valid: Batch,
-    sgd: InnerSGD,
-    objective: str,
-) -> Tensor:
-    """The meta-objective as a function of (α, β): ``len(steps)`` relaxed SGD steps from
-    ``params`` (with its momentum buffers), then the objective (see the module)."""
-    p, m = params, momenta
-    for t, batch in enumerate(steps):
-        if objective == "train" and t == len(steps) - 1:
-            return relaxed_loss(net, p, alpha, beta, batch)
-        g = relaxed_gradient(net, p, alpha, beta, batch)
-        m = {k: sgd.momentum * m[k] + g[k] + sgd.weight_decay * p[k] for k in p}
-        p = {k: p[k] - sgd.lr * m[k] for k in p}
-    return own_loss(net, p, valid)
+@dataclass(frozen=True)
+class Lookahead:
+    """The meta-objective's fixed parts: the network, its weights and momentum buffers now, the
+    batches of the unrolled steps, the held-out batch, the inner SGD and which objective."""
 
+    net: RelaxedNetwork
+    params: Params
+    momenta: Params
+    steps: Sequence[Batch]
+    valid: Batch
+    sgd: InnerSGD
+    objective: str = "valid"
 
-def meta_gradient(
-    net: RelaxedNetwork,
-    params: Params,
-    momenta: Params,
-    alpha: Tensor,
-    beta: Tensor,
-    steps: Sequence[Batch],
-    valid: Batch,
-    sgd: InnerSGD,
-    objective: str = "valid",
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(∂J/∂α, ∂J/∂β, J) of :func:`unrolled`, the weights held constant."""
-    params = {k: v.detach() for k, v in params.items()}
-    momenta = {k: v.detach() for k, v in momenta.items()}
+    def value(self, alpha: Tensor, beta: Tensor) -> Tensor:
+        """The meta-objective as a function of (α, β): ``len(steps)`` relaxed SGD steps from
+        ``params`` (with its momentum buffers), then the objective (see the module)."""
+        net, sgd = self.net, self.sgd
+        p, m = self.params, self.momenta
+        for t, batch in enumerate(self.steps):
+            if self.objective == "train" and t == len(self.steps) - 1:
+                return relaxed_loss(net, p, alpha, beta, batch)
+            g = relaxed_gradient(net, p, alpha, beta, batch)
+            m = {k: sgd.momentum * m[k] + g[k] + sgd.weight_decay * p[k] for k in p}
+            p = {k: p[k] - sgd.lr * m[k] for k in p}
+        return own_loss(net, p, self.valid)
 
-    def objective_of(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        value = unrolled(net, params, momenta, a, b, steps, valid, sgd, objective)
-        return value, value.detach()
+    def gradient(self, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(∂J/∂α, ∂J/∂β, J) of :meth:`value`, the weights held constant."""
+        fixed = Lookahead(
+            self.net,
+            {k: v.detach() for k, v in self.params.items()},
+            {k: v.detach() for k, v in self.momenta.items()},
+            self.steps,
+            self.valid,
+            self.sgd,
+            self.objective,
+        )
 
-    (g_alpha, g_beta), value = grad(objective_of, argnums=(0, 1), has_aux=True)(alpha.detach(), beta.detach())
-    return g_alpha, g_beta, value
+        def with_value(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+            value = fixed.value(a, b)
+            return value, value.detach()
+
+        (g_alpha, g_beta), value = grad(with_value, argnums=(0, 1), has_aux=True)(
+            alpha.detach(), beta.detach()
+        )
+        return g_alpha, g_beta, value
