@@ -15,7 +15,6 @@ report cannot drift from its runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from authors_table import table as authors_table  # noqa: E402
 from authors_table import variants  # noqa: E402
 from competitors_table import table as competitors_table  # noqa: E402
+from sedona_table import searches  # noqa: E402
 from sedona_table import table as sedona_table  # noqa: E402
 
 from trgl_pipe import report  # noqa: E402
@@ -175,8 +175,7 @@ def page_table(name: str) -> tuple[Path, str]:
     if name == AUTHORS_TABLE:
         page, table = AUTHORS_PAGE, authors_table(variants(RUNS / "authors"))
     elif name == SEDONA_TABLE:
-        record = json.loads((RUNS / "sedona" / "search.json").read_text())
-        page, table = RESULTS_PAGE, sedona_table(variants(RUNS / "sedona"), record)
+        page, table = RESULTS_PAGE, sedona_table(variants(RUNS / "sedona"), searches(RUNS / "sedona"))
     else:
         found = variants(RUNS / "competitors"), variants(RUNS / "scarce")
         page, table = RESULTS_PAGE, competitors_table(*found)

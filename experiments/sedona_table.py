@@ -5,9 +5,10 @@ balanced cut, recomputed from the run folders and the search's record.
 
 Per split: its cuts and head depths, the best module's and the last module's test accuracy (mean
 ± sd over the seeds that ran), the searched split − each other split paired by seed (95% t
-interval and the Bonferroni interval over the table's m = 2 intervals, which the reading uses),
-and a last row with the search's cost against the training runs' (CPU minutes: every run and
-the search used one thread, so a run's wall time stands for its CPU time).
+interval and the Bonferroni interval over the table's m intervals, which the reading uses),
+and a row per search (the one the runs trained, then the others of more-searches/: the authors'
+objective, another seed) with its decision and its cost against a training run's (CPU minutes:
+every run and search used one thread, so a run's wall time stands for its CPU time).
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from pathlib import Path
 
 from authors_table import paired, variants
 
-SPLITS = {"searched-k4": "searched", "depth-k4": "depth", "balanced-k4": "balanced (time)"}
+SPLITS = {
+    "searched-k4": "searched",
+    "searched-cuts-k4": "searched cuts, depth-2 heads",
+    "depth-k4": "depth",
+    "balanced-k4": "balanced (time)",
+}
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -28,9 +34,10 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def table(found: dict, record: dict | None) -> str:
-    """The table; its last row is the search's cost (all runs and the search used one thread)."""
-    m = 2
+def table(found: dict, records: list[dict]) -> str:
+    """The table; its last rows are the searches (the one trained above first), each with its
+    decision and its cost (every run and search used one thread)."""
+    m = sum(1 for name in SPLITS if name != "searched-k4" and found.get(name))
     lines = [
         "| split | cuts (first block of modules 2..4) | head depths | seeds | best test % "
         f"| last module test % | searched − this, paired [95% CI; Bonferroni, m = {m}] | CPU min per run |",
@@ -53,22 +60,28 @@ def table(found: dict, record: dict | None) -> str:
         wall = statistics.fmean(r.summary["wall_time_s"] for r in runs.values()) / 60
         versus = "" if name == "searched-k4" else paired(searched, runs, m)
         lines.append(f"| {label} | {cuts} | {depths} | {seeds} | {best} | {last} | {versus} | {wall:.1f} |")
-    if record is not None:
-        options, config = record["options"], record["config"]
-        per_run = statistics.fmean(walls) if walls else float("nan")
+    per_run = statistics.fmean(walls) if walls else float("nan")
+    for record in records:
+        options, config, decision = record["options"], record["config"], record["decision"]
         lines.append(
-            f"| the search: `{options['objective']}`, {options['budget']} meta-steps × "
-            f"{options['inner_steps']} unrolled, batch {config['data']['batch_size']} | | | "
-            f"{config['seed']} | | | | {record['cpu_s'] / 60:.1f} ({record['cpu_s'] / per_run:.2f}× a run) |"
+            f"| search: objective `{options['objective']}`, {options['budget']} meta-steps × "
+            f"{options['inner_steps']} unrolled, batch {config['data']['batch_size']} "
+            f"| {decision['split']} | "
+            f"{decision['depths'][:-1]} | {config['seed']} | | | | "
+            f"{record['cpu_s'] / 60:.1f} ({record['cpu_s'] / per_run:.2f}× a run) |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "runs" / "sedona"
-    record_path = root / "search.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else None
-    print(table(variants(root), record))
+    print(table(variants(root), searches(root)))
+
+
+def searches(root: Path) -> list[dict]:
+    """The records of the experiment's searches: the one its runs trained first, then the others."""
+    paths = [root / "search.json", *sorted((root / "more-searches").glob("*.json"))]
+    return [json.loads(path.read_text()) for path in paths if path.is_file()]
 
 
 if __name__ == "__main__":
