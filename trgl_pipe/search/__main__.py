@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from trgl_pipe.errors import UserError
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             "SEDONA's search (trgl_pipe.search); pass this file after the config: it sets the keys below",
             command,
         ]
-        decision = run_search(cfg, options, out, header, args.resume, report=_reporter(options.budget))
+        with _progress(options.budget) as report:
+            decision = run_search(cfg, options, out, header, args.resume, report=report)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return error.exit_code
@@ -100,22 +102,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _reporter(budget: int) -> Callable[[int, float, Decision], None]:
-    """A progress bar on a terminal, else a line every 5% of the budget."""
-    every = max(1, budget // 20)
+@contextmanager
+def _progress(budget: int) -> Iterator[Callable[[int, float, Decision], None]]:
+    """A progress bar on a terminal (taken down however the search ends), else a line every 5%
+    of the budget."""
     if sys.stdout.isatty():
         from rich.progress import Progress
 
-        bar = Progress(transient=False)
-        task = bar.add_task("search", total=budget)
-        bar.start()
+        with Progress() as bar:
+            task = bar.add_task("search", total=budget)
 
-        def show(step: int, value: float, decision: Decision) -> None:
-            bar.update(task, completed=step, description=f"J {value:.3f} split {decision.split}")
-            if step >= budget:
-                bar.stop()
+            def show(step: int, value: float, decision: Decision) -> None:
+                bar.update(task, completed=step, description=f"J {value:.3f} split {decision.split}")
 
-        return show
+            yield show
+        return
+    every = max(1, budget // 20)
 
     def line(step: int, value: float, decision: Decision) -> None:
         if step % every == 0 or step == budget:
@@ -125,7 +127,7 @@ def _reporter(budget: int) -> Callable[[int, float, Decision], None]:
                 flush=True,
             )
 
-    return line
+    yield line
 
 
 if __name__ == "__main__":
