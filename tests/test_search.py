@@ -291,3 +291,22 @@ def test_ctrl_c_keeps_the_last_saved_step_and_resume_finishes_the_same_search(tm
         json.loads(p.with_suffix(".json").read_text()) for p in (out, tmp_path / "whole.yaml")
     )
     assert record["alpha"] == reference["alpha"] and record["beta"] == reference["beta"]
+
+
+def test_sedonas_memory_repeats_and_resumes_bit_for_bit_and_changes_the_search(tmp_path: Path) -> None:
+    import dataclasses
+
+    options = dataclasses.replace(OPTIONS, memory=2, warmup=4)
+    whole = _search(tmp_path / "a.yaml", options=options)
+    assert _search(tmp_path / "b.yaml", options=options, stop_after=2) is None
+    state = torch.load(tmp_path / "b.state.pt", weights_only=True)
+    assert [s["position"] for s in state["search"]["memory"]] != [2, 4]  # the memory moved on
+    assert len(state["search"]["memory"]) == 2
+    resumed = _search(tmp_path / "b.yaml", options=options, resume=True)
+    plain = _search(tmp_path / "c.yaml")
+    records = [json.loads((tmp_path / f"{n}.json").read_text()) for n in "abc"]
+    assert whole == resumed and records[0]["alpha"] == records[1]["alpha"]
+    assert records[0]["beta"] == records[1]["beta"]
+    assert records[0]["alpha"] != records[2]["alpha"] and plain is not None
+    with pytest.raises(UserError, match="--warmup at least"):
+        dataclasses.replace(OPTIONS, memory=3, warmup=2).check()

@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--meta-lr", type=float, default=defaults.meta_lr)
     parser.add_argument("--smoothing", type=float, default=defaults.smoothing)
     parser.add_argument("--save-every", type=int, default=defaults.save_every)
+    parser.add_argument(
+        "--memory",
+        type=int,
+        default=defaults.memory,
+        help="SEDONA's weight memory: snapshots of a warm-up each meta-step starts from (default 0: none)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=defaults.warmup, help="steps of the warm-up the memory is taken from"
+    )
     parser.add_argument("--resume", action="store_true", help="go on from the saved state of OUT's search")
     return parser
 
@@ -66,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         args.meta_lr,
         smoothing=args.smoothing,
         save_every=args.save_every,
+        memory=args.memory,
+        warmup=args.warmup,
     )
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path:  # no config file, only overrides
