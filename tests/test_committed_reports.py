@@ -91,3 +91,24 @@ def test_the_competitors_table_names_every_built_in_head(monkeypatch: pytest.Mon
         "dgl_mlp_sr": "DGL's MLP-SR head",
         "sedona": "SEDONA's decoder, depth 2",
     }
+
+
+def test_experiment_9s_searched_runs_trained_what_the_committed_search_chose() -> None:
+    """The searched rows of docs/results.md §9 ran the split and heads of the committed search.yaml
+    (and the searched-cuts rows its split with the baselines' depth-2 heads)."""
+    import json
+
+    import yaml
+
+    root = ROOT / "experiments" / "runs" / "sedona"
+    chosen = yaml.safe_load((root / "search.yaml").read_text())
+    record = json.loads((root / "search.json").read_text())
+    assert record["decision"]["split"] == chosen["model"]["split"]
+    runs = sorted(root.glob("searched-*k4-s*"))
+    assert runs, "no searched runs committed"
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert [a for a, _ in summary["partition"]][1:] == chosen["model"]["split"], run
+        want = chosen["aux"]["depth"] if run.name.startswith("searched-k4") else 2
+        assert config["aux"]["depth"] == want and config["aux"]["type"] == "sedona", run
