@@ -418,7 +418,8 @@ def compare_splits(args: argparse.Namespace, cfg: Config, device: torch.device) 
         f"{'cut weight':>11}"
     )
     for name, row in rows:
-        partition = split_by_depth_or_list(row)
+        shape, classes = data_shape(row)
+        partition = resolve_partition(row, build_parts(row, shape, classes), None, classes, device)
         cuts = [a for a, _ in partition][1:]
         profiles = profile_modules(row, sizes, device)
         found = layouts_for(profiles, args, row, reader)
@@ -433,19 +434,6 @@ def compare_splits(args: argparse.Namespace, cfg: Config, device: torch.device) 
             f"{best.samples_per_s:>10.0f} {best.peak_bytes / GIB:>9.2f} {weight:>11.3f}"
         )
     return 0
-
-
-def split_by_depth_or_list(cfg: Config) -> list[tuple[int, int]]:
-    """The partition of ``model.split`` = depth or a list, for a built-in backbone."""
-    from trgl_pipe.partition import split_at, split_by_depth
-
-    n = cfg.model.num_blocks
-    if n is None:
-        raise UserError(
-            "--search compares splits of built-in backbones (model.arch); a user network is not one"
-        )
-    split = cfg.model.split
-    return split_at(n, split) if isinstance(split, list) else split_by_depth(n, cfg.model.num_modules)
 
 
 if __name__ == "__main__":

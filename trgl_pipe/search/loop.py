@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from trgl_pipe.config import Config
+from trgl_pipe.data import _mix  # the data order's seed mixing, for the search's batches too
 from trgl_pipe.errors import ConfigError, UserError
 from trgl_pipe.io import atomic_write
 from trgl_pipe.search.meta import Batch, InnerSGD, Lookahead, relaxed_gradient
@@ -106,13 +107,6 @@ class SearchData:
 
     def warmup_batch(self, step: int) -> Batch:
         return self._draw(self.train, self.augment, 24, step)
-
-
-def _mix(*numbers: int) -> int:
-    value = 0
-    for n in numbers:
-        value = (value * 1_000_003 + n + 1) & 0x7FFFFFFFFFFFFFFF
-    return value
 
 
 def build_network(
