@@ -106,6 +106,14 @@ SEDONA_SEARCH_OPTIONS = ["--budget", "120", "--inner-steps", "2", "--batch-size"
 SEDONA_BALANCED = "model.split=[1,3,7]"
 
 
+# Experiment 10: what MAN's staleness costs. MAN's module k takes module k+1's first block every
+# N steps (objective.kwargs.every): N = 1 is the official schedule, 10 and 50 send 10x and 50x
+# fewer weights. Experiment 5's setting at K = 4 but 10 epochs (CPU time), seeds 0-2, and
+# VanGL beside it; MAN's defaults otherwise (m = 0.995, λ = (5, 0.5) at every module, 2c2f head).
+MAN_NET = [*SCARCE, "model.num_modules=4", "train.epochs=10", "train.eval_every_epochs=5"]
+MAN_EVERY = (1, 10, 50)
+
+
 def sedona_search() -> list[str]:
     """The search command of experiment 9 (seed: the tuning seed)."""
     return [
@@ -284,6 +292,13 @@ def experiment(name: str) -> list[tuple[str, list[str], list[int]]]:
             for k in COMPETITOR_KS
             for method, extra in COMPETITORS.items()
         ]
+    if name == "man":
+        runs = [("vangl-k4", [*MAN_NET, "trgl.enabled=false"], [0, 1, 2])]
+        runs += [
+            (f"man-every{n}-k4", [*MAN_NET, "objective.name=man", f"objective.kwargs={{every: {n}}}"], [0, 1, 2])
+            for n in MAN_EVERY
+        ]
+        return runs
     if name == "authors":
         seeds = [0, 1, 2]
         runs = [

@@ -62,10 +62,11 @@ def refusal_of(cfg: Config) -> str | None:
             f"{', '.join(accepted) or 'no keyword arguments'}"
         )
     objective.check_kwargs(dict(cfg.objective.kwargs), cfg.model.num_modules)  # its own refusals
-    if objective.needs_from_next:
+    unserved = [need for need in objective.needs_from_next if need != "weights"]
+    if unserved:
         return (
-            f"objective.name={cfg.objective.name} needs {' and '.join(objective.needs_from_next)} from "
-            "the next module (needs_from_next), which no regime sends back yet; it cannot train here"
+            f"objective.name={cfg.objective.name} needs {' and '.join(unserved)} from the next module "
+            "(needs_from_next), which no regime sends back yet (only weights); it cannot train here"
         )
     if cfg.pipeline.wire_dtype is not None and regime != "parallel":
         return (

@@ -105,6 +105,11 @@ class LocalNet(nn.Module):
         """T_k(x), C_k and F_k's logits; with ``extras`` also what the objective's networks
         computed (a dict). A probe head reads the detached output: it only measures accuracy."""
         out, energy = self.body(x, kinetic_grad=kinetic_grad, per_block=per_block)
+        if self.objective is not None and self.objective.feeds_head:  # F_k reads what forward made
+            found = self.objective.forward(self.aux, x, out, image)
+            seen = found["head_input"]
+            logits = self.head(seen.detach() if self.probe_head else seen)
+            return (out, energy, logits, found) if extras else (out, energy, logits)
         logits = self.head(out.detach() if self.probe_head else out)
         if not extras:
             return out, energy, logits
@@ -612,7 +617,8 @@ def audit_cuda_determinism(
     start, stop = partition[index]
     first, last = index == 0, index == len(partition) - 1
     blocks = list(parts.blocks)
-    blocks[start:stop] = [_meta_copy(b) for b in parts.blocks[start:stop]]
+    after = stop + 1 if stop < len(blocks) else stop  # the next module's first block: MAN copies it
+    blocks[start:after] = [_meta_copy(b) for b in parts.blocks[start:after]]
     own = dataclasses.replace(
         parts,
         stem=_meta_copy(parts.stem) if first else parts.stem,
@@ -684,4 +690,5 @@ def module_spec(
         device=str(device),
         last_block=plan.stop,
         later_shapes=tuple(tuple(s) for s in parts.shapes[plan.stop :]),
+        next_block=parts.blocks[plan.stop] if plan.stop < len(parts.blocks) else None,
     )

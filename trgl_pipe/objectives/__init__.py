@@ -32,6 +32,7 @@ BUILT_IN: dict[str, str] = {
     "infopro_l": "trgl_pipe.objectives.infopro:InfoProLObjective",
     "predsim": "trgl_pipe.objectives.predsim:PredSimObjective",
     "auglocal": "trgl_pipe.objectives.auglocal:AugLocalObjective",
+    "man": "trgl_pipe.objectives.man:ManObjective",
 }
 
 

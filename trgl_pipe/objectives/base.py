@@ -32,6 +32,9 @@ class ModuleSpec:
     device: str = "cpu"  # where the module trains: state an objective keeps (λ) can live there
     last_block: int = 0  # the network's block the module ends before (seeds its networks)
     later_shapes: tuple[tuple[int, ...], ...] = ()  # the output of every block after the module
+    # the network's block right after the module (module k+1's first), as built, with its initial
+    # weights: an objective copies its architecture (MAN); never train it in place
+    next_block: nn.Module | None = None
 
     @property
     def is_last(self) -> bool:
@@ -67,8 +70,11 @@ class Objective:
     can train, ``regimes`` (a local objective trains each module on its own loss: parallel,
     sequential, multi-lap, the pipeline, and, as one module, end to end; the delayed-gradient
     regimes ddg and fr need the end-to-end loss itself, which only TRGL's objective with the term
-    off computes), and ``needs_from_next``: what it needs from module k+1 (``"weights"``,
-    ``"gradient"``), a declaration no runtime path serves yet, so a run refuses it.
+    off computes), ``needs_from_next``: what it needs from module k+1: ``"weights"`` (module
+    k+1 sends its first block's parameters back every ``weights_every`` steps, in every transport:
+    :meth:`weights_for_previous`, :meth:`take_next_weights`; MAN) or ``"gradient"`` (declared,
+    not yet served: a run refuses it), and ``feeds_head``: :meth:`forward` returns what F_k reads
+    as ``extras["head_input"]`` instead of the module's output (MAN's F_k reads LB(h) + EMA(h)).
     :func:`trgl_pipe.compatibility.check` reads these declarations before anything is built.
     """
 
@@ -80,6 +86,8 @@ class Objective:
     regimes: ClassVar[tuple[str, ...]] = ("e2e", "parallel", "sequential", "multilap")
     needs_from_next: ClassVar[tuple[str, ...]] = ()
     needs_feature_maps: ClassVar[bool] = False  # [C, H, W] outputs: token maps (Swin) are refused
+    feeds_head: ClassVar[bool] = False
+    weights_every: int = 0  # needs_from_next "weights": every how many steps module k+1 sends them
 
     @classmethod
     def reads_image(cls, index: int, num_modules: int) -> bool:
@@ -111,6 +119,17 @@ class Objective:
     def forward(self, nets: nn.ModuleDict, x: Tensor, out: Tensor, image: Tensor | None) -> dict[str, Tensor]:
         """Run the auxiliary networks on the module's output (inside the module's forward)."""
         return {}
+
+    def weights_for_previous(self, first_block: nn.Module) -> list[Tensor]:
+        """Module k+1's side of ``needs_from_next = ("weights",)``: what it sends module k from its
+        first block, by default the block's parameters in their order (module k calls it on its
+        ``spec.next_block`` to learn the shapes)."""
+        return [p.detach() for p in first_block.parameters()]
+
+    def take_next_weights(self, nets: nn.ModuleDict, weights: list[Tensor], steps: int) -> None:
+        """Module k's side: ``weights`` are what module k+1 sent after its update t - N, arriving at
+        module k's step t (t a multiple of N = ``weights_every``); ``steps`` is N."""
+        raise NotImplementedError(f"{type(self).__name__} needs weights from the next module")
 
     def loss(self, inputs: LocalInputs) -> Tensor:
         """The scalar to backpropagate at this training step."""

@@ -81,7 +81,8 @@ class Decoder(nn.Module):
 
 class ProjectionHead(nn.Module):
     """3×3 conv (stride 2 and twice the channels while the map is larger than 8×8) → BN → ReLU →
-    global average pool → linear → ReLU → linear: the authors' "1c2f" auxiliary network."""
+    global average pool → linear → ReLU → linear: the authors' "1c2f" auxiliary network; with
+    ``convs=2`` a second 3×3 conv → BN → ReLU at the new width first ("2c2f", MAN's default)."""
 
     def __init__(
         self,
@@ -91,16 +92,25 @@ class ProjectionHead(nn.Module):
         feature_dim: int,
         widen: float,
         tokens: bool,
+        convs: int = 1,
     ) -> None:
         super().__init__()
         downsample = max(side) > SMALLEST_DOWNSAMPLED
         conv_channels = int((2 * in_channels if downsample else in_channels) * widen)
         hidden = int(feature_dim * widen)
         self.tokens = tokens
+        second: list[nn.Module] = []
+        if convs == 2:
+            second = [
+                nn.Conv2d(conv_channels, conv_channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(conv_channels),
+                nn.ReLU(),
+            ]
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, conv_channels, 3, stride=2 if downsample else 1, padding=1, bias=False),
             nn.BatchNorm2d(conv_channels),
             nn.ReLU(),
+            *second,
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
             nn.Linear(conv_channels, hidden),

@@ -239,7 +239,7 @@ class DistSession:
     pp_group: Any
     dp_group: Any
     timeout: timedelta = timedelta(seconds=60)  # pipeline.timeout_s, for every group once training runs
-    backward_group: Any = None  # the delayed-gradient regimes' link back: the pipeline's ranks again
+    backward_group: Any = None  # the link back (gradients, weights): the pipeline's ranks again
 
     @property
     def stage(self) -> int:
@@ -304,8 +304,11 @@ def init_distributed(
     store: Any,
     control: StoreControl,
     startup_timeout_s: float,
+    link_back: bool = False,
 ) -> DistSession:
-    """Agree on the data backend, create the default group and the ("pp", "dp") mesh."""
+    """Agree on the data backend, create the default group and the ("pp", "dp") mesh; with
+    ``link_back`` (or a delayed-gradient regime) also a communicator for messages from each rank
+    to the one before it."""
     data_backend = agree_on_backend(cfg, env, store, control, device, startup_timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -324,8 +327,10 @@ def init_distributed(
     # the first all-reduce may wait for a replica still reading data or compiling).
     startup = timedelta(seconds=max(startup_timeout_s, cfg.pipeline.timeout_s))
     mesh, pp_group, dp_group = create_mesh(layout, env.rank, device.type, timeout, startup)
-    # the gradients' link (ddg, fr): its own communicator, created after the mesh on every rank
-    backward = pipeline_group(layout, env.rank, timeout) if cfg.train.regime in ("ddg", "fr") else None
+    # the link back (ddg and fr's gradients, MAN's weights): its own communicator, created after
+    # the mesh on every rank
+    link_back = link_back or cfg.train.regime in ("ddg", "fr")
+    backward = pipeline_group(layout, env.rank, timeout) if link_back else None
     staged = device.type == "cuda" and data_backend == "gloo"
     return DistSession(
         env, layout, store, control, data_backend, staged, mesh, pp_group, dp_group, timeout, backward

@@ -861,7 +861,7 @@ class BackwardLinks:
         the one before it in this process directly (it runs first in the next step)."""
         self._clock = clock
         if self.inbox is not None:
-            carries[-1].recv_grad = lambda: self._recv(waiter)
+            carries[-1].recv_grad = lambda: self.recv(waiter)
         if self.outbox is not None:
             outbox = self.outbox
             carries[0].send_grad = lambda msg: clock.add_wait("send_wait", outbox.send(msg, waiter))
@@ -874,7 +874,7 @@ class BackwardLinks:
         first rank, which sends none."""
         return None if self.outbox is None else self.outbox.sent_bytes
 
-    def _recv(self, waiter: Waiter) -> Message:
+    def recv(self, waiter: Waiter) -> Message:
         assert self.inbox is not None
         t0 = time.perf_counter()
         msg = self.inbox.recv(waiter)
@@ -891,7 +891,7 @@ class BackwardLinks:
         if self.outbox is not None:
             self.outbox.send(Message(Kind.STOP), waiter)
         if self.inbox is not None:
-            while self._recv(waiter).kind is not Kind.STOP:
+            while self.recv(waiter).kind is not Kind.STOP:
                 pass
             self.inbox.close(waiter)
         if self.outbox is not None:

@@ -14,6 +14,7 @@ import torch
 from trgl_pipe.runtime.clock import Clock, HostClock
 from trgl_pipe.runtime.messages import SPLITS, Kind, Message
 from trgl_pipe.stage import Stage
+from trgl_pipe.training.next_weights import NextWeights
 from trgl_pipe.watch.metrics import MetricsLogger, peak_memory_bytes
 
 CheckpointHook = Callable[["StageWorker", Message], None]
@@ -57,6 +58,8 @@ class StageWorker:
         # work in flight saved with the module (delayed-gradient regimes): state_dict,
         # load_state_dict and report, or None
         self.carry: Any = None
+        # weights from the next module (MAN): set by make_worker, linked by the run
+        self.next_weights: NextWeights | None = None
 
     @property
     def index(self) -> int:
@@ -72,7 +75,11 @@ class StageWorker:
             image = msg.x if self.index == 0 else msg.image
             with self.clock.region(f"train/{self.index}"):
                 if self.carry is None:
+                    if self.next_weights is not None:
+                        self.next_weights.before_step()
                     out = self.stage.train_step(msg.x, msg.y, image if self.reads_image else None)
+                    if self.next_weights is not None:
+                        self.next_weights.after_step()
                 else:  # a delayed-gradient regime on a pipeline rank
                     out = self.carry.train_message(msg)
             self.train_samples += msg.num_samples
@@ -178,6 +185,7 @@ class StageWorker:
             "last_eval": self.last_eval,
             "epoch": self.epoch,
             **({"carry": self.carry.state_dict()} if self.carry is not None else {}),
+            **({"next_weights": self.next_weights.state_dict()} if self.next_weights is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -187,6 +195,8 @@ class StageWorker:
         self.epoch = int(state["epoch"])
         if self.carry is not None and "carry" in state:
             self.carry.load_state_dict(state["carry"])
+        if self.next_weights is not None and "next_weights" in state:
+            self.next_weights.load_state_dict(state["next_weights"])
 
     def live_snapshot(self) -> dict[str, Any]:
         """Progress for the live view (a few host syncs: call it at most every interval)."""
@@ -257,5 +267,7 @@ def make_worker(
     worker.reads_image = needs_image(cfg, stage.index, num_modules)
     if cfg.pipeline.wire_dtype is not None and stage.index < num_modules - 1:
         worker.wire_dtype = WIRE_DTYPES[cfg.pipeline.wire_dtype]
+    if "weights" in stage.objective.needs_from_next and stage.objective.weights_every > 0:
+        worker.next_weights = NextWeights(stage)
     worker.passes_image = any(needs_image(cfg, k, num_modules) for k in range(stage.index + 1, num_modules))
     return worker
