@@ -46,6 +46,7 @@ METHODS = {
     "infopro_l": ["objective.name=infopro_l"],
     "predsim": ["objective.name=predsim"],
     "auglocal": ["objective.name=auglocal"],  # d = 3, pyramid c = 0.5
+    "man": ["objective.name=man"],  # N = 1, 2c2f head
     "dgl_mlp_sr": ["objective.name=vangl", "aux.type=dgl_mlp_sr"],
     "sedona": ["objective.name=vangl", "aux.type=sedona", "aux.depth=2"],  # SEDONA's head, depth 2
 }

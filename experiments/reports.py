@@ -122,6 +122,12 @@ REPORTS = (
         "(5,000 images, K = 4, VanGL with SEDONA's heads, fresh seeds)",
         (f"{RUNS}/sedona/*",),
     ),
+    Report(
+        "man",
+        "Experiment 10: MAN with its weights sent back every N = 1, 10, 50 steps, and VanGL "
+        "(5,000 images, K = 4, 10 epochs, seeds 0-2)",
+        (f"{RUNS}/man/*",),
+    ),
 )
 BY_NAME = {r.name: r for r in REPORTS}
 AUTHORS_TABLE = "authors-table"  # the table of benchmarks/vs_authors.md

@@ -294,10 +294,9 @@ def experiment(name: str) -> list[tuple[str, list[str], list[int]]]:
         ]
     if name == "man":
         runs = [("vangl-k4", [*MAN_NET, "trgl.enabled=false"], [0, 1, 2])]
-        runs += [
-            (f"man-every{n}-k4", [*MAN_NET, "objective.name=man", f"objective.kwargs={{every: {n}}}"], [0, 1, 2])
-            for n in MAN_EVERY
-        ]
+        man = [*MAN_NET, "objective.name=man"]
+        every = {n: f"objective.kwargs={{every: {n}}}" for n in MAN_EVERY}
+        runs += [(f"man-every{n}-k4", [*man, every[n]], [0, 1, 2]) for n in MAN_EVERY]
         return runs
     if name == "authors":
         seeds = [0, 1, 2]

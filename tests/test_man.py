@@ -137,6 +137,11 @@ def test_the_in_process_pipeline_equals_the_parallel_regime(tiny) -> None:
     assert _losses(a.out_dir) == _losses(b.out_dir) and len(_losses(a.out_dir)) == 30
 
 
+def test_end_to_end_is_one_module_on_plain_cross_entropy(tiny) -> None:
+    summary = run_single(tiny(*MAN, "train.regime=e2e"), console_summary=False)
+    assert [m["num_steps"] for m in summary["modules"]] == [10] and "aux_params" not in summary["modules"][0]
+
+
 @pytest.mark.parametrize(
     ("bad", "match"),
     [
