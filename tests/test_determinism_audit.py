@@ -69,12 +69,15 @@ OBJECTIVES = {
     "infopro_l": ["trgl.enabled=false"],
     "predsim": ["trgl.enabled=false"],
     "man": ["trgl.enabled=false"],
+    "hpff": ["trgl.enabled=false"],
 }
 HEADS = ["conv", "dgl_cnn", "dgl_mlp_sr", "sedona"]
 # What each finding may be, and why (every other network of every combination must be exact):
 EXPLAINED = {
     # InfoPro's decoder (MAN's too) restores the image with a bilinear upsampling, as their authors do
     ("aux.decoder", "upsample_bilinear2d_backward"),
+    # HPFF's patch decoders resize each quadrant bilinearly, as their authors do
+    ("aux.patches", "upsample_bilinear2d_backward"),
     # DGL's MLP-SR head pools a 32x32 map to 8x8, then its 8x8 map to 2x2, exactly; its 7x7 map
     # of the first ResNet-18 module (8x8 input from the stem's pools) goes to 2x2 bins: inexact
     ("head", "_adaptive_avg_pool2d_backward"),
@@ -114,6 +117,6 @@ def test_every_backbone_objective_and_head(arch: str, objective: str, head: str)
             assert (f.network, f.op) in EXPLAINED, (k, str(f))
             if f.network == "head":  # only an inexact pool: the head says so too
                 assert head.startswith("dgl") or arch == "vgg11_bn", (k, str(f))
-    decoder = any(f.network == "aux.decoder" for f in found[0])
-    # module 0 of 2 reconstructs (InfoPro, MAN: InfoPro's decoder); the last does not
-    assert decoder == (objective.startswith("infopro") or objective == "man")
+    decoder = any(f.network in ("aux.decoder", "aux.patches") for f in found[0])
+    # module 0 of 2 reconstructs (InfoPro; MAN and HPFF with InfoPro's decoder); the last does not
+    assert decoder == (objective.startswith("infopro") or objective in ("man", "hpff"))

@@ -62,11 +62,21 @@ def refusal_of(cfg: Config) -> str | None:
             f"{', '.join(accepted) or 'no keyword arguments'}"
         )
     objective.check_kwargs(dict(cfg.objective.kwargs), cfg.model.num_modules)  # its own refusals
-    unserved = [need for need in objective.needs_from_next if need != "weights"]
+    unserved = [need for need in objective.needs_from_next if need not in ("weights", "gradient")]
     if unserved:
         return (
             f"objective.name={cfg.objective.name} needs {' and '.join(unserved)} from the next module "
-            "(needs_from_next), which no regime sends back yet (only weights); it cannot train here"
+            "(needs_from_next): only weights and gradient are sent back; it cannot train here"
+        )
+    if "gradient" in objective.needs_from_next and cfg.pipeline.replicas > 1:
+        return (
+            f"objective.name={cfg.objective.name} adds a gradient from the next module outside the "
+            "replicas' gradient average; set pipeline.replicas=1"
+        )
+    if "gradient" in objective.needs_from_next and cfg.pipeline.wire_dtype is not None:
+        return (
+            f"objective.name={cfg.objective.name} sends gradients back in the activations' dtype; "
+            f"pipeline.wire_dtype={cfg.pipeline.wire_dtype} is not supported with it: remove it"
         )
     if cfg.pipeline.wire_dtype is not None and regime != "parallel":
         return (

@@ -82,7 +82,7 @@ class DataConfig:
             raise ConfigError("data.source=root needs data.root (the folder that holds the dataset)")
 
 
-ObjectiveName = Literal["trgl", "vangl", "infopro", "infopro_l", "predsim", "auglocal", "man"]
+ObjectiveName = Literal["trgl", "vangl", "infopro", "infopro_l", "predsim", "auglocal", "man", "hpff"]
 Arch = Literal[
     "cifar_resnet",
     "resnet18",
@@ -394,7 +394,8 @@ class ObjectiveConfig:
     name: ObjectiveName | str = "trgl"
     # passed to the objective's class: infopro / infopro_l take loss, weights, widen, feature_dim,
     # temperature; predsim takes beta, dim_in_decoder; auglocal depth, pyramid, widen; man momentum,
-    # every, weights, head, widen, feature_dim (docs/method.md); trgl's are the trgl section
+    # every, weights, head, widen, feature_dim; hpff weights, local_weight, cascade_weight, widen,
+    # feature_dim (docs/method.md); trgl's are the trgl section
     kwargs: dict[str, Any] = field(default_factory=dict)
     # deprecated (one release): the old flat keys of InfoPro and PredSim, moved into kwargs
     infopro_loss: str | None = None

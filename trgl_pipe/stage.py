@@ -293,6 +293,11 @@ class Stage:
     def _loss(
         self, x: Tensor, y: Tensor, image: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return self._local_loss(x, y, image)[:5]
+
+    def _local_loss(
+        self, x: Tensor, y: Tensor, image: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, LocalInputs]:
         objective = self.objective
         extras: dict[str, Tensor] = {}
         with self._autocast():
@@ -303,22 +308,41 @@ class Stage:
             else:
                 out, kinetic, logits = self.net(x, kinetic_grad=objective.uses_kinetic)
         ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
-        loss = objective.loss(LocalInputs(x, out, kinetic, logits, ce, y, image, extras))
-        return out, kinetic, logits, ce, loss
+        inputs = LocalInputs(x, out, kinetic, logits, ce, y, image, extras)
+        return out, kinetic, logits, ce, objective.loss(inputs), inputs
 
-    def train_step(self, x: Tensor, y: Tensor, image: Tensor | None = None) -> Tensor:
+    def train_step(
+        self,
+        x: Tensor,
+        y: Tensor,
+        image: Tensor | None = None,
+        *,
+        input_gradient: bool = False,
+        before_update: Callable[[], None] | None = None,
+    ) -> Tensor:
         """One local update of T_k, F_k and the objective's networks; returns T_k(x) detached.
 
-        ``image`` is the batch's input image, for an objective that reads it (InfoPro).
+        ``image`` is the batch's input image, for an objective that reads it (InfoPro). With
+        ``input_gradient`` the gradient of the objective's ``loss_for_previous`` with respect to
+        ``x`` is kept as ``last_input_gradient`` (for module k-1: HPFF); ``before_update`` runs
+        after the backward, before the optimizer's step (to add a gradient from module k+1).
         """
         x, y = self._prepare(x, y)
+        if input_gradient:
+            x = x.detach().requires_grad_()
         if image is not None:
             image = image.to(self.device, non_blocking=True)
         self.local_net.train()
         with self.random.active() if self.random is not None else contextlib.nullcontext():
-            out, kinetic, logits, ce, loss = self._loss(x, y, image)
+            out, kinetic, logits, ce, loss, inputs = self._local_loss(x, y, image)
         self.optimizer.zero_grad(set_to_none=True)
+        if input_gradient:
+            part = self.objective.loss_for_previous(inputs)
+            assert part is not None, "input_gradient needs the objective's loss_for_previous"
+            (self.last_input_gradient,) = torch.autograd.grad(part, x, retain_graph=True)
         loss.backward()
+        if before_update is not None:
+            before_update()
         self.optimizer.step()
         self.scheduler.step()
         self.num_steps += 1
@@ -330,6 +354,15 @@ class Stage:
         self.last_loss = loss.detach()
         self.last_kinetic = kinetic.detach()
         return out.detach()
+
+    def replay_gradient(self, x: Tensor, grad: Tensor) -> None:
+        """Add to the body's gradients ``grad`` backpropagated through T_k at ``x``, with the
+        current weights in training mode (a gradient that module k+1 sent one step late)."""
+        x, _ = self._prepare(x, torch.empty(0))
+        self.body.train()
+        with self._autocast():
+            out, _ = self.body(x, kinetic_grad=False)
+        out.backward(grad.to(out.device, out.dtype))
 
     @torch.no_grad()
     def forward_frozen(self, x: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ BUILT_IN: dict[str, str] = {
     "predsim": "trgl_pipe.objectives.predsim:PredSimObjective",
     "auglocal": "trgl_pipe.objectives.auglocal:AugLocalObjective",
     "man": "trgl_pipe.objectives.man:ManObjective",
+    "hpff": "trgl_pipe.objectives.hpff:HpffObjective",
 }
 
 

@@ -72,8 +72,10 @@ class Objective:
     regimes ddg and fr need the end-to-end loss itself, which only TRGL's objective with the term
     off computes), ``needs_from_next``: what it needs from module k+1: ``"weights"`` (module
     k+1 sends its first block's parameters back every ``weights_every`` steps, in every transport:
-    :meth:`weights_for_previous`, :meth:`take_next_weights`; MAN) or ``"gradient"`` (declared,
-    not yet served: a run refuses it), and ``feeds_head``: :meth:`forward` returns what F_k reads
+    :meth:`weights_for_previous`, :meth:`take_next_weights`; MAN) or ``"gradient"`` (module k+1
+    sends the gradient of its :meth:`loss_for_previous` with respect to its input, module k's
+    output; module k adds it, backpropagated through its body, to its next step's update: HPFF),
+    and ``feeds_head``: :meth:`forward` returns what F_k reads
     as ``extras["head_input"]`` instead of the module's output (MAN's F_k reads LB(h) + EMA(h)).
     :func:`trgl_pipe.compatibility.check` reads these declarations before anything is built.
     """
@@ -130,6 +132,11 @@ class Objective:
         """Module k's side: ``weights`` are what module k+1 sent after its update t - N, arriving at
         module k's step t (t a multiple of N = ``weights_every``); ``steps`` is N."""
         raise NotImplementedError(f"{type(self).__name__} needs weights from the next module")
+
+    def loss_for_previous(self, inputs: LocalInputs) -> Tensor | None:
+        """``needs_from_next = ("gradient",)``: the part of this module's loss whose gradient with
+        respect to its input goes back to the module before (None: none; module 0 sends nothing)."""
+        return None
 
     def loss(self, inputs: LocalInputs) -> Tensor:
         """The scalar to backpropagate at this training step."""

@@ -61,8 +61,8 @@ from trgl_pipe.runtime.mesh import (
 )
 from trgl_pipe.runtime.schedule import Position, parallel_stream
 from trgl_pipe.runtime.transport import BackwardLinks, DistInbox, DistOutbox, LinkSettings, StreamInbox
+from trgl_pipe.training.from_next import connect_link_back
 from trgl_pipe.training.loop import rank_stats, run_worker
-from trgl_pipe.training.next_weights import connect_weights
 from trgl_pipe.training.replicas import replicate, sync_batchnorm
 from trgl_pipe.training.skeleton import RunSkeleton, metrics_path
 from trgl_pipe.watch.live import LiveView, Publisher, StoreBoard
@@ -269,9 +269,10 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     if delayed:  # the backward link: gradients from the next rank to this one
         backward = dataclasses.replace(link, group=session.backward_group)  # a communicator of its own
         links = BackwardLinks.connect(rank, previous, following, backward, (in_shape, in_dtype))
-    weights_back = None
-    if session.backward_group is not None and not delayed:  # MAN: weights from the next rank
-        weights_back = connect_weights(chain, rank, previous, following, link, session.backward_group)
+    back = None
+    if session.backward_group is not None and not delayed:  # weights (MAN) or gradients (HPFF)
+        group = session.backward_group
+        back = connect_link_back(chain, rank, previous, following, link, group, (in_shape, in_dtype))
     # every replica warms up with as many training passes (SyncBatchNorm's collectives)
     every = [batch_sizes(cfg, ctx, r, layout.replicas) for r in range(layout.replicas)]
     train_sizes, eval_sizes = warm_up_sizes([train for train, _ in every])[replica], every[replica][1]
@@ -307,8 +308,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
     monitor = (Publisher(board, f"rank/{rank}", interval), telemetry)
     if links is not None:
         links.serve([w.carry for w in chain], waiter, clock)
-    if weights_back is not None:
-        weights_back.serve(waiter)
+    if back is not None:
+        back.serve(waiter)
     run.start()
     view = LiveView(board, cfg.log.live if rank == 0 else "off", interval, f"trgl_pipe · {layout.describe()}")
     with view:
@@ -326,8 +327,8 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
         )
         if links is not None:
             links.close(waiter)
-        if weights_back is not None:
-            weights_back.close(waiter)
+        if back is not None:
+            back.close(waiter)
     if agreement is not None:  # its last all-reduce must end before the groups are destroyed
         agreement.drain()
     tracer.close()
@@ -479,7 +480,7 @@ def run_rank(cfg: Config, exit_process: bool = True) -> dict[str, Any] | None:
         control = store_control = StoreControl(store)
         preemption.install(job_failed=lambda: store_control.failure() is not None)
         device = resolve_device(cfg.device, env.local_rank)
-        link_back = "weights" in objective_class(cfg).needs_from_next  # MAN: weights to the rank before
+        link_back = bool(objective_class(cfg).needs_from_next)  # MAN's weights, HPFF's gradients
         session = init_distributed(cfg, env, layout, device, store, control, STARTUP_TIMEOUT_S, link_back)
         folder = claim(cfg) if env.rank == 0 else None  # only rank 0 locks and writes the run files
         if folder is not None:

@@ -13,7 +13,7 @@ from trgl_pipe.context import RunContext
 from trgl_pipe.folder.checkpoint import CheckpointWriter, Progress
 from trgl_pipe.runtime.messages import Kind, Message
 from trgl_pipe.runtime.schedule import Position, eval_due, eval_messages, parallel_stream, total_steps
-from trgl_pipe.training.next_weights import connect_in_process
+from trgl_pipe.training.from_next import link_workers
 from trgl_pipe.training.worker import StageWorker
 from trgl_pipe.watch.live import Publisher
 
@@ -38,10 +38,7 @@ def run_parallel(
 ) -> None:
     """Parallel (and e2e) regime in one process."""
     start = Position(progress.epoch, progress.batch, progress.step) if progress else Position()
-    connect_in_process([w.next_weights for w in workers])
-    for worker in workers:
-        if worker.next_weights is not None:
-            worker.next_weights.start()
+    link_workers(workers)
     drive(parallel_stream(ctx.cfg, ctx.batches, start, should_stop), workers, publishers)
 
 

@@ -17,8 +17,8 @@ from trgl_pipe.faults import Tracer
 from trgl_pipe.runtime.buffer import LocalControl, Waiter
 from trgl_pipe.runtime.schedule import Position, parallel_stream
 from trgl_pipe.runtime.transport import StreamInbox, local_link
+from trgl_pipe.training.from_next import link_workers
 from trgl_pipe.training.loop import rank_stats, run_worker
-from trgl_pipe.training.next_weights import connect_in_process
 from trgl_pipe.training.worker import StageWorker
 from trgl_pipe.watch.live import LiveView, LocalBoard, Publisher
 from trgl_pipe.watch.spans import SpanRecorder
@@ -52,10 +52,7 @@ def run_simulated(
     tracer = Tracer(Path(cfg.out_dir) / "trace.jsonl" if cfg.debug.trace else None)
 
     waiters = [Waiter(control, cfg.pipeline.timeout_s, f"module {i}") for i in range(k)]
-    connect_in_process([w.next_weights for w in workers], waiters)
-    for worker in workers:
-        if worker.next_weights is not None:
-            worker.next_weights.start()
+    link_workers(workers, waiters)
 
     def body(i: int) -> None:
         waiter = waiters[i]

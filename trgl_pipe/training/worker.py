@@ -14,7 +14,7 @@ import torch
 from trgl_pipe.runtime.clock import Clock, HostClock
 from trgl_pipe.runtime.messages import SPLITS, Kind, Message
 from trgl_pipe.stage import Stage
-from trgl_pipe.training.next_weights import NextWeights
+from trgl_pipe.training.from_next import NextGradient, NextWeights
 from trgl_pipe.watch.metrics import MetricsLogger, peak_memory_bytes
 
 CheckpointHook = Callable[["StageWorker", Message], None]
@@ -58,8 +58,9 @@ class StageWorker:
         # work in flight saved with the module (delayed-gradient regimes): state_dict,
         # load_state_dict and report, or None
         self.carry: Any = None
-        # weights from the next module (MAN): set by make_worker, linked by the run
+        # weights (MAN) or a gradient (HPFF) from the next module: set by make_worker, linked by the run
         self.next_weights: NextWeights | None = None
+        self.next_gradient: NextGradient | None = None
 
     @property
     def index(self) -> int:
@@ -74,10 +75,13 @@ class StageWorker:
             # the first module's input is the image itself
             image = msg.x if self.index == 0 else msg.image
             with self.clock.region(f"train/{self.index}"):
-                if self.carry is None:
+                read = image if self.reads_image else None
+                if self.next_gradient is not None:
+                    out = self.next_gradient.train_step(msg.x, msg.y, read)
+                elif self.carry is None:
                     if self.next_weights is not None:
                         self.next_weights.before_step()
-                    out = self.stage.train_step(msg.x, msg.y, image if self.reads_image else None)
+                    out = self.stage.train_step(msg.x, msg.y, read)
                     if self.next_weights is not None:
                         self.next_weights.after_step()
                 else:  # a delayed-gradient regime on a pipeline rank
@@ -186,6 +190,7 @@ class StageWorker:
             "epoch": self.epoch,
             **({"carry": self.carry.state_dict()} if self.carry is not None else {}),
             **({"next_weights": self.next_weights.state_dict()} if self.next_weights is not None else {}),
+            **({"next_gradient": self.next_gradient.state_dict()} if self.next_gradient is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -197,6 +202,8 @@ class StageWorker:
             self.carry.load_state_dict(state["carry"])
         if self.next_weights is not None and "next_weights" in state:
             self.next_weights.load_state_dict(state["next_weights"])
+        if self.next_gradient is not None and "next_gradient" in state:
+            self.next_gradient.load_state_dict(state["next_gradient"])
 
     def live_snapshot(self) -> dict[str, Any]:
         """Progress for the live view (a few host syncs: call it at most every interval)."""
@@ -269,5 +276,7 @@ def make_worker(
         worker.wire_dtype = WIRE_DTYPES[cfg.pipeline.wire_dtype]
     if "weights" in stage.objective.needs_from_next and stage.objective.weights_every > 0:
         worker.next_weights = NextWeights(stage)
+    if "gradient" in stage.objective.needs_from_next and cfg.train.regime == "parallel":
+        worker.next_gradient = NextGradient(stage)
     worker.passes_image = any(needs_image(cfg, k, num_modules) for k in range(stage.index + 1, num_modules))
     return worker

@@ -1,5 +1,7 @@
-"""Weights from the next module (``Objective.needs_from_next = ("weights",)``, MAN).
+"""What a module needs from the next one (``Objective.needs_from_next``): its weights (MAN) or a
+gradient (HPFF), in every transport.
 
+**Weights.**
 Module k+1 sends what its objective picks from its first block (:meth:`Objective.weights_for_previous`)
 after every N-th update (N = ``weights_every``), starting with its initial weights; module k, at
 its step t (t ≥ N, t a multiple of N), takes the weights module k+1 had after update t − N. So
@@ -9,6 +11,13 @@ the pipeline computes what one process computes.
 
 A module keeps the weights it sent that the module before it may not have taken yet (the updates
 in [t − N, t]) and sends them again when a run resumes from a checkpoint.
+
+**Gradients.** Module k+1 sends the gradient of its objective's ``loss_for_previous`` with respect
+to its input (module k's output of that batch) after each step; module k, at its next step, adds
+it backpropagated through its body at that batch's input, with its current weights, before its
+optimizer's step: one step late. The sender keeps its last gradient and the receiver its last
+input in their checkpoints, so a resumed run sends and replays exactly what an uninterrupted one
+does.
 """
 
 from __future__ import annotations
@@ -104,9 +113,69 @@ class NextWeights:
         self.held = [(int(u), w) for u, w in state["held"]]
 
 
+class NextGradient:
+    """One module's part of the gradients' exchange: it sends ∂loss_for_previous/∂input to the module
+    before it and/or replays the one the module after it sent, one step late."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        self.sends = stage.index > 0
+        self.receives = stage.index < stage.plan.num_modules - 1
+        self.held: list[tuple[int, Tensor]] = []  # the last gradient sent (sent again on resume)
+        self.kept: tuple[int, Tensor] | None = None  # the last step's input, for the replay
+        self.send: Send | None = None
+        self.receive: Receive | None = None
+
+    def start(self) -> None:
+        """Before the first step (fresh or resumed): send the gradient not yet replayed."""
+        for step, grad in self.held:
+            self._send(step, grad)
+
+    def _send(self, step: int, grad: Tensor) -> None:
+        if self.send is None:
+            k = self.stage.index
+            raise PipelineError(f"module {k}: no link to send its gradient to module {k - 1}")
+        self.send(step, grad)
+
+    def _replay(self, t: int) -> None:
+        if self.receive is None:
+            k = self.stage.index
+            raise PipelineError(f"module {k}: no link to receive module {k + 1}'s gradient")
+        step, grad = self.receive()
+        if step != t - 1 or self.kept is None or self.kept[0] != t - 1:
+            raise PipelineError(
+                f"module {self.stage.index} at step {t} got module {self.stage.index + 1}'s gradient of "
+                f"step {step}, expected {t - 1}"
+            )
+        self.stage.replay_gradient(self.kept[1], grad)
+
+    def train_step(self, x: Tensor, y: Tensor, image: Tensor | None) -> Tensor:
+        """The stage's training step with the gradient from the next module added and the one for
+        the module before computed."""
+        t = self.stage.num_steps
+        replay = (lambda: self._replay(t)) if self.receives and t >= 1 else None
+        out = self.stage.train_step(x, y, image, input_gradient=self.sends, before_update=replay)
+        if self.receives:
+            self.kept = (t, x.detach().clone())
+        if self.sends:
+            grad = self.stage.last_input_gradient.detach()
+            self.held = [(t, grad)]
+            self._send(t, grad)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"held": list(self.held), "kept": self.kept}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.held = [(int(s), g) for s, g in state["held"]]
+        kept = state["kept"]
+        self.kept = None if kept is None else (int(kept[0]), kept[1])
+
+
 class Mailbox:
-    """Weights from one module to the one before it inside one process: FIFO, unbounded (two are
-    in flight at most); with a ``waiter`` a take waits (threads), without it one must be there."""
+    """Weights or gradients from one module to the one before it inside one process: FIFO,
+    unbounded (two are in flight at most); with a ``waiter`` a take waits (threads), without it
+    one must be there."""
 
     def __init__(self, receiver: int) -> None:
         self.receiver = receiver
@@ -121,7 +190,7 @@ class Mailbox:
                 return self.items.get_nowait()
             except queue.Empty:
                 k = self.receiver
-                raise PipelineError(f"module {k}: no weights from module {k + 1}") from None
+                raise PipelineError(f"module {k}: nothing from module {k + 1}") from None
 
         def attempt(timeout: float) -> tuple[int, Tensor] | None:
             try:
@@ -129,11 +198,11 @@ class Mailbox:
             except queue.Empty:
                 return None
 
-        return waiter.wait(attempt, f"weights from module {self.receiver + 1}")
+        return waiter.wait(attempt, f"weights or a gradient from module {self.receiver + 1}")
 
 
 def connect_in_process(
-    parts: Sequence[NextWeights | None], waiters: Sequence[Waiter | None] | None = None
+    parts: Sequence[NextWeights | NextGradient | None], waiters: Sequence[Waiter | None] | None = None
 ) -> None:
     """Link consecutive modules of one process (``parts`` in module order; ``waiters``: the
     receiving module's, when modules run on threads)."""
@@ -147,9 +216,9 @@ def connect_in_process(
         before.receive = lambda box=box, waiter=waiter: box.take(waiter)
 
 
-class WeightsBack:
-    """A torchrun rank's ends of the weights' link: from its first module to the rank before, and
-    from the rank after to its last module, over :class:`BackwardLinks` (bounded, credited, on a
+class LinkBack:
+    """A torchrun rank's ends of the link back: from its first module to the rank before, and from
+    the rank after to its last module, over :class:`BackwardLinks` (bounded, credited, on a
     communicator of its own); inside the rank, module to module directly."""
 
     def __init__(self, chain: Sequence[Any], links: BackwardLinks) -> None:
@@ -158,16 +227,17 @@ class WeightsBack:
 
     def serve(self, waiter: Waiter) -> None:
         """Link the rank's modules, then send what the rank before may need first."""
-        parts = [w.next_weights for w in self.chain]
+        parts = [_part(w) for w in self.chain]
         connect_in_process(parts)  # one thread runs them in order: each message is there
         first, last = parts[0], parts[-1]
         links = self.links
         if first is not None and first.sends and links.outbox is not None:
             outbox = links.outbox
-            label = torch.zeros(1, dtype=torch.int64)  # one "sample": the flat weights
 
-            def send(update: int, flat: Tensor) -> None:
-                outbox.send(Message(Kind.TRAIN, flat[None], label, step=update), waiter)
+            def send(step: int, tensor: Tensor) -> None:
+                batch = tensor if isinstance(first, NextGradient) else tensor[None]
+                labels = torch.zeros(batch.shape[0], dtype=torch.int64)  # the header counts rows by them
+                outbox.send(Message(Kind.TRAIN, batch, labels, step=step), waiter)
 
             first.send = send
         if last is not None and last.receives and links.inbox is not None:
@@ -175,8 +245,8 @@ class WeightsBack:
             def receive() -> tuple[int, Tensor]:
                 msg = links.recv(waiter)
                 if msg.kind is not Kind.TRAIN or msg.x is None:
-                    raise PipelineError(f"rank ended its weights before module {last.stage.index} took them")
-                return msg.step, msg.x[0]
+                    raise PipelineError(f"the rank after module {last.stage.index} stopped sending")
+                return msg.step, msg.x if isinstance(last, NextGradient) else msg.x[0]
 
             last.receive = receive
         for part in parts:
@@ -187,21 +257,41 @@ class WeightsBack:
         self.links.close(waiter)
 
 
-def connect_weights(
+def _part(worker: Any) -> NextWeights | NextGradient | None:
+    return worker.next_weights if worker.next_weights is not None else worker.next_gradient
+
+
+def link_workers(workers: Sequence[Any], waiters: Sequence[Waiter | None] | None = None) -> None:
+    """Link the exchanges of consecutive workers of one process and let each send what the one
+    before it needs first (one process, the in-process pipeline)."""
+    parts = [_part(w) for w in workers]
+    connect_in_process(parts, waiters)
+    for part in parts:
+        if part is not None:
+            part.start()
+
+
+def connect_link_back(
     chain: Sequence[Any],
     rank: int,
     previous: int | None,
     following: int | None,
     link: LinkSettings,
     group: Any,
-) -> WeightsBack:
-    """Open the weights' link of a rank whose modules (``chain``, workers) need it (all ranks do:
-    the handshakes run in rank order, as the gradients' link's)."""
-    first = chain[0].next_weights
-    size = sum(s.numel() for s in _sent_shapes(first)) if first is not None and first.sends else 1
-    settings = dataclasses.replace(link, group=group, capacity=max(2, link.capacity), max_batch=1)
-    sample = ((size,), torch.float32)
-    return WeightsBack(chain, BackwardLinks.connect(rank, previous, following, settings, sample))
+    input_sample: tuple[tuple[int, ...], torch.dtype],
+) -> LinkBack:
+    """Open the link back of a rank whose modules (``chain``, workers) need one (all ranks do: the
+    handshakes run in rank order, as the delayed regimes' gradients' link's). ``input_sample``:
+    the shape and dtype of one sample of the rank's input (a gradient has that shape)."""
+    first = _part(chain[0])
+    if isinstance(first, NextGradient):
+        settings = dataclasses.replace(link, group=group, capacity=max(2, link.capacity))
+        sample = input_sample
+    else:
+        size = sum(s.numel() for s in _sent_shapes(first)) if first is not None and first.sends else 1
+        settings = dataclasses.replace(link, group=group, capacity=max(2, link.capacity), max_batch=1)
+        sample = ((size,), torch.float32)
+    return LinkBack(chain, BackwardLinks.connect(rank, previous, following, settings, sample))
 
 
 def _sent_shapes(part: NextWeights) -> list[torch.Size]:

@@ -1,5 +1,6 @@
-"""Weights from the next module (MAN) in the torchrun pipeline: module k+1's first block travels
-back to module k every N steps over the link back, across ranks and inside a rank."""
+"""What a module needs from the next one, in the torchrun pipeline: MAN's weights (module k+1's
+first block every N steps) and HPFF's gradients (one step late), over the link back across ranks
+and directly inside a rank."""
 
 from __future__ import annotations
 
@@ -36,3 +37,19 @@ def test_man_pipeline_computes_exactly_what_one_process_computes(tmp_path: Path)
     assert_equal_shards(tmp_path / "single", tmp_path / "pipe", 4, parts=("body", "head", "aux"))
     summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
     assert summary["objective"] == "man" and summary["method_label"] == "MAN (m=0.9, N=2)"
+
+
+def test_hpff_pipeline_computes_exactly_what_one_process_computes(tmp_path: Path) -> None:
+    # K=4 on 2 ranks of 2 modules: module 2 sends its cascade gradient to
+    # module 1 over the link back (rank 1 -> rank 0); modules 1 and 3 send theirs inside their rank
+    # (module 2 is K-2: the authors' weights give its cascade 0 there, so give it some)
+    hpff = ["objective.name=hpff", "objective.kwargs={weights: [5, 0.5, 1, 0.5]}"]
+    common = [*TINY, "model.num_modules=4", "pipeline.modules_per_rank=2", *hpff]
+    train_here([*common, f"out_dir={tmp_path / 'single'}"])
+    piped = run_torchrun(2, [*common, f"out_dir={tmp_path / 'pipe'}"])
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    a, b = step_losses(tmp_path / "single"), step_losses(tmp_path / "pipe")
+    assert len(a) == 4 * 10 and a == b  # every module, every step, bitwise
+    assert_equal_shards(tmp_path / "single", tmp_path / "pipe", 4, parts=("body", "head", "aux"))
+    summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
+    assert summary["objective"] == "hpff"
