@@ -36,6 +36,7 @@ from trgl_pipe.context import build_context
 from trgl_pipe.objectives import needs_image
 from trgl_pipe.partition import split_by_depth
 from trgl_pipe.stage import build_parts, build_stage
+from trgl_pipe.training.from_next import NextGradient, connect_in_process
 
 # name -> overrides; "dgl_mlp_sr" and "sedona" are VanGL with DGL's MLP-SR head and SEDONA's
 METHODS = {
@@ -47,6 +48,7 @@ METHODS = {
     "predsim": ["objective.name=predsim"],
     "auglocal": ["objective.name=auglocal"],  # d = 3, pyramid c = 0.5
     "man": ["objective.name=man"],  # N = 1, 2c2f head
+    "hpff": ["objective.name=hpff"],  # the authors' weights, 2c2f heads, four patch decoders
     "dgl_mlp_sr": ["objective.name=vangl", "aux.type=dgl_mlp_sr"],
     "sedona": ["objective.name=vangl", "aux.type=sedona", "aux.depth=2"],  # SEDONA's head, depth 2
 }
@@ -94,8 +96,15 @@ def objective_rank_peak(
         y = torch.randint(0, setting.classes, (batch,), device=device)
         in_flight = []
         reads = needs_image(cfg, k, num)
+        step = stage.train_step
+        if "gradient" in stage.objective.needs_from_next:  # HPFF: a gradient each way, one step late
+            exchange = NextGradient(stage)
+            exchange.send = lambda t, grad: None  # the exchange keeps the last one it sent
+            shape = parts.shapes[partition[k][1] - 1]
+            exchange.receive = lambda: (stage.num_steps - 1, torch.randn(batch, *shape, device=device))
+            step = exchange.train_step
         for _ in range(2):
-            out = stage.train_step(slots[0], y, images[0] if reads else None)
+            out = step(slots[0], y, images[0] if reads else None)
             if k < num - 1:
                 in_flight = [*in_flight, out][-buffers:]
         del slots, images, in_flight
@@ -110,12 +119,17 @@ def objective_single_peak(setting: Setting, cfg: Any, parts: Any, partition: lis
 
     def run() -> None:
         stages = [build_stage(cfg, fresh, partition, k, setting.classes, 100, 10, device) for k in range(num)]
+        steps = [stage.train_step for stage in stages]
+        if "gradient" in stages[0].objective.needs_from_next:  # HPFF: the exchange, one step late
+            exchanges = [NextGradient(stage) for stage in stages]
+            connect_in_process(exchanges)
+            steps = [exchange.train_step for exchange in exchanges]
         y = torch.randint(0, setting.classes, (setting.batch,), device=device)
         for _ in range(2):
             image = torch.randn(setting.batch, *setting.shape, device=device)
             h = image
-            for k, stage in enumerate(stages):
-                h = stage.train_step(h, y, image if needs_image(cfg, k, num) else None)
+            for k, step in enumerate(steps):
+                h = step(h, y, image if needs_image(cfg, k, num) else None)
 
     return measure(setting.args.device, run)
 

@@ -26,19 +26,19 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from parity_common import MEAN, STD, cifar_batch, cpu_only, report  # noqa: E402
 
 from trgl_pipe.objectives.base import LocalInputs, ModuleSpec  # noqa: E402
 from trgl_pipe.objectives.man import ManObjective  # noqa: E402
 
-MEAN = tuple(x / 255.0 for x in (125.3, 123.0, 113.9))  # their CIFAR normalisation
-STD = tuple(x / 255.0 for x in (63.0, 62.1, 66.7))
 IXX, IXY = (5.0, 0.5), (0.0, 0.0)  # their README command's --ixx_1 --ixy_1, --ixx_2 --ixy_2
 
 
 def _their_model(checkout: Path, batch: int) -> torch.nn.Module:
     sys.path.insert(0, str(checkout / "Exp on CIFAR-SVHN-STL"))
-    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]  # CPU only here
-    torch.nn.Module.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    cpu_only()
     module = importlib.import_module("networks.resnetInfoPro_MAN")
     return module.resnet32(  # type: ignore[attr-defined]
         local_module_num=16,
@@ -130,18 +130,8 @@ def main() -> None:
     batch = 8
     model = _their_model(args.checkout, batch)
     model.train()
-    pixels = torch.rand(batch, 3, 32, 32) * 0.98 + 0.01  # inside [0, 1]: their target is not clamped
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    image = (pixels - mean) / std
-    target = torch.randint(0, 10, (batch,))
-    worst: dict[str, float] = {}
-    for k in range(len(model.Encoder_Net) - 1):
-        gaps = compare(model, k, image, target)
-        print(f"module {k:2d}: " + "  ".join(f"{name} {gap:.3g}" for name, gap in gaps.items()))
-        worst = {name: max(worst.get(name, 0.0), gap) for name, gap in gaps.items()}
-    print("largest differences over the modules: " + ", ".join(f"{n} {g:.3g}" for n, g in worst.items()))
-    if any(worst.values()):
-        raise SystemExit("not bit for bit")
+    image, target = cifar_batch(batch)
+    report(lambda k: compare(model, k, image, target), range(len(model.Encoder_Net) - 1))
 
 
 if __name__ == "__main__":

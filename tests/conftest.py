@@ -73,6 +73,29 @@ def tiny(tmp_path: Path):
     return make
 
 
+def assert_same_final_states(
+    a: str | Path, b: str | Path, parts: tuple[str, ...] = ("body", "head", "aux")
+) -> None:
+    """Two finished runs ended with equal weights, bit for bit, in every module and part."""
+    first, second = final_stage_states(a), final_stage_states(b)
+    assert first.keys() == second.keys()
+    for k in first:
+        for part in parts:
+            for name, tensor in first[k].get(part, {}).items():
+                assert torch.equal(tensor, second[k][part][name]), (k, part, name)
+
+
+def train_losses(out_dir: str | Path) -> dict[tuple[int, int], float]:
+    """(module, step) -> the loss a finished run logged (log.every_steps of TINY is 1)."""
+    from trgl_pipe.watch.metrics import read_metrics
+
+    return {
+        (e["module"], e["step"]): e["loss"]
+        for e in read_metrics(Path(out_dir) / "metrics.jsonl")
+        if e["event"] == "train"
+    }
+
+
 def final_stage_states(out_dir: str | Path) -> dict[int, dict]:
     """Each module's stage state in a finished run's final checkpoint (the run must have ended)."""
     from trgl_pipe.folder.checkpoint import latest_complete

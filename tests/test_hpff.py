@@ -8,23 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import final_stage_states
+from conftest import assert_same_final_states, final_stage_states, train_losses
 
 from trgl_pipe.errors import ConfigError
 from trgl_pipe.objectives import LocalInputs, ModuleSpec
 from trgl_pipe.objectives.hpff import HpffObjective, quadrants
 from trgl_pipe.training.single import run_single
-from trgl_pipe.watch.metrics import read_metrics
 
 HPFF = ["objective.name=hpff", "model.num_modules=3"]
-
-
-def _losses(out_dir: str) -> dict:
-    return {
-        (e["module"], e["step"]): e["loss"]
-        for e in read_metrics(Path(out_dir) / "metrics.jsonl")
-        if e["event"] == "train"
-    }
 
 
 def test_the_cascade_decodes_each_quadrant_against_the_images_and_only_it_goes_back() -> None:
@@ -90,7 +81,7 @@ def test_the_in_process_pipeline_equals_the_parallel_regime(tiny) -> None:
     a, b = tiny(*HPFF), tiny(*HPFF, "pipeline.transport=sim")
     run_single(a, console_summary=False)
     run_single(b, console_summary=False)
-    assert _losses(a.out_dir) == _losses(b.out_dir) and len(_losses(a.out_dir)) == 30
+    assert train_losses(a.out_dir) == train_losses(b.out_dir) and len(train_losses(a.out_dir)) == 30
 
 
 def test_a_resumed_run_ends_like_an_uninterrupted_one(tiny) -> None:
@@ -99,11 +90,7 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(tiny) -> None:
     run_single(full, console_summary=False)
     resumed = tiny(*common, f"resume={Path(full.out_dir) / 'checkpoints' / '0000000003'}")
     run_single(resumed, console_summary=False)
-    a, b = final_stage_states(full.out_dir), final_stage_states(resumed.out_dir)
-    for k in range(3):
-        for part in ("body", "head", "aux"):
-            for name, tensor in a[k].get(part, {}).items():
-                assert torch.equal(tensor, b[k][part][name]), (k, part, name)
+    assert_same_final_states(full.out_dir, resumed.out_dir)
 
 
 @pytest.mark.parametrize(

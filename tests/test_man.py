@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import final_stage_states
+from conftest import assert_same_final_states, final_stage_states, train_losses
 
 from trgl_pipe.errors import ConfigError
 from trgl_pipe.models.blocks import PreActBlock
 from trgl_pipe.objectives import LocalInputs, ModuleSpec
 from trgl_pipe.objectives.man import ManObjective
 from trgl_pipe.training.single import run_single
-from trgl_pipe.watch.metrics import read_metrics
 
 MAN = ["objective.name=man", "model.num_modules=3"]
 
@@ -34,14 +33,6 @@ def _spec(index: int = 0, num_modules: int = 3) -> ModuleSpec:
         later_shapes=((8, 4, 4),),
         next_block=block,
     )
-
-
-def _losses(out_dir: str) -> dict:
-    return {
-        (e["module"], e["step"]): e["loss"]
-        for e in read_metrics(Path(out_dir) / "metrics.jsonl")
-        if e["event"] == "train"
-    }
 
 
 def test_the_loss_reads_the_sum_of_both_blocks_and_the_average_gets_no_gradient() -> None:
@@ -120,13 +111,9 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(tiny) -> None:
     run_single(full, console_summary=False)
     resumed = tiny(*common, f"resume={Path(full.out_dir) / 'checkpoints' / '0000000004'}")
     run_single(resumed, console_summary=False)
-    a, b = final_stage_states(full.out_dir), final_stage_states(resumed.out_dir)
-    for k in range(3):
-        for part in ("body", "head", "aux"):
-            for name, tensor in a[k].get(part, {}).items():
-                assert torch.equal(tensor, b[k][part][name]), (k, part, name)
-    later = {key: v for key, v in _losses(full.out_dir).items() if key[1] > 4}
-    assert later == {key: v for key, v in _losses(resumed.out_dir).items() if key[1] > 4}
+    assert_same_final_states(full.out_dir, resumed.out_dir)
+    later = {key: v for key, v in train_losses(full.out_dir).items() if key[1] > 4}
+    assert later == {key: v for key, v in train_losses(resumed.out_dir).items() if key[1] > 4}
 
 
 def test_the_in_process_pipeline_equals_the_parallel_regime(tiny) -> None:
@@ -134,7 +121,7 @@ def test_the_in_process_pipeline_equals_the_parallel_regime(tiny) -> None:
     b = tiny(*MAN, "objective.kwargs={every: 1}", "pipeline.transport=sim")
     run_single(a, console_summary=False)
     run_single(b, console_summary=False)
-    assert _losses(a.out_dir) == _losses(b.out_dir) and len(_losses(a.out_dir)) == 30
+    assert train_losses(a.out_dir) == train_losses(b.out_dir) and len(train_losses(a.out_dir)) == 30
 
 
 def test_end_to_end_is_one_module_on_plain_cross_entropy(tiny) -> None:

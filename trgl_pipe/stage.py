@@ -335,11 +335,13 @@ class Stage:
         self.local_net.train()
         with self.random.active() if self.random is not None else contextlib.nullcontext():
             out, kinetic, logits, ce, loss, inputs = self._local_loss(x, y, image)
+        part = self.objective.loss_for_previous(inputs) if input_gradient else None
+        del inputs  # what the objective's networks computed must not outlive the backward
         self.optimizer.zero_grad(set_to_none=True)
         if input_gradient:
-            part = self.objective.loss_for_previous(inputs)
             assert part is not None, "input_gradient needs the objective's loss_for_previous"
             (self.last_input_gradient,) = torch.autograd.grad(part, x, retain_graph=True)
+            del part
         loss.backward()
         if before_update is not None:
             before_update()

@@ -18,38 +18,31 @@ from .records import assert_equal_shards, step_losses
 pytestmark = pytest.mark.multiproc
 
 
-def test_man_pipeline_computes_exactly_what_one_process_computes(tmp_path: Path) -> None:
-    # K=4 on 2 ranks of 2 modules: module 2 sends its first block to module 1 over the link back
-    # (rank 1 -> rank 0), modules 1 and 3 send theirs inside their rank; N=2 steps apart
-    common = [
-        *TINY,
-        "model.num_modules=4",
-        "pipeline.modules_per_rank=2",
-        "objective.name=man",
-        "objective.kwargs={every: 2, momentum: 0.9}",
-    ]
+def _pipeline_equals_one_process(tmp_path: Path, overrides: list[str]) -> dict:
+    """K=4 on 2 ranks of 2 modules against one process: every module's loss at every step and
+    every weight (the objectives' networks too) bit for bit; returns the pipeline's summary."""
+    common = [*TINY, "model.num_modules=4", "pipeline.modules_per_rank=2", *overrides]
     train_here([*common, f"out_dir={tmp_path / 'single'}"])
     piped = run_torchrun(2, [*common, f"out_dir={tmp_path / 'pipe'}"])
     assert piped.returncode == 0, piped.stderr[-3000:]
     a, b = step_losses(tmp_path / "single"), step_losses(tmp_path / "pipe")
-    assert len(a) == 4 * 10 and a == b  # every module, every step, bitwise
-    # the EMA blocks (aux) equal too: each module took the same weights at the same steps
+    assert len(a) == 4 * 10 and a == b
     assert_equal_shards(tmp_path / "single", tmp_path / "pipe", 4, parts=("body", "head", "aux"))
-    summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
+    return json.loads((tmp_path / "pipe" / "summary.json").read_text())
+
+
+def test_man_pipeline_computes_exactly_what_one_process_computes(tmp_path: Path) -> None:
+    # module 2 sends its first block to module 1 over the link back (rank 1 -> rank 0), modules 1
+    # and 3 send theirs inside their rank; N=2 steps apart. The averages (aux) equal too: each
+    # module took the same weights at the same steps
+    man = ["objective.name=man", "objective.kwargs={every: 2, momentum: 0.9}"]
+    summary = _pipeline_equals_one_process(tmp_path, man)
     assert summary["objective"] == "man" and summary["method_label"] == "MAN (m=0.9, N=2)"
 
 
 def test_hpff_pipeline_computes_exactly_what_one_process_computes(tmp_path: Path) -> None:
-    # K=4 on 2 ranks of 2 modules: module 2 sends its cascade gradient to
-    # module 1 over the link back (rank 1 -> rank 0); modules 1 and 3 send theirs inside their rank
-    # (module 2 is K-2: the authors' weights give its cascade 0 there, so give it some)
+    # module 2 sends its cascade gradient to module 1 over the link back (rank 1 -> rank 0),
+    # modules 1 and 3 send theirs inside their rank. Module 2 is K-2: the authors' weights give
+    # its cascade 0 there (nothing would cross ranks), so give it some
     hpff = ["objective.name=hpff", "objective.kwargs={weights: [5, 0.5, 1, 0.5]}"]
-    common = [*TINY, "model.num_modules=4", "pipeline.modules_per_rank=2", *hpff]
-    train_here([*common, f"out_dir={tmp_path / 'single'}"])
-    piped = run_torchrun(2, [*common, f"out_dir={tmp_path / 'pipe'}"])
-    assert piped.returncode == 0, piped.stderr[-3000:]
-    a, b = step_losses(tmp_path / "single"), step_losses(tmp_path / "pipe")
-    assert len(a) == 4 * 10 and a == b  # every module, every step, bitwise
-    assert_equal_shards(tmp_path / "single", tmp_path / "pipe", 4, parts=("body", "head", "aux"))
-    summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
-    assert summary["objective"] == "hpff"
+    assert _pipeline_equals_one_process(tmp_path, hpff)["objective"] == "hpff"

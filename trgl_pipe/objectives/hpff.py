@@ -24,13 +24,22 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trgl_pipe.errors import ConfigError
 from trgl_pipe.objectives.base import LocalInputs, ModuleSpec, Objective
-from trgl_pipe.objectives.infopro import Decoder, ProjectionHead, channels_and_side, module_weights
+from trgl_pipe.objectives.infopro import (
+    Decoder,
+    ImageTarget,
+    ProjectionHead,
+    channels_and_side,
+    check_head_kwargs,
+    check_loss_weights,
+    is_number,
+    module_weights,
+    require_feature_maps,
+)
 
 DEFAULT_WEIGHTS = [5.0, 0.5, 0.0, 0.0]  # the authors' --ixx_1 --ixy_1 --ixx_2 --ixy_2
 
@@ -81,15 +90,9 @@ class HpffObjective(Objective):
         pair = module_weights(list(weights or DEFAULT_WEIGHTS), spec.index, spec.num_modules)
         self.recon_weight, self.task_weight = pair
         self.needs_image = self.reads_image(spec.index, spec.num_modules)
-        if self.active and (spec.tokens or len(spec.out_shape) != 3):
-            raise ConfigError(
-                "objective.name=hpff decodes patches of the module's feature maps; the network's modules "
-                "output token maps or vectors: use a CNN backbone, or another objective"
-            )
-        channels = spec.image_shape[0]
-        view = (1, -1, 1, 1)
-        self.mean = torch.tensor(spec.mean or [0.0] * channels).view(view)
-        self.std = torch.tensor(spec.std or [1.0] * channels).view(view)
+        if self.active:
+            require_feature_maps(spec, "hpff", "decodes patches of the module's feature maps")
+        self.image_target = ImageTarget(spec)
 
     @classmethod
     def reads_image(cls, index: int, num_modules: int) -> bool:
@@ -97,27 +100,12 @@ class HpffObjective(Objective):
 
     @classmethod
     def check_kwargs(cls, kwargs: dict[str, Any], num_modules: int) -> None:
-        weights = kwargs.get("weights")
-        if weights is not None and (
-            not isinstance(weights, list)
-            or len(weights) != 4
-            or not all(_is_number(w) and w >= 0 for w in weights)
-        ):
-            raise ConfigError(
-                f"objective.kwargs.weights={weights}: give 4 numbers, 0 or more: [reconstruction, task] "
-                "at module 0, then at module K-2"
-            )
+        check_loss_weights(kwargs.get("weights"))
         for key in ("local_weight", "cascade_weight"):
             value = kwargs.get(key, 0.5)
-            if not _is_number(value) or value < 0:
+            if not is_number(value) or value < 0:
                 raise ConfigError(f"objective.kwargs.{key} must be a number, 0 or more, got {value!r}")
-        for key in ("widen", "feature_dim"):
-            value = kwargs.get(key, 1)
-            if not _is_number(value) or value <= 0:
-                raise ConfigError(f"objective.kwargs.{key} must be a number above 0, got {value!r}")
-        if not isinstance(kwargs.get("feature_dim", 1), int):
-            value = kwargs["feature_dim"]
-            raise ConfigError(f"objective.kwargs.feature_dim must be a whole number, got {value!r}")
+        check_head_kwargs(kwargs)
 
     def _head(self) -> ProjectionHead:
         channels, side = channels_and_side(self.spec.out_shape, False)
@@ -146,10 +134,7 @@ class HpffObjective(Objective):
         """C_k: the term whose gradient also trains module k-1."""
         if not self.active:
             return self.cascade_weight * inputs.ce
-        if inputs.image is None:
-            raise RuntimeError(f"module {self.spec.index}: HPFF needs the batch's image")
-        mean, std = self.mean.to(inputs.image.device), self.std.to(inputs.image.device)
-        target = (inputs.image.float() * std + mean).clamp(0, 1)
+        target = self.image_target(inputs.image)
         recon = sum(
             F.binary_cross_entropy(inputs.extras[f"patch{i}"].float(), part)
             for i, part in enumerate(quadrants(target))
@@ -167,7 +152,3 @@ class HpffObjective(Objective):
 
     def describe(self) -> dict[str, Any]:
         return {"tau": None, "lambda": None, "method": self.name, "label": self.label}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

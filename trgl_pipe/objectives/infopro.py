@@ -55,6 +55,57 @@ def module_weights(weights: list[float], index: int, num_modules: int) -> tuple[
     )
 
 
+class ImageTarget:
+    """The batch's image restored to [0, 1] with the data's per-channel mean and std: what the
+    reconstruction terms (InfoPro, MAN, HPFF) decode against."""
+
+    def __init__(self, spec: ModuleSpec) -> None:
+        channels = spec.image_shape[0]
+        view = (1, -1, 1, 1)
+        self.mean = torch.tensor(spec.mean or [0.0] * channels).view(view)
+        self.std = torch.tensor(spec.std or [1.0] * channels).view(view)
+        self.module = spec.index
+
+    def __call__(self, image: Tensor | None) -> Tensor:
+        if image is None:
+            raise RuntimeError(f"module {self.module}: the objective needs the batch's image")
+        mean, std = self.mean.to(image.device), self.std.to(image.device)
+        return (image.float() * std + mean).clamp(0, 1)
+
+
+def check_head_kwargs(kwargs: dict[str, Any], keys: tuple[str, ...] = ("widen", "feature_dim")) -> None:
+    """The decoder's and projection head's settings: numbers above 0, ``feature_dim`` whole."""
+    for key in keys:
+        value = kwargs.get(key, 1)
+        if not is_number(value) or value <= 0:
+            raise ConfigError(f"objective.kwargs.{key} must be a number above 0, got {value!r}")
+    if not isinstance(kwargs.get("feature_dim", 1), int):
+        raise ConfigError(
+            f"objective.kwargs.feature_dim must be a whole number, got {kwargs['feature_dim']!r}"
+        )
+
+
+def check_loss_weights(weights: Any, counts: tuple[int, ...] = (4,)) -> None:
+    """``objective.kwargs.weights``: None, or a list of ``counts`` numbers, 0 or more: [λ1, λ2]
+    for every module (2) or at module 0 then at module K-2 (4)."""
+    valid = isinstance(weights, list) and len(weights) in counts
+    if weights is not None and not (valid and all(is_number(w) and w >= 0 for w in weights)):
+        every = "2 numbers, [reconstruction, task] for every module, or " if 2 in counts else ""
+        raise ConfigError(
+            f"objective.kwargs.weights={weights}: give {every}4 numbers, 0 or more: [reconstruction, "
+            "task] at module 0, then at module K-2"
+        )
+
+
+def require_feature_maps(spec: ModuleSpec, name: str, why: str) -> None:
+    """Refuse a network whose modules output token maps or vectors (one line)."""
+    if spec.tokens or len(spec.out_shape) != 3:
+        raise ConfigError(
+            f"objective.name={name} {why}; the network's modules output token maps or vectors: use a CNN "
+            "backbone, or another objective"
+        )
+
+
 class Decoder(nn.Module):
     """Upsample h to ``size``, then 3×3 conv → BN → ReLU → 3×3 conv (→ sigmoid for images)."""
 
@@ -182,11 +233,8 @@ class InfoProObjective(Objective):
         self.weights = module_weights(weights, spec.index, spec.num_modules) if self.active else (0.0, 1.0)
         self.needs_image = self.reads_image(spec.index, spec.num_modules)
         self.probe_head = self.active and self.task == "contrast"
-        channels, _ = channels_and_side(spec.image_shape, False)
-        self.image_channels = channels
-        view = (1, -1, 1, 1)
-        self.mean = torch.tensor(spec.mean or [0.0] * channels).view(view)
-        self.std = torch.tensor(spec.std or [1.0] * channels).view(view)
+        self.image_channels, _ = channels_and_side(spec.image_shape, False)
+        self.image_target = ImageTarget(spec)
 
     @classmethod
     def reads_image(cls, index: int, num_modules: int) -> bool:
@@ -199,7 +247,7 @@ class InfoProObjective(Objective):
             raise ConfigError(f"objective.kwargs.loss={loss} is not InfoPro's; choose softmax or contrast")
         weights = kwargs.get("weights")
         if weights is not None and (
-            not isinstance(weights, list) or len(weights) != 4 or not all(_is_number(w) for w in weights)
+            not isinstance(weights, list) or len(weights) != 4 or not all(is_number(w) for w in weights)
         ):
             raise ConfigError(
                 f"objective.kwargs.weights={weights}: give 4 numbers, [reconstruction, task] at the "
@@ -207,14 +255,7 @@ class InfoProObjective(Objective):
             )
         if weights is not None and any(w < 0 for w in weights):
             raise ConfigError(f"objective.kwargs.weights must be 0 or more, got {weights}")
-        for key in ("widen", "feature_dim", "temperature"):
-            value = kwargs.get(key, 1)
-            if not _is_number(value) or value <= 0:
-                raise ConfigError(f"objective.kwargs.{key} must be a number above 0, got {value!r}")
-        if not isinstance(kwargs.get("feature_dim", 1), int):
-            raise ConfigError(
-                f"objective.kwargs.feature_dim must be a whole number, got {kwargs['feature_dim']!r}"
-            )
+        check_head_kwargs(kwargs, ("widen", "feature_dim", "temperature"))
         if kwargs.get("weights") is None and num_modules > 1:
             _check_authors_weights(num_modules)
 
@@ -256,10 +297,7 @@ class InfoProObjective(Objective):
     def target(self, x: Tensor, image: Tensor | None) -> Tensor:
         """What the decoder reconstructs: the image in [0, 1], or the module's input."""
         if self.reconstruct == "image":
-            if image is None:
-                raise RuntimeError(f"module {self.spec.index}: InfoPro needs the batch's image")
-            mean, std = self.mean.to(image.device), self.std.to(image.device)
-            return (image.float() * std + mean).clamp(0, 1)
+            return self.image_target(image)
         return to_map(x, self.spec.tokens and self.spec.index > 0).detach().float()
 
     def loss(self, inputs: LocalInputs) -> Tensor:
@@ -291,5 +329,6 @@ class InfoProLObjective(InfoProObjective):
     needs_image = False
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool)

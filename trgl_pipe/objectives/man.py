@@ -33,7 +33,17 @@ from torch import Tensor, nn
 from trgl_pipe.errors import ConfigError
 from trgl_pipe.models.init import init_default
 from trgl_pipe.objectives.base import LocalInputs, ModuleSpec, Objective
-from trgl_pipe.objectives.infopro import Decoder, ProjectionHead, channels_and_side
+from trgl_pipe.objectives.infopro import (
+    Decoder,
+    ImageTarget,
+    ProjectionHead,
+    channels_and_side,
+    check_head_kwargs,
+    check_loss_weights,
+    is_number,
+    module_weights,
+    require_feature_maps,
+)
 
 DEFAULT_WEIGHTS = [5.0, 0.5]  # the authors' ixx_1, ixy_1 (their CIFAR-10 command)
 
@@ -97,20 +107,11 @@ class ManObjective(Objective):
         self.feature_dim = feature_dim
         self.active = not spec.is_last and spec.next_block is not None
         pair = list(weights or DEFAULT_WEIGHTS)
-        if len(pair) == 2:
-            pair = pair * 2
-        ratio = spec.index / (spec.num_modules - 2) if spec.num_modules > 2 else 0.0
-        self.loss_weights = (pair[0] * (1 - ratio) + pair[2] * ratio, pair[1] * (1 - ratio) + pair[3] * ratio)
+        self.loss_weights = module_weights(pair * 2 if len(pair) == 2 else pair, spec.index, spec.num_modules)
         self.needs_image = self.reads_image(spec.index, spec.num_modules)
-        if self.active and (spec.tokens or len(spec.out_shape) != 3):
-            raise ConfigError(
-                "objective.name=man runs the next block on the module's feature maps; the network's "
-                "modules output token maps or vectors: use a CNN backbone, or another objective"
-            )
-        channels = spec.image_shape[0]
-        view = (1, -1, 1, 1)
-        self.mean = torch.tensor(spec.mean or [0.0] * channels).view(view)
-        self.std = torch.tensor(spec.std or [1.0] * channels).view(view)
+        if self.active:
+            require_feature_maps(spec, "man", "runs the next block on the module's feature maps")
+        self.image_target = ImageTarget(spec)
 
     @classmethod
     def reads_image(cls, index: int, num_modules: int) -> bool:
@@ -119,33 +120,18 @@ class ManObjective(Objective):
     @classmethod
     def check_kwargs(cls, kwargs: dict[str, Any], num_modules: int) -> None:
         momentum = kwargs.get("momentum", 0.995)
-        if not _is_number(momentum) or not 0 <= momentum <= 1:
+        if not is_number(momentum) or not 0 <= momentum <= 1:
             raise ConfigError(f"objective.kwargs.momentum must be a number in [0, 1], got {momentum!r}")
         every = kwargs.get("every", 1)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ConfigError(
                 f"objective.kwargs.every must be a whole number of steps, 1 or more, got {every!r}"
             )
-        weights = kwargs.get("weights")
-        if weights is not None and (
-            not isinstance(weights, list)
-            or len(weights) not in (2, 4)
-            or not all(_is_number(w) and w >= 0 for w in weights)
-        ):
-            raise ConfigError(
-                f"objective.kwargs.weights={weights}: give [reconstruction, task] for every module, or "
-                "4 numbers, 0 or more: the pair at module 0, then at module K-2"
-            )
+        check_loss_weights(kwargs.get("weights"), (2, 4))
         head = kwargs.get("head", "2c2f")
         if head not in ("2c2f", "1c2f"):
             raise ConfigError(f"objective.kwargs.head={head!r} is not MAN's; choose 2c2f or 1c2f")
-        for key in ("widen", "feature_dim"):
-            value = kwargs.get(key, 1)
-            if not _is_number(value) or value <= 0:
-                raise ConfigError(f"objective.kwargs.{key} must be a number above 0, got {value!r}")
-        if not isinstance(kwargs.get("feature_dim", 1), int):
-            value = kwargs["feature_dim"]
-            raise ConfigError(f"objective.kwargs.feature_dim must be a whole number, got {value!r}")
+        check_head_kwargs(kwargs)
 
     def head(self) -> nn.Module | None:
         """F_k: InfoPro's projection head on y, which has the next block's output shape."""
@@ -192,10 +178,7 @@ class ManObjective(Objective):
     def loss(self, inputs: LocalInputs) -> Tensor:
         if not self.active:
             return inputs.ce
-        if inputs.image is None:
-            raise RuntimeError(f"module {self.spec.index}: MAN needs the batch's image")
-        mean, std = self.mean.to(inputs.image.device), self.std.to(inputs.image.device)
-        target = (inputs.image.float() * std + mean).clamp(0, 1)
+        target = self.image_target(inputs.image)
         recon = F.binary_cross_entropy(inputs.extras["reconstruction"].float(), target)
         recon_weight, task_weight = self.loss_weights
         return recon_weight * recon + task_weight * inputs.ce
@@ -208,7 +191,3 @@ class ManObjective(Objective):
             "method": self.name,
             "label": f"{self.label} (m={momentum:g}, N={every})",
         }
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
