@@ -25,11 +25,15 @@ rebuilds the reports under docs/results/ from the run folders.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import fnmatch
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -349,6 +353,22 @@ def command(exp: str, run: str, overrides: list[str], seed: int) -> list[str]:
     return [sys.executable, "-m", "trgl_pipe.run", *args]
 
 
+def claim_run(out: Path) -> int | None:
+    """An exclusive lock on ``out``'s claim (a file in the temporary directory, so the checkout
+    stays clean), held until the descriptor is closed or the process ends; None if another
+    invocation holds it. The run's own lock is taken only once its process has started."""
+    folder = Path(tempfile.gettempdir()) / "trgl-experiments"
+    folder.mkdir(exist_ok=True)
+    name = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+    fd = os.open(folder / f"{name}.claim", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiments", nargs="+")
@@ -393,6 +413,12 @@ def main() -> None:
                 print(f"run     {printable}", flush=True)
                 if args.dry_run:
                     continue
+                claim = claim_run(out)  # two invocations must not start (or remove) the same run
+                if claim is None or (out / "summary.json").is_file():
+                    if claim is not None:
+                        os.close(claim)
+                    print(f"taken   {out.relative_to(ROOT)} by another invocation: skipped", flush=True)
+                    continue
                 if out.exists():  # an interrupted attempt: start it again
                     shutil.rmtree(out)
                 t0 = time.time()
@@ -402,11 +428,12 @@ def main() -> None:
                     cwd=ROOT,
                     capture_output=True,
                     text=True,
-                    env={**__import__("os").environ, **env_threads},
+                    env={**os.environ, **env_threads},
                 )
                 if result.returncode != 0:
                     print(result.stderr[-2000:], file=sys.stderr)
                     raise SystemExit(f"failed: {printable}")
+                os.close(claim)
                 shutil.rmtree(out / "checkpoints", ignore_errors=True)
                 summary = json.loads((out / "summary.json").read_text())
                 print(
