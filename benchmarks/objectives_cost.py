@@ -36,7 +36,7 @@ from trgl_pipe.context import build_context
 from trgl_pipe.objectives import needs_image
 from trgl_pipe.partition import split_by_depth
 from trgl_pipe.stage import build_parts, build_stage
-from trgl_pipe.training.from_next import NextGradient, connect_in_process
+from trgl_pipe.training.from_next import NextGradient, NextWeights, connect_in_process
 
 # name -> overrides; "dgl_mlp_sr" and "sedona" are VanGL with DGL's MLP-SR head and SEDONA's
 METHODS = {
@@ -119,11 +119,7 @@ def objective_single_peak(setting: Setting, cfg: Any, parts: Any, partition: lis
 
     def run() -> None:
         stages = [build_stage(cfg, fresh, partition, k, setting.classes, 100, 10, device) for k in range(num)]
-        steps = [stage.train_step for stage in stages]
-        if "gradient" in stages[0].objective.needs_from_next:  # HPFF: the exchange, one step late
-            exchanges = [NextGradient(stage) for stage in stages]
-            connect_in_process(exchanges)
-            steps = [exchange.train_step for exchange in exchanges]
+        steps = training_steps(stages)
         y = torch.randint(0, setting.classes, (setting.batch,), device=device)
         for _ in range(2):
             image = torch.randn(setting.batch, *setting.shape, device=device)
@@ -182,17 +178,45 @@ def memory_part(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     return rows, notes
 
 
+def training_steps(stages: list[Any]) -> list[Any]:
+    """Each module's training step as a run makes it: with what it exchanges with the next module
+    (MAN's weights, HPFF's gradient and replay), passed module to module in one process."""
+    objective = stages[0].objective
+    if "gradient" in objective.needs_from_next:
+        exchanges: list[Any] = [NextGradient(stage) for stage in stages]
+        connect_in_process(exchanges)
+        return [exchange.train_step for exchange in exchanges]
+    if "weights" in objective.needs_from_next:
+        exchanges = [NextWeights(stage) for stage in stages]
+        connect_in_process(exchanges)
+        for exchange in exchanges:
+            exchange.start()
+
+        def step(exchange: Any) -> Any:
+            def run(x: Any, y: Any, image: Any) -> Any:
+                exchange.before_step()
+                out = exchange.stage.train_step(x, y, image)
+                exchange.after_step()
+                return out
+
+            return run
+
+        return [step(exchange) for exchange in exchanges]
+    return [stage.train_step for stage in stages]
+
+
 def time_part(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]  # recorded with the results: was the machine idle?
     wl = argparse.Namespace(
         batch=args.batch, depth=args.depth, width=args.width, k=args.k, steps=10, trgl=True
     )
-    stages, batches = {}, None
+    stages, steps, batches = {}, {}, None
     for method in args.methods:
         cfg = load_config(None, [*workload(wl, Path(tempfile.mkdtemp())), *METHODS[method]])
         ctx = build_context(cfg, torch.device("cpu"))
         stages[method] = [ctx.build_stage(i) for i in range(ctx.num_modules)]
+        steps[method] = training_steps(stages[method])
         if batches is None:
             batches = [b for _, b in zip(range(args.rounds + 2), ctx.batches.train_batches(0), strict=False)]
     order = list(args.methods)
@@ -203,8 +227,8 @@ def time_part(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
         for method in order:
             t0 = time.perf_counter()
             h = x
-            for k, stage in enumerate(stages[method]):
-                h = stage.train_step(h, y, x if stages[method][k].objective.needs_image else None)
+            for k, step in enumerate(steps[method]):
+                h = step(h, y, x if stages[method][k].objective.needs_image else None)
             if r >= 2:  # the first two rounds warm up
                 times[method].append(time.perf_counter() - t0)
     rows = []
