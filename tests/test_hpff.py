@@ -98,6 +98,7 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(tiny) -> None:
     [
         (["train.regime=sequential"], "objective.name=hpff does not train in train.regime=sequential"),
         (["pipeline.wire_dtype=bf16"], "pipeline.wire_dtype=bf16 is not supported with it"),
+        (["pipeline.replicas=2"], "outside the replicas' gradient average; set pipeline.replicas=1"),
         (["objective.kwargs={weights: [1, 2]}"], r"objective.kwargs.weights=\[1, 2\]: give 4 numbers"),
         (["objective.kwargs={local_weight: -1}"], "objective.kwargs.local_weight must be a number, 0 or"),
     ],

@@ -134,6 +134,7 @@ def test_end_to_end_is_one_module_on_plain_cross_entropy(tiny) -> None:
     [
         (["train.regime=sequential"], "objective.name=man does not train in train.regime=sequential"),
         (["objective.kwargs={every: 0}"], "objective.kwargs.every must be a whole number of steps"),
+        (["pipeline.replicas=2"], "takes the next module's weights, which replicas do not exchange yet"),
         (["objective.kwargs={momentum: 1.5}"], r"objective.kwargs.momentum must be a number in \[0, 1\]"),
         (["objective.kwargs={weights: [1, 2, 3]}"], r"objective.kwargs.weights=\[1, 2, 3\]: give"),
         (["objective.kwargs={head: 3c}"], "objective.kwargs.head='3c' is not MAN's"),

@@ -68,11 +68,13 @@ def refusal_of(cfg: Config) -> str | None:
             f"objective.name={cfg.objective.name} needs {' and '.join(unserved)} from the next module "
             "(needs_from_next): only weights and gradient are sent back; it cannot train here"
         )
-    if "gradient" in objective.needs_from_next and cfg.pipeline.replicas > 1:
-        return (
-            f"objective.name={cfg.objective.name} adds a gradient from the next module outside the "
-            "replicas' gradient average; set pipeline.replicas=1"
+    if objective.needs_from_next and cfg.pipeline.replicas > 1:
+        why = (
+            "adds a gradient from the next module outside the replicas' gradient average"
+            if "gradient" in objective.needs_from_next
+            else "takes the next module's weights, which replicas do not exchange yet"
         )
+        return f"objective.name={cfg.objective.name} {why}; set pipeline.replicas=1"
     if "gradient" in objective.needs_from_next and cfg.pipeline.wire_dtype is not None:
         return (
             f"objective.name={cfg.objective.name} sends gradients back in the activations' dtype; "
