@@ -270,14 +270,17 @@ def test_ctrl_c_keeps_the_last_saved_step_and_resume_finishes_the_same_search(tm
     import sys
     import time
 
-    options = ["--budget", "6", "--inner-steps", "2", "--max-depth", "2", "--save-every", "1"]
+    # a budget the search cannot finish between its first save and the signal (with 6 steps, a
+    # fast CPU finished all of them first: exit 0 instead of 130)
+    budget = 30
+    options = ["--budget", str(budget), "--inner-steps", "2", "--max-depth", "2", "--save-every", "1"]
     out = tmp_path / "s.yaml"
     command = [sys.executable, "-m", "trgl_pipe.search", *SEARCH, *options, "--out", str(out)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = out.with_suffix(".state.pt")
     deadline = time.monotonic() + 120
     while not state.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert state.exists(), process.communicate()[1][-2000:]
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
@@ -285,7 +288,7 @@ def test_ctrl_c_keeps_the_last_saved_step_and_resume_finishes_the_same_search(tm
     assert not out.exists() and state.exists()
     resumed = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    whole = _search(tmp_path / "whole.yaml", options=SearchOptions(budget=6, inner_steps=2, max_depth=2))
+    whole = _search(tmp_path / "whole.yaml", options=SearchOptions(budget=budget, inner_steps=2, max_depth=2))
     assert whole is not None
     record, reference = (
         json.loads(p.with_suffix(".json").read_text()) for p in (out, tmp_path / "whole.yaml")
