@@ -270,13 +270,16 @@ def test_ctrl_c_keeps_the_last_saved_step_and_resume_finishes_the_same_search(tm
     import sys
     import time
 
-    # a budget the search cannot finish between its first save and the signal (with 6 steps, a
-    # fast CPU finished all of them first: exit 0 instead of 130)
-    budget = 30
+    budget = 6
     options = ["--budget", str(budget), "--inner-steps", "2", "--max-depth", "2", "--save-every", "1"]
     out = tmp_path / "s.yaml"
     command = [sys.executable, "-m", "trgl_pipe.search", *SEARCH, *options, "--out", str(out)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal delivers it: a suite started in the background inherits SIGINT ignored
+    # (bash ignores it in background jobs), and the search would then run to its end
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore
+    )
     state = out.with_suffix(".state.pt")
     deadline = time.monotonic() + 120
     while not state.exists() and process.poll() is None and time.monotonic() < deadline:
