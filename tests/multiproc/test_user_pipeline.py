@@ -74,7 +74,10 @@ summary = trgl_pipe.train(
     config, model=vit, data=datasets, out_dir=sys.argv[1], log={"live": "off"},
     **{"model.num_modules": 2, "model.arch_kwargs": {"depth": 2}},
 )
-print("SUMMARY", json.dumps({"world_size": summary["world_size"], "modules": len(summary["modules"])}))
+# one write per line: both ranks print to torchrun's stdout at once (print's pieces interleaved)
+line = json.dumps({"world_size": summary["world_size"], "modules": len(summary["modules"])})
+sys.stdout.write(f"SUMMARY {line}\\n")
+sys.stdout.flush()
 """
 
 
