@@ -69,7 +69,7 @@ class NextWeights:
             return
         steps = self.stage.num_steps
         if not self.held and steps % self.every == 0:
-            self.held.append((steps, self._flat().cpu()))
+            self.held.append((steps, self._flat()))
         for update, flat in self.held:
             self._send(update, flat)
 
@@ -102,7 +102,7 @@ class NextWeights:
         c = self.stage.num_steps
         if not self.sends or c % self.every:
             return
-        flat = self._flat().cpu()
+        flat = self._flat()
         self.held = [(u, w) for u, w in self.held if u >= c - self.every] + [(c, flat)]
         self._send(c, flat)
 
@@ -227,9 +227,7 @@ class LinkBack:
 
     def serve(self, waiter: Waiter) -> None:
         """Link the rank's modules, then send what the rank before may need first."""
-        parts = [_part(w) for w in self.chain]
-        connect_in_process(parts)  # one thread runs them in order: each message is there
-        first, last = parts[0], parts[-1]
+        first, last = _part(self.chain[0]), _part(self.chain[-1])
         links = self.links
         if first is not None and first.sends and links.outbox is not None:
             outbox = links.outbox
@@ -249,9 +247,7 @@ class LinkBack:
                 return msg.step, msg.x if isinstance(last, NextGradient) else msg.x[0]
 
             last.receive = receive
-        for part in parts:
-            if part is not None:
-                part.start()
+        link_workers(self.chain)  # one thread runs them in order: each message is there
 
     def close(self, waiter: Waiter) -> None:
         self.links.close(waiter)
@@ -288,11 +284,7 @@ def connect_link_back(
         settings = dataclasses.replace(link, group=group, capacity=max(2, link.capacity))
         sample = input_sample
     else:
-        size = sum(s.numel() for s in _sent_shapes(first)) if first is not None and first.sends else 1
+        size = first._flat().numel() if first is not None and first.sends else 1
         settings = dataclasses.replace(link, group=group, capacity=max(2, link.capacity), max_batch=1)
         sample = ((size,), torch.float32)
     return LinkBack(chain, BackwardLinks.connect(rank, previous, following, settings, sample))
-
-
-def _sent_shapes(part: NextWeights) -> list[torch.Size]:
-    return [w.shape for w in part.stage.objective.weights_for_previous(part.stage.body.blocks[0])]
