@@ -24,7 +24,7 @@ Everything is read from the run folders, nothing is added to the runtime for it:
   saves (counted here in one process with ``saved_tensors_hooks``; the local regime frees it at
   the end of the step);
 - wire bytes per step and stage boundary from the shapes and dtypes (activation or gradient, the
-  fixed-size header that carries the labels, the credit), checked against the transport's own
+  fixed-size header that carries the labels), checked against the transport's own
   counters (``sent_bytes`` of the forward link, ``grad_sent_bytes`` of the backward one).
 """
 
@@ -55,7 +55,6 @@ REGIMES = {
 }
 MIB = 2**20
 LABEL_BYTES = 8  # int64, in the header
-CREDIT_BYTES = 8  # one int64 per message, back to the sender
 
 
 def link_bytes(
@@ -63,15 +62,11 @@ def link_bytes(
 ) -> dict[str, int]:
     """Bytes one training message puts on a link of the gloo transport: the payload (an activation
     forward, or ∂loss/∂input backward: the same shape), the header (8 counters and room for
-    ``max_batch`` labels, whatever the batch) and the credit that returns to the sender."""
+    ``max_batch`` labels, whatever the batch). Nothing returns to the sender: its room is the
+    receive posted ahead (until 2026-12-08 an int64 credit came back for every message)."""
     payload = batch * math.prod(sample_shape) * torch.empty((), dtype=dtype).element_size()
     header = (HEADER + max_batch) * LABEL_BYTES
-    return {
-        "payload": payload,
-        "header": header,
-        "credit": CREDIT_BYTES,
-        "total": payload + header + CREDIT_BYTES,
-    }
+    return {"payload": payload, "header": header, "total": payload + header}
 
 
 def storage_bytes(tensors: list[torch.Tensor]) -> int:
@@ -252,7 +247,6 @@ def main() -> None:
                     "sample": "x".join(map(str, shape)) + f" {str(dtype).removeprefix('torch.')}",
                     "activation": msg["payload"],
                     "header_with_labels": msg["header"],
-                    "credit": msg["credit"],
                     "local_bytes_per_step": msg["total"],
                     "ddg_fr_bytes_per_step": 2 * msg["total"],
                     "extra_bytes_per_step": msg["total"],
@@ -286,7 +280,7 @@ def main() -> None:
         "rss_MiB: each rank's peak resident set size (summary peak_memory_bytes), which includes the "
         "Python interpreter, torch and the data besides the tensors.",
         "Wire: per training step and stage boundary; a message is the payload, a header of "
-        f"({HEADER} + max_batch) int64 that carries the labels, and an int64 credit back. ddg and fr "
+        f"({HEADER} + max_batch) int64 that carries the labels (no credit comes back). ddg and fr "
         "send the same message backward (∂loss/∂input, the activation's shape; the header's labels are "
         "unused), so they double the bytes of every boundary. The transport's sent_bytes and "
         "grad_sent_bytes of every run equal the payloads computed from the shapes (checked: the script "

@@ -4,17 +4,17 @@ A module that does nothing: each rank receives a batch and passes it on unchange
 set by the transport alone. Two links, each against its physical limit:
 
 - ``dist``: K ranks under torchrun (gloo, one process per rank, CPU tensors). The runtime
-  (``DistInbox``/``DistOutbox``: header and activation, credits, receive-ahead and completion
-  threads) against raw ``torch.distributed`` isend/irecv of the same tensors between the same
-  processes (one blocking forward per hop, no header, no credits). Two more variants, for what
-  the protocol costs: ``apart``, the runtime with header and activation as separate messages
-  (``PACK_LIMIT = 0``: the format above 64 KiB, and every size's before packing); ``rendezvous``,
-  a floor for a credit-free protocol, not the runtime: one packed message per hop from the main
-  thread, receives posted ahead into ``buffer`` slots standing in for credits (a gloo send
+  (``DistInbox``/``DistOutbox``: header and activation, receives posted ahead, a receive thread
+  and a send-completion thread per link) against raw ``torch.distributed`` isend/irecv of the
+  same tensors between the same processes (one blocking forward per hop, no header). Three more
+  variants, for what the format and the threads cost: ``apart``, the runtime with header and
+  activation as separate messages (``PACK_LIMIT = 0``: the format above 64 KiB); ``packed``,
+  every size as one message; ``rendezvous``, a floor, not the runtime: one packed message per hop
+  waited for by the main thread, receives posted ahead into ``buffer`` slots (a gloo send
   completes only once its receive is posted), no threads. All measured in the same processes,
   interleaved, size by size.
-- ``sim``: K threads of one process. The in-process link (``local_link``: credits, waits that
-  time out) against a plain bounded ``queue.Queue`` chain.
+- ``sim``: K threads of one process. The in-process link (``local_link``: a bounded buffer, waits
+  that time out) against a plain bounded ``queue.Queue`` chain.
 
 For each activation size (4 KiB … 16 MiB) and K, each repeat times N messages through the chain
 (messages/s at the last rank) for every variant back to back, in an order that rotates;
@@ -123,15 +123,24 @@ def _runtime_chain(rank: int, world: int, x: torch.Tensor, n: int, capacity: int
     return elapsed
 
 
-def _apart_chain(rank: int, world: int, x: torch.Tensor, n: int, capacity: int) -> float:
-    """The runtime with header and activation sent as two messages, whatever their size."""
+def _with_pack_limit(limit: int, rank: int, world: int, x: torch.Tensor, n: int, capacity: int) -> float:
     from trgl_pipe.runtime import transport
 
-    limit, transport.PACK_LIMIT = transport.PACK_LIMIT, 0
+    kept, transport.PACK_LIMIT = transport.PACK_LIMIT, limit
     try:
         return _runtime_chain(rank, world, x, n, capacity)
     finally:
-        transport.PACK_LIMIT = limit
+        transport.PACK_LIMIT = kept
+
+
+def _apart_chain(rank: int, world: int, x: torch.Tensor, n: int, capacity: int) -> float:
+    """The runtime with header and activation sent as two messages, whatever their size."""
+    return _with_pack_limit(0, rank, world, x, n, capacity)
+
+
+def _packed_chain(rank: int, world: int, x: torch.Tensor, n: int, capacity: int) -> float:
+    """The runtime with header and activation sent as one message, whatever their size."""
+    return _with_pack_limit(1 << 40, rank, world, x, n, capacity)
 
 
 def _rendezvous_chain(rank: int, world: int, x: torch.Tensor, n: int, capacity: int) -> float:
@@ -180,7 +189,12 @@ def _rendezvous_chain(rank: int, world: int, x: torch.Tensor, n: int, capacity: 
     return elapsed
 
 
-DIST_VARIANTS = {"runtime": _runtime_chain, "apart": _apart_chain, "rendezvous": _rendezvous_chain}
+DIST_VARIANTS = {
+    "runtime": _runtime_chain,
+    "apart": _apart_chain,
+    "packed": _packed_chain,
+    "rendezvous": _rendezvous_chain,
+}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -328,6 +342,7 @@ def summarise(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for variant in [v for v in group[0] if v in ("runtime", *DIST_VARIANTS)]:
             rate = [g["n"] / g[variant] for g in group]
             ratios = [g["raw"] / g[variant] for g in group]  # same n: rate ratio
+            over = [1e6 * (g[variant] - g["raw"]) / g["n"] for g in group]  # µs per message, per repeat
             rows.append(
                 {
                     "link": link,
@@ -342,6 +357,9 @@ def summarise(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "µs/msg": round(1e6 / statistics.median(rate), 1),
                     "raw µs/msg": round(1e6 / statistics.median(raw), 1),
                     "µs/msg over raw": round(1e6 / statistics.median(rate) - 1e6 / statistics.median(raw), 1),
+                    "over raw per repeat: median (min-max)": (
+                        f"{statistics.median(over):.0f} ({min(over):.0f} to {max(over):.0f})"
+                    ),
                     "repeats": len(group),
                 }
             )
@@ -385,11 +403,13 @@ def main() -> None:
         "from repeat to repeat; ratio = variant rate / raw rate per repeat (median, min-max).",
         "raw (dist): blocking isend/irecv of the activation hop by hop, no header and no credits (the "
         "link's limit); raw (sim): a chain of queue.Queue(maxsize=buffer_size).",
-        "runtime: DistInbox/DistOutbox as they are, header and activation in one message up to "
+        "runtime: DistInbox/DistOutbox as they are (no credits: receives posted ahead, a receive "
+        "thread and a send-completion thread per link), header and activation in one message up to "
         "transport.PACK_LIMIT; apart: the same with PACK_LIMIT = 0 (header and activation as two "
-        "messages); rendezvous: not the runtime but a floor for a credit-free protocol (one packed "
-        "message per hop from the main thread, receives posted ahead as the credits, no threads).",
-        "µs/msg = 1e6 / the variant's median messages/s at the last rank; over raw: minus raw's.",
+        "messages); packed: the same with every size packed; rendezvous: not the runtime but a floor "
+        "(one packed message per hop waited for by the main thread, receives posted ahead, no threads).",
+        "µs/msg = 1e6 / the variant's median messages/s at the last rank; over raw: minus raw's; over "
+        "raw per repeat: the variant's µs per message minus raw's in the same repeat, median (min-max).",
         f"host: {os.uname().nodename}, {os.cpu_count()} CPUs; nothing else ran on it.",
     ]
     name = "overhead" if "dist" in args.links else "overhead_sim"  # a sim-only run keeps the dist results

@@ -70,8 +70,8 @@ def main() -> None:
         f"torchrun, K={args.k} ranks on CPU (gloo), {args.epochs} epochs of {args.train_size} embedded "
         "Fashion-MNIST images, evaluation and a checkpoint every epoch.",
         "peak: process peak RSS (a high-water mark: it grows only if memory does); rss: resident set at "
-        "the epoch end. max_buffer_occupancy: the most messages ever in the next rank's buffer "
-        "(at most buffer_size).",
+        "the epoch end. max_buffer_occupancy: the most messages ever in the rank's input buffer "
+        "when it took one (at most buffer_size; before 2026-12-08: the next rank's buffer at each send).",
     ]
     write_results(f"soak_k{args.k}", f"Soak: memory over {args.epochs} epochs", rows, notes)
 

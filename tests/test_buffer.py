@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trgl_pipe.errors import PipelineError
-from trgl_pipe.runtime.buffer import CreditGate, LocalControl, Waiter
+from trgl_pipe.runtime.buffer import LocalControl, Waiter
 from trgl_pipe.runtime.messages import Kind, Message
 from trgl_pipe.runtime.transport import StagingBuffers, local_link
 
@@ -40,29 +40,29 @@ def test_sender_is_never_more_than_capacity_ahead() -> None:
     thread.join()
     assert max(ahead) == capacity  # it does fill the buffer...
     assert all(a <= capacity for a in ahead)  # ...and never goes beyond
-    assert outbox.gate.max_in_flight == capacity
-    assert 1 <= outbox.gate.mean_occupancy <= capacity
+    assert inbox.gate.max_in_flight == capacity  # observed as the consumer takes each message
+    assert 1 <= inbox.gate.mean_occupancy <= capacity
 
 
 def test_a_wait_times_out_with_a_message() -> None:
-    gate = CreditGate(1)
+    outbox, _ = local_link(1, "module 1", "module 2")
     waiter = Waiter(LocalControl(), timeout_s=0.3, who="module 1")
-    gate.acquire(waiter, "room")
+    outbox.send(Message(Kind.TRAIN), waiter)  # the buffer is full: nobody consumes
     t0 = time.monotonic()
-    with pytest.raises(PipelineError, match=r"module 1: waited 0.3 s for room in the buffer"):
-        gate.acquire(waiter, "room in the buffer")
+    with pytest.raises(PipelineError, match=r"module 1: waited 0.3 s for room in the buffer of module 2"):
+        outbox.send(Message(Kind.TRAIN), waiter)
     assert time.monotonic() - t0 < 2
 
 
 def test_a_wait_stops_when_a_peer_aborts() -> None:
     control = LocalControl()
-    gate = CreditGate(1)
+    outbox, _ = local_link(1, "module 0", "module 1")
     waiter = Waiter(control, timeout_s=30, who="module 0")
-    gate.acquire(waiter, "room")
+    outbox.send(Message(Kind.TRAIN), waiter)
     threading.Timer(0.2, control.abort, args=("module 2 failed: boom",)).start()
     t0 = time.monotonic()
     with pytest.raises(PipelineError, match="stopping because module 2 failed: boom"):
-        gate.acquire(waiter, "room")
+        outbox.send(Message(Kind.TRAIN), waiter)
     assert time.monotonic() - t0 < 5
 
 

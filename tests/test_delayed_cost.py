@@ -12,12 +12,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import delayed_cost
 
 
-def test_a_message_is_its_payload_a_header_with_room_for_max_batch_labels_and_a_credit() -> None:
+def test_a_message_is_its_payload_and_a_header_with_room_for_max_batch_labels() -> None:
     # 64 samples of 16x14x14 float32; header: 8 int64 counters + 100 int64 label slots
     msg = delayed_cost.link_bytes((16, 14, 14), torch.float32, 64, 100)
-    assert msg == {"payload": 802_816, "header": 864, "credit": 8, "total": 803_688}
+    assert msg == {"payload": 802_816, "header": 864, "total": 803_680}
     half = delayed_cost.link_bytes((3, 5), torch.bfloat16, 2, 2)
-    assert half == {"payload": 60, "header": 80, "credit": 8, "total": 148}
+    assert half == {"payload": 60, "header": 80, "total": 140}
 
 
 def test_saved_tensors_count_each_storage_once() -> None:

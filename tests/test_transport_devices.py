@@ -43,19 +43,14 @@ class _Done:
 
 @pytest.fixture
 def sent(monkeypatch) -> list[tuple[int, torch.Tensor]]:
-    """Every (tag, tensor) an outbox hands to the backend; the receiver's credits end at once."""
+    """Every (tag, tensor) an outbox hands to the backend; every send completes at once."""
     record: list[tuple[int, torch.Tensor]] = []
 
     def isend(tensor, rank, peer, group, tag):
         record.append((tag, tensor))
         return _Done()
 
-    def irecv(tensor, peer, group=None, tag=None):
-        tensor.fill_(-1)  # the receiver's last credit: the credit thread ends
-        return _Done()
-
     monkeypatch.setattr(transport, "_isend", isend)
-    monkeypatch.setattr(transport.dist, "irecv", irecv)
     return record
 
 
@@ -72,11 +67,7 @@ PAYLOADS = {
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 def test_every_payload_is_handed_over_on_the_links_device(sent, device, staged, backward) -> None:
     link = transport.LinkSettings(None, 2, 8, device, 5.0, staged)
-    tags = (
-        transport.BACKWARD_TAGS
-        if backward
-        else (transport.HEADER_TAG, transport.DATA_TAG, transport.CREDIT_TAG)
-    )
+    tags = transport.BACKWARD_TAGS if backward else (transport.HEADER_TAG, transport.DATA_TAG)
     outbox = transport.DistOutbox(0, 1, link, tags=tags)
     # the first rank's image is the host batch, whatever the link; the output is on the rank's device
     image = torch.randn(3, 1, 4, 4)
@@ -131,19 +122,10 @@ def test_a_gpu_rank_receives_labels_and_staged_images_in_pinned_host_memory(monk
     inbox = transport.DistInbox(1, 0, link, image_shape=(1, 4, 4))
     image = inbox._receive_image(3, inbox.wire)
     assert image.device == CPU and pinned == [(3, 1, 4, 4)]
-    header = transport._encode_header(Message(Kind.TRAIN, None, torch.arange(3)), 8)
-    inbox._closing.set()  # one header only: the receive loop ends after it
-
-    def irecv(tensor, peer, group=None, tag=None):
-        tensor.copy_(header)
-        return _Done()
-
-    monkeypatch.setattr(transport.dist, "irecv", irecv)
-    monkeypatch.setattr(inbox, "_take_slot", iter([True, False]).__next__)
+    inbox._headers = [transport._encode_header(Message(Kind.TRAIN, None, torch.arange(3)), 8)]
     monkeypatch.setattr(
         inbox, "_receive_payload", lambda slot, n, with_image: (torch.zeros(n, 2), None, None)
     )
     pinned.clear()
-    inbox._receive()
-    msg, _, _ = inbox._ready.get_nowait()
+    msg, _ = inbox._arrival(0)
     assert msg.y.tolist() == [0, 1, 2] and pinned == [(3,)]

@@ -69,7 +69,7 @@ class RecordingWork:
 
 
 def test_the_completer_waits_for_sends_on_a_stream_of_its_own(fake_cuda: FakeCuda) -> None:
-    completer = transport._Completer("sends-to-1", torch.device("cuda", 0), timeout_s=5)
+    completer = transport._Completer("sends-to-1", torch.device("cuda", 0))
     works = [RecordingWork(fake_cuda) for _ in range(3)]
     for work in works:
         completer.add([work], [])
@@ -83,7 +83,7 @@ def test_the_completer_waits_for_sends_on_a_stream_of_its_own(fake_cuda: FakeCud
 
 
 def test_a_deferred_send_starts_and_is_waited_in_the_completer_thread(fake_cuda: FakeCuda) -> None:
-    completer = transport._Completer("sends-to-1", torch.device("cuda", 0), timeout_s=5)
+    completer = transport._Completer("sends-to-1", torch.device("cuda", 0))
     work = RecordingWork(fake_cuda)
     started_in: list[str] = []
 
@@ -98,7 +98,7 @@ def test_a_deferred_send_starts_and_is_waited_in_the_completer_thread(fake_cuda:
 
 
 def test_on_a_cpu_the_completer_enters_no_stream() -> None:
-    completer = transport._Completer("sends-to-1", torch.device("cpu"), timeout_s=5)
+    completer = transport._Completer("sends-to-1", torch.device("cpu"))
     completer.close(Waiter(LocalControl(), 5, "rank 0"), "sends to rank 1")
     assert completer.stream is None
 

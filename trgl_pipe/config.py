@@ -459,7 +459,7 @@ class PipelineConfig:
     # in-process bounded buffers. dist: torch.distributed (needs torchrun).
     transport: Literal["auto", "dist", "sim"] = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl where every rank has a GPU of its own
-    buffer_size: int = 2  # batches a module may run ahead of the next one
+    buffer_size: int = 2  # a module's input slots: its sender runs this many ahead (+1 in flight, dist)
     timeout_s: float = 60.0  # a wait this long for a peer means the peer failed
     # activations between modules cast to this for the wire and back to float32 on arrival (half
     # the bytes); the one-process parallel run applies the same casts. null: as the module computes

@@ -68,7 +68,9 @@ def test_pipeline_computes_exactly_what_the_parallel_regime_computes(tmp_path: P
         for key in ("samples_per_s", "compute_s", "recv_wait_s", "send_wait_s", "peak_memory_bytes"):
             assert r[key] is not None and r[key] >= 0, key
         assert r["train_samples"] == 600
-    assert all(r["max_buffer_occupancy"] <= 2 for r in s2["ranks"][:-1])
+    # each rank's input buffer, observed as it takes a message (the first rank reads no link)
+    assert s2["ranks"][0]["max_buffer_occupancy"] is None
+    assert all(1 <= r["max_buffer_occupancy"] <= 2 == r["buffer_size"] for r in s2["ranks"][1:])
     assert not list((tmp_path / "pipe").glob("metrics.rank*.jsonl"))  # merged into metrics.jsonl
     # receive slots: 2 per link, each for 100 samples (evaluation batches are larger than the
     # training batches of 64), as trgl_pipe.plan and benchmarks/memory.py count them
@@ -87,7 +89,7 @@ def test_pipeline_computes_exactly_what_the_parallel_regime_computes(tmp_path: P
     assert [r["receive_slot_bytes"] for r in s2["ranks"]] == expected
 
 
-def test_a_slow_consumer_holds_the_producer_to_the_buffer_size(tmp_path: Path) -> None:
+def test_a_slow_consumer_holds_the_producer_to_the_buffer_size_and_its_send(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [
         *TINY,
@@ -110,9 +112,11 @@ def test_a_slow_consumer_holds_the_producer_to_the_buffer_size(tmp_path: Path) -
         sent = sorted((e["index"], e["t"]) for e in events if e["event"] == "sent" and e["module"] == sender)
         assert len(sent) == len(consumed) > 5
         ahead = [i + 1 - sum(1 for c in consumed if c < t) for i, t in sent]
-        assert max(ahead) <= 2, f"rank {sender} ran {max(ahead)} messages ahead"
+        # buffer_size messages in the receiver's slots, plus the one being sent (no credits: the
+        # sender waits for its previous message to land before it sends the next)
+        assert max(ahead) <= 3, f"rank {sender} ran {max(ahead)} messages ahead"
         if sender == 1:
-            assert max(ahead) == 2, "the slow rank never filled its buffer: the test proves nothing"
+            assert max(ahead) == 3, "the slow rank never filled its buffer: the test proves nothing"
 
 
 def test_a_rank_that_raises_ends_the_job_naming_it(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
-"""Bounded batch buffers seen from the sender (credits), and waits that cannot hang.
+"""A bounded batch buffer's statistics, and waits that cannot hang.
 
-A sender holds ``capacity`` credits towards the next module. Sending takes one; the receiver
-hands one back once it has *consumed* a message (trained on it and stepped). So the sender is
-never more than ``capacity`` messages ahead of its receiver, and no queue grows with the data.
+A link holds at most ``capacity`` messages that the receiver has not yet *consumed* (trained on
+and stepped), so the sender is never far ahead of its receiver and no queue grows with the data.
+How each transport bounds it: :mod:`trgl_pipe.runtime.transport`.
 """
 
 from __future__ import annotations
@@ -75,60 +75,31 @@ class Waiter:
 
 
 class Occupancy:
-    """The sender's count of the receiver's buffer: messages sent and not yet consumed, and the
-    statistics the run's summary shows. Not locked: the link that owns it counts under its lock."""
+    """A buffer's occupancy: messages sent and not yet consumed (``in_flight``, counted by the
+    in-process link, which sees both ends), and the statistics the run's summary shows, observed
+    each time the receiver takes a message (the messages there, that one included). Not locked:
+    the link that owns it counts under its lock or from one thread."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.in_flight = 0  # sent and not yet consumed
         self.max_in_flight = 0
         self._occupancy_sum = 0
-        self._sends = 0
+        self._observations = 0
+
+    def observe(self, occupancy: int) -> None:
+        """Record the buffer's occupancy now (for the mean and the maximum)."""
+        self.max_in_flight = max(self.max_in_flight, occupancy)
+        self._occupancy_sum += occupancy
+        self._observations += 1
 
     def count_send(self) -> None:
         self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        self._occupancy_sum += self.in_flight
-        self._sends += 1
 
     def count_consumed(self) -> None:
         self.in_flight -= 1
 
     @property
     def mean_occupancy(self) -> float | None:
-        """Average number of messages in the buffer (including the one being sent) at each send."""
-        return self._occupancy_sum / self._sends if self._sends else None
-
-
-class CreditGate(Occupancy):
-    """The sender's view of the receiver's buffer: ``capacity`` credits and occupancy statistics."""
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__(capacity)
-        self._credits = threading.Semaphore(capacity)
-        self._lock = threading.Lock()
-
-    def acquire(
-        self, waiter: Waiter, what: str, error: Callable[[], BaseException | None] = lambda: None
-    ) -> float:
-        """Take a credit (waiting for the receiver if none is left); returns the seconds waited."""
-        t0 = time.perf_counter()
-        if not self._credits.acquire(blocking=False):
-
-            def attempt(timeout: float) -> bool | None:
-                failure = error()
-                if failure is not None:
-                    raise failure
-                return True if self._credits.acquire(timeout=timeout) else None
-
-            waiter.wait(attempt, what)
-        waited = time.perf_counter() - t0
-        with self._lock:
-            self.count_send()
-        return waited
-
-    def release(self) -> None:
-        """The receiver consumed one message: one more credit."""
-        with self._lock:
-            self.count_consumed()
-        self._credits.release()
+        """Average number of messages in the buffer at each observation."""
+        return self._occupancy_sum / self._observations if self._observations else None

@@ -5,8 +5,9 @@ would count GPU stalls as compute and leave the transfer out of the input wait. 
 records CUDA events around every compute region on the training stream: ``compute`` is GPU time
 inside the regions and ``recv_wait`` is the GPU's idle time from the moment the loop starts
 waiting for its next message (:meth:`Clock.waiting_for_input`) to the next region (the transfer
-included). The GPU's idle time before that moment, while the host sends or waits for credits,
-is not input wait: ``send_wait`` (the host blocked on credits: backpressure) is a host time on
+included). The GPU's idle time before that moment, while the host sends or waits for room
+downstream, is not input wait: ``send_wait`` (the host waiting for its previous message to land
+in the next rank's buffer: backpressure) is a host time on
 both clocks. Events are read once they have completed, so the clock never forces a host
 synchronisation in the training loop, and they are reused, not made per batch.
 """

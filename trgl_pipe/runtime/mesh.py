@@ -1,6 +1,6 @@
 """Process groups of the pipeline: a ("pp", "dp") DeviceMesh over the ranks torchrun started.
 
-Control (headers, credits, abort flag, progress, results) goes over gloo and the rendezvous
+Control (headers, abort flag, progress, results) goes over gloo and the rendezvous
 key-value store; activations go over NCCL when every rank has a GPU of its own, else over gloo
 (host-staged when ranks share a GPU: NCCL refuses two ranks on one GPU and gloo cannot send CUDA
 tensors). One default group carries both: ``cpu:gloo,cuda:nccl`` dispatches each tensor to the

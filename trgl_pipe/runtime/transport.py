@@ -4,14 +4,18 @@
 - :class:`DistOutbox` / :class:`DistInbox`: two torch.distributed ranks of the mesh's "pp" group.
   Each message is a small header (kind, counters, labels; a CPU tensor, so gloo carries it) plus,
   for batches, the activation (NCCL when each rank has its own GPU, else gloo); on a host link
-  whose activations are small (:func:`packs`) both travel as one gloo message. Credits flow back
-  the same way. Header, data and credits use their own tags, so the three streams never mix. A
-  background thread per inbox receives ahead into pre-allocated slots; a background thread per
-  outbox collects credits; sends are non-blocking and a third thread waits for their completion.
-  Each background thread waits on a CUDA stream of its own, never on the training stream (see
-  :func:`side_stream`), and activations travel in the layout the modules compute in.
-  The main thread never waits on a peer's backward pass, only on data (its input) or credits
-  (room downstream). Every wait on a peer ends after ``pipeline.timeout_s``.
+  whose activations are small (:func:`packs`) both travel as one gloo message.
+  The buffer is bounded without credit messages: the receiver keeps a header receive posted in
+  each of its ``capacity`` free slots (it posts a slot's again once the message in it is
+  consumed), a gloo send completes only once its receive is posted, and a sender waits for its
+  previous message to land before it sends the next. So a sender is at most ``capacity``
+  messages ahead of its receiver, plus the one it is sending. A background thread per inbox
+  waits for the messages in order; a background thread per outbox waits for the sends to
+  complete. Each background thread waits on a CUDA stream of its own, never on the training
+  stream (see :func:`side_stream`), and activations travel in the layout the modules compute in.
+  The main thread never waits on a peer's backward pass, only on data (its input) or on its
+  previous message landing (room downstream). Every wait on a peer ends after
+  ``pipeline.timeout_s``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -32,30 +36,35 @@ import torch
 import torch.distributed as dist
 
 from trgl_pipe.errors import PipelineError
-from trgl_pipe.runtime.buffer import CreditGate, Occupancy, Waiter
+from trgl_pipe.runtime.buffer import Occupancy, Waiter
 from trgl_pipe.runtime.messages import Kind, Message
 
 HEADER = 8  # kind, n, epoch, batch, step, split, final, preempted; then up to max_batch labels
-HEADER_TAG, DATA_TAG, CREDIT_TAG = 1, 2, 3
+HEADER_TAG, DATA_TAG = 1, 2  # (tag 3 carried credits before the receives posted ahead replaced them)
 IMAGE_TAG = 4  # a training batch's input image, after its activation, when a later rank reads it
 # the backward link of the delayed-gradient regimes (gradients from rank k+1 to rank k): its own
-# three streams, so it never mixes with the forward link between the same two ranks
-BACKWARD_TAGS = (5, 6, 7)
+# streams, so it never mixes with the forward link between the same two ranks
+BACKWARD_TAGS = (5, 6)
 INFO = 9  # the handshake: ndim, up to 6 sizes, dtype, channels_last
 # Waits that may legitimately last long: the handshake (a neighbour may still be reading data or
-# compiling) and the next header or credit (the main thread bounds these by pipeline.timeout_s
-# from the moment it needs them; a dead peer ends them at once by closing its connection).
+# compiling) and the next header (the main thread bounds these by pipeline.timeout_s from the
+# moment it needs them; a dead peer ends them at once by closing its connection).
 STARTUP_TIMEOUT = timedelta(seconds=900)
 IDLE_TIMEOUT = timedelta(days=7)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # A host link whose largest activation is at most this many bytes sends header and activation as
-# one gloo message (the activation copied behind the header into a new buffer): one gloo
-# operation and one rendezvous fewer. Measured (benchmarks/README.md section 9): 15-20% fewer
-# microseconds per message at 4 KiB, level or 24% fewer at 64 KiB, 21-22% more at 1 MiB.
-PACK_LIMIT = 64 << 10
+# one gloo message (the activation copied behind the header into the outbox's buffer): one gloo
+# operation and one rendezvous fewer. Measured (benchmarks/README.md section 9, receives posted
+# ahead, K = 2 and 4, buffers 2 and 8, medians of 5 repeats): packed 0.39-0.53 of the raw link up
+# to 64 KiB against 0.20-0.40 apart; at 1 MiB 0.62-0.84 against 0.54-0.77; at 4 MiB level (K = 2)
+# or slower (K = 4: 0.71-0.74 against 0.77-0.78), at 16 MiB 0.73-0.86 against 0.87-0.94: the
+# copy costs more than the rendezvous saves.
+PACK_LIMIT = 1 << 20
 
 
 class Inbox(Protocol):
+    gate: Occupancy | None  # the buffer's statistics (None: the first module reads no link)
+
     def recv(self, waiter: Waiter) -> Message: ...
 
     def release(self, msg: Message) -> None: ...
@@ -64,14 +73,12 @@ class Inbox(Protocol):
 
 
 class Outbox(Protocol):
-    gate: Occupancy
-
     def send(self, msg: Message, waiter: Waiter) -> float: ...
 
     def close(self, waiter: Waiter) -> None: ...
 
 
-def _queue_get(q: queue.Queue, timeout: float) -> Any:
+def _queue_get(q: queue.SimpleQueue, timeout: float) -> Any:
     try:
         return q.get(timeout=timeout)
     except queue.Empty:
@@ -84,6 +91,8 @@ def _queue_get(q: queue.Queue, timeout: float) -> Any:
 
 class StreamInbox:
     """The first module's inbox: the message stream (time spent here is data loading)."""
+
+    gate = None
 
     def __init__(self, stream: Iterator[Message]) -> None:
         self._stream = iter(stream)
@@ -103,9 +112,9 @@ class StreamInbox:
 
 
 class _LocalLink(Occupancy):
-    """A bounded buffer between two threads: one lock, a condition each way, and the occupancy a
-    :class:`CreditGate` counts (the sender's view, so ``outbox.gate`` reads the same on both
-    transports). A send takes room, a release gives it back once the message is consumed."""
+    """A bounded buffer between two threads: one lock, a condition each way, and its occupancy
+    (``inbox.gate``, observed as each message is taken, as between ranks). A send takes room, a
+    release gives it back once the message is consumed."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__(capacity)
@@ -133,6 +142,7 @@ class _LocalLink(Occupancy):
         with self._lock:
             if not self._messages:
                 self._wait(waiter, self._ready, self._has_message, what)
+            self.observe(self.in_flight)
             return self._messages.popleft()
 
     def release(self) -> None:
@@ -161,7 +171,6 @@ class _LocalLink(Occupancy):
 class LocalOutbox:
     def __init__(self, link: _LocalLink, peer: str) -> None:
         self._link = link
-        self.gate = link  # the buffer's statistics (capacity, in_flight, mean_occupancy)
         self._what = f"room in the buffer of {peer}"
 
     def send(self, msg: Message, waiter: Waiter) -> float:
@@ -174,6 +183,7 @@ class LocalOutbox:
 class LocalInbox:
     def __init__(self, link: _LocalLink, peer: str) -> None:
         self._link = link
+        self.gate = link  # the buffer's statistics (capacity, in_flight, mean_occupancy)
         self._what = f"a message from {peer}"
 
     def recv(self, waiter: Waiter) -> Message:
@@ -296,11 +306,15 @@ def _sample_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return torch.Size(shape).numel() * dtype.itemsize
 
 
-def _pack(msg: Message, max_batch: int, x: torch.Tensor | None) -> torch.Tensor:
+def _pack(
+    msg: Message, max_batch: int, x: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The header of ``msg`` and its activation ``x`` (contiguous) in one byte buffer: what a
-    packing link sends. The header is encoded in place, so it is written once."""
+    packing link sends; written into the start of ``out`` (bytes) if given, else a new buffer.
+    The header is encoded in place, so it is written once."""
     start = _header_bytes(max_batch)
-    packed = torch.empty(start + (0 if x is None else x.nbytes), dtype=torch.uint8)
+    size = start + (0 if x is None else x.nbytes)
+    packed = torch.empty(size, dtype=torch.uint8) if out is None else out[:size]
     _encode_header(msg, max_batch, out=packed[:start].view(torch.int64))
     if x is not None and x.numel():
         packed[start:] = x.reshape(-1).view(torch.uint8)
@@ -367,16 +381,19 @@ class _Completer:
 
     A gloo send completes only once the peer has posted the matching receive, and an NCCL work's
     plain ``wait()`` returns at once on the host; waiting with a timeout blocks this thread until
-    the transfer is done or ``timeout_s`` has passed, which is what makes a dead peer visible.
+    the transfer is done. A send may wait long for a slow receiver: the sender's main thread
+    bounds that wait by ``pipeline.timeout_s`` (:meth:`DistOutbox.send`, ``close``), so this
+    thread's own limit is :data:`IDLE_TIMEOUT` and never races the main thread's (a gloo wait
+    that times out closes the connection, and its error would hide the one naming the peer).
     The thread waits on a stream of its own (:func:`side_stream`), never on the training stream.
     ``later`` starts a send from this thread once its data is ready (a host-staged copy).
     """
 
-    def __init__(self, name: str, device: torch.device, timeout_s: float) -> None:
-        self._items: queue.Queue = queue.Queue()
+    def __init__(self, name: str, device: torch.device) -> None:
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.device = device
-        self.timeout = timedelta(seconds=timeout_s)
+        self.timeout = IDLE_TIMEOUT
         self.stream: Any = None  # the stream the thread waits on (CUDA only), set once it runs
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -385,9 +402,10 @@ class _Completer:
         self,
         works: list[Any],
         tensors: list[torch.Tensor],
-        done: threading.Event | None = None,
+        done: Sequence[threading.Event] = (),
         later: Callable[[], Any] | None = None,
     ) -> None:
+        """Wait for ``works`` (then ``later()``'s) in order; set every event of ``done`` after."""
         self._items.put((works, tensors, done, later))
 
     def _run(self) -> None:
@@ -412,8 +430,8 @@ class _Completer:
                 self.error = error
                 return
             finally:
-                if done is not None:
-                    done.set()
+                for event in done:
+                    event.set()
 
     def close(self, waiter: Waiter, what: str) -> None:
         self._items.put(None)
@@ -455,38 +473,46 @@ class LinkSettings:
 
 
 class DistOutbox:
-    """Rank k's end of the link to the rank after it (``peer``, a global rank of ``link.group``)."""
+    """Rank k's end of the link to the rank after it (``peer``, a global rank of ``link.group``).
+
+    No credits: a send completes only once the receiver has posted its receive, which it does for
+    each free slot (:class:`DistInbox`), and :meth:`send` first waits for the previous message's
+    sends to complete. ``close`` fills the receives the receiver still has posted after the STOP
+    (``capacity`` - 1 of them, see :meth:`DistInbox.release`), so no receive outlives the link.
+    """
 
     def __init__(
         self,
         rank: int,
         peer: int,
         link: LinkSettings,
-        tags: tuple[int, int, int] = (HEADER_TAG, DATA_TAG, CREDIT_TAG),
+        tags: tuple[int, int] = (HEADER_TAG, DATA_TAG),
     ) -> None:
         self.rank = rank
         self.peer = peer
         self.group = link.group
         self.tags = tags
-        self.gate = CreditGate(link.capacity)
+        self.capacity = link.capacity
         self.max_batch = link.max_batch
         self.device = link.device
         self.staged = link.staged  # activations on a GPU but sent by gloo: copy to host first
         self.wire = link.wire
-        self._completer = _Completer(f"sends-to-{peer}", link.device, link.timeout_s)
-        self._error: BaseException | None = None
+        self._completer = _Completer(f"sends-to-{peer}", link.device)
+        # set once the previous message's sends have completed (it has landed); one at a time
+        self._landed = threading.Event()
+        self._landed.set()
+        # what a message is written into: free again once it has landed, before the next is built
+        self._header = torch.zeros(HEADER + self.max_batch, dtype=torch.int64)
+        self._packed: torch.Tensor | None = None  # header and activation, when the link packs
         self._staging: StagingBuffers | None = None
         self._copy_stream: Any = None
         self._copied: list[Any] = []
         self.channels_last = False  # activations travel as their NHWC view
         self._num_sent = 0
+        self._stopped = False  # the STOP was sent
         self._packs = False  # header and activation in one message (set by the handshake)
-        self.sent_bytes = 0  # activations sent (headers and credits not counted)
+        self.sent_bytes = 0  # activations sent (headers not counted)
         self.image_sent_bytes = 0  # input images sent with training batches
-        self._credit_thread = threading.Thread(
-            target=self._collect_credits, name=f"credits-from-{peer}", daemon=True
-        )
-        self._credit_thread.start()
 
     def handshake(
         self, feature_shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool = False
@@ -498,52 +524,73 @@ class DistOutbox:
         """
         self.channels_last = channels_last
         self._packs = not self.staged and packs(feature_shape, dtype, self.max_batch, self.wire)
+        if self._packs:
+            wire_bytes = self.max_batch * _sample_bytes(_wire_shape(feature_shape, channels_last), dtype)
+            self._packed = torch.empty(_header_bytes(self.max_batch) + wire_bytes, dtype=torch.uint8)
         dist.isend(
             _encode_info(feature_shape, dtype, channels_last), self.peer, group=self.group, tag=self.tags[0]
         ).wait(STARTUP_TIMEOUT)
-        if self.staged:
+        if self.staged:  # one send is pending at a time: two buffers would do, one per slot is spare
             self._staging = StagingBuffers(
                 [
                     torch.empty(
                         (self.max_batch, *_wire_shape(feature_shape, channels_last)), dtype=dtype
                     ).pin_memory()
-                    for _ in range(self.gate.capacity + 1)
+                    for _ in range(self.capacity + 1)
                 ]
             )
             self._copy_stream = torch.cuda.Stream(self.device)
             self._copied = [torch.cuda.Event() for _ in range(len(self._staging))]
 
-    def _collect_credits(self) -> None:
-        use_device(self.device)
-        credit = torch.zeros(1, dtype=torch.int64)
-        try:
-            with side_stream(self.device):
-                self._credits_loop(credit)
-        except Exception as error:
-            self._error = PipelineError(f"rank {self.rank}: lost rank {self.peer} ({_short(error)})")
+    def _wait_landed(self, waiter: Waiter) -> float:
+        """Wait until the previous message has landed in a slot of the receiver (its sends have
+        completed): the receiver's room, without a credit. Returns the seconds waited."""
+        landed = self._landed
+        if landed.is_set():
+            return 0.0
+        t0 = time.perf_counter()
 
-    def _credits_loop(self, credit: torch.Tensor) -> None:
-        while True:
-            dist.irecv(credit, self.peer, group=self.group, tag=self.tags[2]).wait(IDLE_TIMEOUT)
-            if int(credit) < 0:
-                return
-            self.gate.release()
+        def attempt(timeout: float) -> bool | None:
+            ready = landed.wait(timeout)
+            failure = self._failure()
+            if failure is not None:  # the completer sets the event also when a send fails
+                raise failure
+            return True if ready else None
+
+        waiter.wait(attempt, f"room in the buffer of rank {self.peer}")
+        return time.perf_counter() - t0
 
     def send(self, msg: Message, waiter: Waiter) -> float:
-        waited = self.gate.acquire(waiter, f"room in the buffer of rank {self.peer}", self._failure)
+        """Send ``msg`` once the previous message has landed; returns the seconds waited."""
+        waited = self._wait_landed(waiter)
+        failure = self._failure()
+        if failure is not None:
+            raise failure
+        landed = self._landed
+        landed.clear()
         if self._packs:
-            return waited + self._send_packed(msg)
-        header = _encode_header(msg, self.max_batch)
+            self._send_packed(msg, landed)
+        else:
+            waited += self._send_apart(msg, waiter, landed)
+        self._num_sent += 1
+        self._stopped = msg.kind is Kind.STOP
+        return waited
+
+    def _send_apart(self, msg: Message, waiter: Waiter, landed: threading.Event) -> float:
+        """The header, then the activation (and the image) on their own tags."""
+        waited = 0.0
+        header = _encode_header(msg, self.max_batch, out=self._header)
         works = [_isend(header, self.rank, self.peer, self.group, self.tags[0])]
         keep = [header]
-        done, later = None, None
+        done, later = [landed], None
         if msg.kind.has_payload:
             x = to_wire(msg.x, self.channels_last)  # no copy when in the agreed layout
             if self._staging is not None and x.shape[0]:
                 t0 = time.perf_counter()
                 i = self._num_sent % len(self._staging)
-                buffer, done = self._staging.take(i, waiter, self._failure, f"rank {self.peer} to receive")
+                buffer, free = self._staging.take(i, waiter, self._failure, f"rank {self.peer} to receive")
                 waited += time.perf_counter() - t0
+                done.append(free)
                 later = self._stage(x, buffer[: x.shape[0]], self._copied[i])
             elif x.shape[0]:  # an empty evaluation shard sends its header only
                 x = self._on_wire(x)
@@ -551,22 +598,19 @@ class DistOutbox:
                 self.sent_bytes += x.numel() * x.element_size()
             keep.append(x)
             self._send_image(msg, x.shape[0], works, keep)
-        self._num_sent += 1
         self._completer.add(works, keep, done, later)
         return waited
 
-    def _send_packed(self, msg: Message) -> float:
+    def _send_packed(self, msg: Message, landed: threading.Event) -> None:
         """One message: the header with the activation behind it (see :func:`packs`); a training
         batch's image, when the receiver reads it, follows on its own tag."""
         x = to_wire(msg.x, self.channels_last) if msg.kind.has_payload else None
-        packed = _pack(msg, self.max_batch, x)
+        packed = _pack(msg, self.max_batch, x, out=self._packed)
         works, keep = [_isend(packed, self.rank, self.peer, self.group, self.tags[0])], [packed]
         if x is not None:
             self.sent_bytes += x.numel() * x.element_size()
             self._send_image(msg, x.shape[0], works, keep)
-        self._num_sent += 1
-        self._completer.add(works, keep)
-        return 0.0
+        self._completer.add(works, keep, [landed])
 
     def _send_image(self, msg: Message, n: int, works: list[Any], keep: list[torch.Tensor]) -> None:
         """A training batch's input image after its activation, when it carries one and is not
@@ -606,21 +650,22 @@ class DistOutbox:
             return PipelineError(
                 f"rank {self.rank}: sending to rank {self.peer} failed ({_short(self._completer.error)})"
             )
-        return self._error
+        return None
 
     def close(self, waiter: Waiter) -> None:
-        """Wait until every send has completed and the receiver's last credit has arrived."""
+        """After the STOP: fill the receives the receiver still has posted, then wait until every
+        send has completed."""
+        if self._stopped:  # the receiver posted capacity - 1 receives after the STOP's
+            filler = torch.zeros(1, dtype=torch.int64)
+            tag = self.tags[0]
+            works = [_isend(filler, self.rank, self.peer, self.group, tag) for _ in range(self.capacity - 1)]
+            self._completer.add(works, [filler])
         self._completer.close(waiter, f"sends to rank {self.peer}")
-        waiter.wait(
-            lambda t: True if not self._credit_thread.is_alive() else self._credit_thread.join(t),
-            f"the last credit from rank {self.peer}",
-        )
-        if self._error is not None:
-            raise self._error
 
 
 class DistInbox:
-    """The receiving end of the link from rank ``peer``: receives ahead into ``capacity`` slots."""
+    """The receiving end of the link from rank ``peer``: ``capacity`` slots, each with a header
+    receive posted while it is free; the posted receives are the sender's room (no credits)."""
 
     def __init__(
         self,
@@ -628,7 +673,7 @@ class DistInbox:
         peer: int,
         link: LinkSettings,
         image_shape: tuple[int, ...] | None = None,
-        tags: tuple[int, int, int] = (HEADER_TAG, DATA_TAG, CREDIT_TAG),
+        tags: tuple[int, int] = (HEADER_TAG, DATA_TAG),
     ) -> None:
         self.rank = rank
         self.peer = peer
@@ -642,15 +687,16 @@ class DistInbox:
         self.staged = link.staged
         self.wire = link.wire  # where payloads arrive (the sender's rule, :func:`wire_device`)
         self.on_gpu = link.device.type == "cuda"
-        self._ready: queue.Queue = queue.Queue()
-        self._free_slots = threading.Semaphore(link.capacity)
+        self.gate = Occupancy(link.capacity)  # the buffer's statistics, counted as messages are taken
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()  # (message, slot, arrival event) in order
+        self._posted: queue.SimpleQueue = queue.SimpleQueue()  # (header receive, slot) in order
         self._in_use: deque[int] = deque()
         self._used = [False] * link.capacity  # a slot's `consumed` event has been recorded
         self._arrived: list[Any] = []
         self._consumed: list[Any] = []
-        self._credits = _Completer(f"credits-to-{peer}", link.device, link.timeout_s)
         self._closing = threading.Event()
         self._slots: list[torch.Tensor] = []
+        self._headers: list[torch.Tensor] = []  # one per slot when header and activation travel apart
         self._stream: Any = None  # the stream receives are waited on (CUDA only)
         self._compute_stream: Any = None
         self._thread: threading.Thread | None = None
@@ -660,24 +706,31 @@ class DistInbox:
         self._packs = False  # header and activation arrive as one message (:func:`packs`)
 
     def handshake(self) -> tuple[tuple[int, ...], torch.dtype]:
-        """Receive the sample shape and dtype, allocate the slots, start receiving."""
+        """Receive the sample shape and dtype, allocate the slots, post their receives, start
+        waiting for them."""
         info = torch.zeros(INFO, dtype=torch.int64)
         dist.irecv(info, self.peer, group=self.group, tag=self.tags[0]).wait(STARTUP_TIMEOUT)
         self.feature_shape, self.dtype, self.channels_last = _decode_info(info)
         self._packs = not self.staged and packs(self.feature_shape, self.dtype, self.max_batch, self.wire)
         self._slots = self._allocate_slots()
+        if not self._packs:
+            self._headers = [
+                torch.zeros(HEADER + self.max_batch, dtype=torch.int64) for _ in range(self.capacity)
+            ]
         self._stream = torch.cuda.Stream(self.device) if self.on_gpu else None
         # the stream the training loop runs on (this is the main thread)
         self._compute_stream = torch.cuda.current_stream(self.device) if self.on_gpu else None
         # one event per slot, made once: "the data has arrived" and "the compute that read it is done"
         self._arrived = [torch.cuda.Event() for _ in range(self.capacity)] if self.on_gpu else []
         self._consumed = [torch.cuda.Event() for _ in range(self.capacity)] if self.on_gpu else []
+        for slot in range(self.capacity):
+            self._post(slot)
         self._thread = threading.Thread(target=self._receive, name=f"recv-from-{self.peer}", daemon=True)
         self._thread.start()
         return self.feature_shape, self.dtype
 
     def _allocate_slots(self) -> list[torch.Tensor]:
-        """One receive slot per credit, of the largest batch, on the link's wire device."""
+        """One receive slot per message of the buffer, of the largest batch, on the link's wire device."""
         wire_shape = _wire_shape(self.feature_shape, self.channels_last)
         if self._packs:  # the header's bytes, then the activation's
             size = _header_bytes(self.max_batch) + self.max_batch * _sample_bytes(wire_shape, self.dtype)
@@ -695,47 +748,61 @@ class DistInbox:
         headers = _header_bytes(self.max_batch) * len(self._slots) if self._packs else 0
         return sum(s.nbytes for s in self._slots) - headers
 
-    def _take_slot(self) -> bool:
-        while not self._closing.is_set():
-            if self._free_slots.acquire(timeout=0.2):
-                return True
-        return False
+    def _post(self, slot: int) -> None:
+        """Post the receive of the next message into free ``slot`` (its header, or the packed
+        message): this is the sender's room for one more message."""
+        buffer = self._slots[slot] if self._packs else self._headers[slot]
+        work = dist.irecv(buffer, self.peer, group=self.group, tag=self.tags[0])
+        self._posted.put((work, slot))
+
+    def _next_posted(self) -> tuple[Any, int] | None:
+        """The oldest posted receive; None once none is left and the inbox is closing."""
+        while True:
+            try:
+                return self._posted.get(timeout=0.2)
+            except queue.Empty:
+                if self._closing.is_set():
+                    return None
 
     def _receive(self) -> None:
         use_device(self.device)
-        header = torch.zeros(HEADER + self.max_batch, dtype=torch.int64)
-        index = 0
+        fillers = -1  # after the STOP: the sender's fillers of the receives still posted
         try:
-            while self._take_slot():
-                slot = index % self.capacity
-                index += 1
-                if self._packs:
-                    msg = self._receive_packed(slot)
-                    self._ready.put((msg, slot, None))
-                    if msg.kind is Kind.STOP:
-                        return
+            while fillers != 0:
+                posted = self._next_posted()
+                if posted is None:
+                    return
+                work, slot = posted
+                work.wait(IDLE_TIMEOUT)
+                if fillers > 0:
+                    fillers -= 1
                     continue
-                dist.irecv(header, self.peer, group=self.group, tag=self.tags[0]).wait(IDLE_TIMEOUT)
-                msg, ready = _decode_header(header), None
-                if self.on_gpu and msg.y is not None:
-                    msg.y = msg.y.pin_memory()  # the stage's copy to the GPU then does not block
-                if msg.kind.has_payload:
-                    n = msg.num_samples
-                    with_image = self._expects_image(msg)
-                    x, ready, image = self._receive_payload(slot, n, with_image)
-                    msg.x = from_wire(x, self.channels_last)
-                    msg.image = image
+                msg, ready = self._arrival(slot)
                 self._ready.put((msg, slot, ready))
                 if msg.kind is Kind.STOP:
-                    return
+                    fillers = self.capacity - 1
         except Exception as error:
             self._ready.put(PipelineError(f"rank {self.rank}: lost rank {self.peer} ({_short(error)})"))
 
-    def _receive_packed(self, slot: int) -> Message:
-        """A packed message (see :func:`packs`): header and activation received in one operation;
-        the activation is a view of the slot's bytes behind the header."""
+    def _arrival(self, slot: int) -> tuple[Message, Any]:
+        """The message whose header (or packed whole) has arrived in ``slot``, with its payload
+        received; and, on an NCCL link, the event its arrival is recorded on."""
+        if self._packs:
+            return self._unpack(slot), None
+        msg, ready = _decode_header(self._headers[slot]), None
+        if self.on_gpu and msg.y is not None:
+            msg.y = msg.y.pin_memory()  # the stage's copy to the GPU then does not block
+        if msg.kind.has_payload:
+            n = msg.num_samples
+            x, ready, image = self._receive_payload(slot, n, self._expects_image(msg))
+            msg.x = from_wire(x, self.channels_last)
+            msg.image = image
+        return msg, ready
+
+    def _unpack(self, slot: int) -> Message:
+        """A packed message (see :func:`packs`): the activation is a view of the slot's bytes
+        behind the header; a training batch's image follows on its own tag."""
         buffer = self._slots[slot]
-        dist.irecv(buffer, self.peer, group=self.group, tag=self.tags[0]).wait(IDLE_TIMEOUT)
         start = _header_bytes(self.max_batch)
         msg = _decode_header(buffer[:start].view(torch.int64))
         if msg.kind.has_payload:
@@ -799,25 +866,28 @@ class DistInbox:
         if ready is not None:
             self._compute_stream.wait_event(ready)
         self._in_use.append(slot)
+        # the buffer's occupancy: messages arrived and not yet consumed, this one included
+        self.gate.observe(len(self._in_use) + self._ready.qsize())
         return msg
 
     def release(self, msg: Message) -> None:
-        """The message is consumed: free its slot and give the sender a credit (the last one: -1)."""
+        """The message is consumed: post the slot's receive again, the sender's room for one more
+        message. Not after the STOP: the sender fills the ``capacity`` - 1 receives posted after
+        it (:meth:`DistOutbox.close`) and nothing else follows."""
         slot = self._in_use.popleft()
         if self.on_gpu and not self.staged:
             self._consumed[slot].record(self._compute_stream)
             self._used[slot] = True
-        self._free_slots.release()
-        credit = torch.tensor([-1 if msg.kind is Kind.STOP else 0], dtype=torch.int64)
-        self._credits.add([_isend(credit, self.rank, self.peer, self.group, self.tags[2])], [credit])
+        if msg.kind is not Kind.STOP:
+            self._post(slot)
 
     def close(self, waiter: Waiter) -> None:
+        """Wait for the receive thread: it ends once the STOP and the fillers have arrived."""
         self._closing.set()
-        self._credits.close(waiter, f"credits to rank {self.peer}")
         if self._thread is not None:
             waiter.wait(
                 lambda t: True if not self._thread.is_alive() else self._thread.join(t),
-                "the receive thread to finish",
+                f"the receive thread to finish (the last messages from rank {self.peer})",
             )
 
 

@@ -218,7 +218,7 @@ def connect_in_process(
 
 class LinkBack:
     """A torchrun rank's ends of the link back: from its first module to the rank before, and from
-    the rank after to its last module, over :class:`BackwardLinks` (bounded, credited, on a
+    the rank after to its last module, over :class:`BackwardLinks` (bounded, on a
     communicator of its own); inside the rank, module to module directly."""
 
     def __init__(self, chain: Sequence[Any], links: BackwardLinks) -> None:

@@ -62,7 +62,7 @@ def run_worker(
         clock.add_wait("recv_wait", t1 - t0)
         spans.until("input")
         out = handle_chain(chain, msg)
-        if tracer is not None:  # before the credit goes back, so the sender's next send is later
+        if tracer is not None:  # before the slot's receive is posted again: the next send is later
             tracer("consumed", trace_id, received, msg.kind.name, time.perf_counter() - t1)
         received += 1
         inbox.release(msg)
@@ -79,8 +79,8 @@ def run_worker(
                     snapshot = worker.live_snapshot()
                     snapshot["recv_wait_s"] = round(clock.total("recv_wait"), 2)
                     snapshot["send_wait_s"] = round(clock.total("send_wait"), 2)
-                    if outbox is not None:
-                        snapshot["buffer"] = outbox.gate.mean_occupancy
+                    if inbox.gate is not None:
+                        snapshot["buffer"] = inbox.gate.mean_occupancy
                     publisher.publish(snapshot)
             if monitor is not None and monitor[0].due():
                 monitor[0].publish({**monitor[1].sample(), **rank_progress(chain, clock)})
@@ -108,9 +108,16 @@ def rank_progress(chain: Sequence[StageWorker], clock: Clock) -> dict[str, Any]:
 
 
 def rank_stats(
-    chain: Sequence[StageWorker], outbox: Outbox | None, clock: Clock, device: Any, rank: int
+    chain: Sequence[StageWorker],
+    inbox: Inbox | None,
+    outbox: Outbox | None,
+    clock: Clock,
+    device: Any,
+    rank: int,
 ) -> dict[str, Any]:
-    """Per-rank (or per-thread) statistics for summary.json."""
+    """Per-rank (or per-thread) statistics for summary.json; the buffer's are those of the rank's
+    input (the link from the rank before), counted where messages are taken."""
+    gate = None if inbox is None else inbox.gate
     elapsed = max(w.elapsed_s for w in chain)
     samples = chain[0].train_samples
     return {
@@ -126,9 +133,10 @@ def rank_stats(
         "train_compute_s": round(sum(w.train_compute_s for w in chain), 4),
         "recv_wait_s": round(clock.total("recv_wait"), 4),
         "send_wait_s": round(clock.total("send_wait"), 4),
-        "mean_buffer_occupancy": None if outbox is None else outbox.gate.mean_occupancy,
-        "max_buffer_occupancy": None if outbox is None else outbox.gate.max_in_flight,
-        "buffer_size": None if outbox is None else outbox.gate.capacity,
+        # the input buffer: messages arrived and not consumed when one is taken (at most buffer_size)
+        "mean_buffer_occupancy": None if gate is None else gate.mean_occupancy,
+        "max_buffer_occupancy": None if gate is None else gate.max_in_flight,
+        "buffer_size": None if gate is None else gate.capacity,
         # bytes sent to the next rank: activations, and input images (an objective that reads them)
         "sent_bytes": getattr(outbox, "sent_bytes", None),
         "image_sent_bytes": getattr(outbox, "image_sent_bytes", None),

@@ -339,7 +339,7 @@ def _train(cfg: Config, session: DistSession, ctx: RunContext, folder: RunFolder
         return False
     run.ended(module=chain[0].index, rank=rank, wall_time_s=run.wall_time_s)
     stats = {
-        **rank_stats(chain, outbox, clock, device, rank),
+        **rank_stats(chain, inbox, outbox, clock, device, rank),
         **({"grad_sent_bytes": links.sent_bytes} if links is not None else {}),
         # what this rank allocated to receive activations (GPU or pinned host memory)
         "receive_slot_bytes": getattr(inbox, "slot_bytes", 0),

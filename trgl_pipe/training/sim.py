@@ -89,4 +89,7 @@ def run_simulated(
         primary = [e for e in errors if not isinstance(e, PipelineError)]
         raise (primary or errors)[0]
     device = telemetry.summary() if telemetry is not None else {}
-    return [{**rank_stats([w], outboxes[i], w.clock, ctx.device, i), **device} for i, w in enumerate(workers)]
+    return [
+        {**rank_stats([w], inboxes[i], outboxes[i], w.clock, ctx.device, i), **device}
+        for i, w in enumerate(workers)
+    ]

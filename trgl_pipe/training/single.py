@@ -31,7 +31,7 @@ class Preempted(Exception):
 def _process_report(
     ctx: RunContext, workers: list[StageWorker], clock: Clock, telemetry: Telemetry
 ) -> dict[str, Any]:
-    return {**rank_stats(workers, None, clock, ctx.device, 0), **telemetry.summary()}
+    return {**rank_stats(workers, None, None, clock, ctx.device, 0), **telemetry.summary()}
 
 
 def run_single(cfg: Config, console_summary: bool = True) -> dict[str, Any]:
