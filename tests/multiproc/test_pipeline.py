@@ -89,6 +89,19 @@ def test_pipeline_computes_exactly_what_the_parallel_regime_computes(tmp_path: P
     assert [r["receive_slot_bytes"] for r in s2["ranks"]] == expected
 
 
+@pytest.mark.parametrize("buffer_size", [1, 5])
+def test_every_buffer_size_computes_the_same_and_closes_its_links(tmp_path: Path, buffer_size: int) -> None:
+    # the receives a link still has posted after the STOP (buffer_size - 1 of them) are filled
+    # by the sender's close: none with one slot, four with five; either way every rank ends
+    common = [*TINY, "model.num_modules=3", "train.epochs=1", f"pipeline.buffer_size={buffer_size}"]
+    train_here([*common, f"out_dir={tmp_path / 'single'}"])
+    piped = run_torchrun(3, [*common, f"out_dir={tmp_path / 'pipe'}", "pipeline.timeout_s=20"], timeout=120)
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    assert step_losses(tmp_path / "single") == step_losses(tmp_path / "pipe")
+    ranks = json.loads((tmp_path / "pipe" / "summary.json").read_text())["ranks"]
+    assert all(1 <= r["max_buffer_occupancy"] <= buffer_size == r["buffer_size"] for r in ranks[1:])
+
+
 def test_a_slow_consumer_holds_the_producer_to_the_buffer_size_and_its_send(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [
