@@ -40,7 +40,7 @@ def test_sender_is_never_more_than_capacity_ahead() -> None:
     thread.join()
     assert max(ahead) == capacity  # it does fill the buffer...
     assert all(a <= capacity for a in ahead)  # ...and never goes beyond
-    assert inbox.gate.max_in_flight == capacity  # observed as the consumer takes each message
+    assert inbox.gate.max_occupancy == capacity  # observed as the consumer takes each message
     assert 1 <= inbox.gate.mean_occupancy <= capacity
 
 

@@ -75,29 +75,21 @@ class Waiter:
 
 
 class Occupancy:
-    """A buffer's occupancy: messages sent and not yet consumed (``in_flight``, counted by the
-    in-process link, which sees both ends), and the statistics the run's summary shows, observed
-    each time the receiver takes a message (the messages there, that one included). Not locked:
-    the link that owns it counts under its lock or from one thread."""
+    """A buffer's occupancy statistics for the run's summary: the messages there (arrived and not
+    yet consumed) observed each time the receiver takes one, that one included. Not locked: one
+    thread observes."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.in_flight = 0  # sent and not yet consumed
-        self.max_in_flight = 0
+        self.max_occupancy = 0
         self._occupancy_sum = 0
         self._observations = 0
 
     def observe(self, occupancy: int) -> None:
         """Record the buffer's occupancy now (for the mean and the maximum)."""
-        self.max_in_flight = max(self.max_in_flight, occupancy)
+        self.max_occupancy = max(self.max_occupancy, occupancy)
         self._occupancy_sum += occupancy
         self._observations += 1
-
-    def count_send(self) -> None:
-        self.in_flight += 1
-
-    def count_consumed(self) -> None:
-        self.in_flight -= 1
 
     @property
     def mean_occupancy(self) -> float | None:

@@ -122,7 +122,14 @@ class _LocalLink(Occupancy):
         self._room = threading.Condition(self._lock)
         self._ready = threading.Condition(self._lock)
         self._messages: deque[Message] = deque()
+        self._sent = 0
+        self._consumed = 0
         self._waiting = 0  # threads inside a wait: only then is a notify needed
+
+    @property
+    def in_flight(self) -> int:
+        """Messages sent and not yet consumed."""
+        return self._sent - self._consumed
 
     def put(self, msg: Message, waiter: Waiter, what: str) -> float:
         """Add ``msg`` once there is room; returns the seconds waited for it."""
@@ -132,7 +139,7 @@ class _LocalLink(Occupancy):
                 t0 = time.perf_counter()
                 self._wait(waiter, self._room, self._has_room, what)
                 waited = time.perf_counter() - t0
-            self.count_send()
+            self._sent += 1
             self._messages.append(msg)
             if self._waiting:
                 self._ready.notify()
@@ -147,7 +154,7 @@ class _LocalLink(Occupancy):
 
     def release(self) -> None:
         with self._lock:
-            self.count_consumed()
+            self._consumed += 1
             if self._waiting:
                 self._room.notify()
 

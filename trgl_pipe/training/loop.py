@@ -135,7 +135,7 @@ def rank_stats(
         "send_wait_s": round(clock.total("send_wait"), 4),
         # the input buffer: messages arrived and not consumed when one is taken (at most buffer_size)
         "mean_buffer_occupancy": None if gate is None else gate.mean_occupancy,
-        "max_buffer_occupancy": None if gate is None else gate.max_in_flight,
+        "max_buffer_occupancy": None if gate is None else gate.max_occupancy,
         "buffer_size": None if gate is None else gate.capacity,
         # bytes sent to the next rank: activations, and input images (an objective that reads them)
         "sent_bytes": getattr(outbox, "sent_bytes", None),
