@@ -11,6 +11,8 @@
     python experiments/run.py competitors        # 7: InfoPro, PredSim, DGL in experiment 5's setting
     python experiments/run.py quickstart         # 8: the quickstart: TRGL (fp32, bf16 wire), VanGL
     python experiments/run.py sedona             # 9: SEDONA's searched cut against depth and balanced, K = 4
+    python experiments/run.py man                # 10: what MAN's staleness costs (N = 1, 10, 50), K = 4
+    python experiments/run.py fair-sweep         # 11a: every method's knob, 5 values, K = 16, tuning seed
     python experiments/run.py all --dry-run      # print the commands only
     python experiments/run.py blockwise --only '*-tenth' --max-seeds 1   # a part of one
     python experiments/run.py competitors --only '*-k16' --seeds 2         # one seed of some runs
@@ -116,6 +118,64 @@ SEDONA_BALANCED = "model.split=[1,3,7]"
 # VanGL beside it; MAN's defaults otherwise (m = 0.995, λ = (5, 0.5) at every module, 2c2f head).
 MAN_NET = [*SCARCE, "model.num_modules=4", "train.epochs=10", "train.eval_every_epochs=5"]
 MAN_EVERY = (1, 10, 50)
+
+
+# Experiment 11: a comparison fair to every method (issue 34), step 1: the same tuning budget.
+# Each method's main knob over 5 values (as many as TRGL's tau had in experiment 5a), in experiment
+# 5's setting at K = 16 on its tuning seed (100, never reused); the value with the best module's
+# validation accuracy is then run on fresh seeds 0-2 at K = 4 and 16 (step 2, once chosen).
+# InfoPro: the contrastive loss and the authors' own weight vectors [λ1, λ2, λ1', λ2'] as the five
+# values: their STL-10 commands for K = 2, 4, 8, 16 and their CIFAR-10 one for K = 16 (experiment
+# 7 used the CIFAR-10 vectors). PredSim: β under its paper's optimizer (the authors' train.py
+# defaults: Adam, lr 5e-4, no weight decay, lr × 0.25 at 50/75/89/94% of training), since under
+# SGD the (1 − β) scaling divides the last module's rate by 100. AugLocal: d. MAN: λ1 (the
+# reconstruction weight, λ2 = 0.5 as its default). HPFF: the cascade's share w (local 1 − w; its
+# weights [5, 0.5, 1, 0.1], so module K-2 has a cascade too). DGL has no knob in the issue's list
+# and VanGL none: their experiment-7 and experiment-5 runs stand.
+FAIR_TUNING_SEED = SCARCE_TUNING_SEED
+PREDSIM_OPTIM = [
+    "optim.name=adam",
+    "optim.lr=5e-4",
+    "optim.weight_decay=0",
+    "optim.schedule=step",
+    "optim.milestones=[0.5,0.75,0.89,0.94]",
+    "optim.gamma=0.25",
+]
+INFOPRO_WEIGHTS = {
+    "stl10k2": "[10, 1, 0, 0]",
+    "stl10k4": "[20, 0.2, 5, 2]",
+    "stl10k8": "[20, 0.2, 5, 1]",
+    "stl10k16": "[20, 0.5, 10, 0.1]",
+    "cifar10k16": "[5, 0, 0.5, 1]",
+}
+FAIR_SWEEP = {
+    "infopro": [
+        (f"w-{tag}", ["objective.name=infopro", f"objective.kwargs={{loss: contrast, weights: {w}}}"])
+        for tag, w in INFOPRO_WEIGHTS.items()
+    ],
+    "predsim": [
+        (f"beta{b}", ["objective.name=predsim", f"objective.kwargs={{beta: {b}}}", *PREDSIM_OPTIM])
+        for b in ("0.9", "0.95", "0.99", "0.995", "0.999")
+    ],
+    "auglocal": [
+        (f"d{d}", ["objective.name=auglocal", f"objective.kwargs={{depth: {d}}}"]) for d in range(1, 6)
+    ],
+    "man": [
+        (f"lambda{w}", ["objective.name=man", f"objective.kwargs={{weights: [{w}, 0.5]}}"])
+        for w in ("0", "1", "2.5", "5", "10")
+    ],
+    "hpff": [
+        (
+            f"w{w}",
+            [
+                "objective.name=hpff",
+                f"objective.kwargs={{weights: [5, 0.5, 1, 0.1], cascade_weight: {w}, "
+                f"local_weight: {1 - float(w):.4g}}}",
+            ],
+        )
+        for w in ("0.5", "0.9", "0.99", "0.999", "0.9999")
+    ],
+}
 
 
 def sedona_search() -> list[str]:
@@ -295,6 +355,13 @@ def experiment(name: str) -> list[tuple[str, list[str], list[int]]]:
             (f"{method}-k{k}", [*SCARCE, f"model.num_modules={k}", *extra], [0, 1, 2])
             for k in COMPETITOR_KS
             for method, extra in COMPETITORS.items()
+        ]
+    if name == "fair-sweep":
+        net = [*SCARCE, "model.num_modules=16"]
+        return [
+            (f"{method}-{tag}-k16", [*net, *extra], [FAIR_TUNING_SEED])
+            for method, values in FAIR_SWEEP.items()
+            for tag, extra in values
         ]
     if name == "man":
         runs = [("vangl-k4", [*MAN_NET, "trgl.enabled=false"], [0, 1, 2])]
