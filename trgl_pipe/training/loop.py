@@ -32,6 +32,19 @@ def handle_chain(chain: Sequence[StageWorker], msg: Message) -> Message:
     return msg
 
 
+def _own_memory(out: Message, msg: Message) -> Message:
+    """``out`` with an activation of its own when it shares memory with the input's: the input is
+    a receive slot, refilled as soon as it is released (before ``out`` is sent), so a module that
+    returns a view of its input (a flatten, an identity) would otherwise send the next message."""
+    if (
+        out.x is not None
+        and msg.x is not None
+        and out.x.untyped_storage().data_ptr() == (msg.x.untyped_storage().data_ptr())
+    ):
+        return out.forward(out.x.clone(), out.image)
+    return out
+
+
 def run_worker(
     chain: Sequence[StageWorker],
     inbox: Inbox,
@@ -61,7 +74,7 @@ def run_worker(
         t1 = time.perf_counter()
         clock.add_wait("recv_wait", t1 - t0)
         spans.until("input")
-        out = handle_chain(chain, msg)
+        out = _own_memory(handle_chain(chain, msg), msg)
         if tracer is not None:  # before the slot's receive is posted again: the next send is later
             tracer("consumed", trace_id, received, msg.kind.name, time.perf_counter() - t1)
         received += 1
