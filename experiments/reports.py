@@ -128,6 +128,12 @@ REPORTS = (
         "(5,000 images, K = 4, 10 epochs, seeds 0-2)",
         (f"{RUNS}/man/*",),
     ),
+    # beside experiment 5a's VanGL and TRGL runs on the same tuning seed
+    Report(
+        "fair-sweep",
+        "Experiment 11a: every method's knob over five values (5,000 images, K = 16, tuning seed 100)",
+        (f"{RUNS}/fair-sweep/*", f"{RUNS}/scarce-sweep/*"),
+    ),
 )
 BY_NAME = {r.name: r for r in REPORTS}
 AUTHORS_TABLE = "authors-table"  # the table of benchmarks/vs_authors.md
