@@ -537,7 +537,7 @@ class DistOutbox:
         dist.isend(
             _encode_info(feature_shape, dtype, channels_last), self.peer, group=self.group, tag=self.tags[0]
         ).wait(STARTUP_TIMEOUT)
-        if self.staged:  # one send is pending at a time: two buffers would do, one per slot is spare
+        if self.staged:  # capacity + 1 buffers, as the memory accounting counts them
             self._staging = StagingBuffers(
                 [
                     torch.empty(

@@ -39,7 +39,7 @@ def _own_memory(out: Message, msg: Message) -> Message:
     if (
         out.x is not None
         and msg.x is not None
-        and out.x.untyped_storage().data_ptr() == (msg.x.untyped_storage().data_ptr())
+        and out.x.untyped_storage().data_ptr() == msg.x.untyped_storage().data_ptr()
     ):
         return out.forward(out.x.clone(), out.image)
     return out
